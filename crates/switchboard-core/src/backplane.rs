@@ -1,0 +1,214 @@
+//! The cluster seam: what a node needs from the cluster it belongs to.
+//!
+//! A node keeps its own connections, users and groups and delivers to them
+//! itself. Everything that crosses nodes goes through a [`Backplane`]: encoded
+//! envelopes out ([`Backplane::publish`]), envelopes addressed to this node in
+//! (the [`Inbound`] queue handed to [`Backplane::join`]), the set of live
+//! peers, and notice of local membership changes so that a backplane can keep a
+//! directory (Redis) or routing bindings (RabbitMQ) in step.
+//!
+//! Queries and remote operations are built on top by the node: it sends a
+//! request envelope to the nodes that may know and folds their replies. A
+//! backplane with a directory can answer queries itself instead
+//! ([`Backplane::query`]).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::id::{ConnId, GroupId, NodeId, UserId};
+use crate::query::{LocalAnswer, Query};
+use crate::target::Target;
+
+/// The queue through which a backplane hands a node the envelopes addressed to it.
+pub type Inbound = mpsc::Sender<Bytes>;
+
+/// Which nodes an envelope is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Dest<'a> {
+    /// One node (a reply, or an operation on one of its connections).
+    Node(&'a NodeId),
+    /// Every peer that may hold a recipient of `target`. A backplane that knows
+    /// where users and groups live sends only to those nodes; otherwise to all.
+    Interested(&'a Target),
+    /// Every peer.
+    All,
+}
+
+/// What happened to a published envelope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handoff {
+    /// Nodes (or broker messages) the envelope was handed to.
+    pub sent: u32,
+    /// Nodes it was meant for but could not be handed to (full queue, broker down).
+    pub dropped: u32,
+}
+
+/// A membership change of a local connection, reported to the backplane as it
+/// happens. `first`/`last` say whether the node just gained its first, or lost
+/// its last, local connection of that user or group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipChange {
+    /// A connection was accepted.
+    Opened {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A connection closed; the `Unbound`/`Left` changes for it come first.
+    Closed {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A connection was bound to a user.
+    Bound {
+        /// The connection.
+        conn: ConnId,
+        /// The user.
+        user: UserId,
+        /// The node's first connection of this user.
+        first: bool,
+    },
+    /// A connection was unbound from a user.
+    Unbound {
+        /// The connection.
+        conn: ConnId,
+        /// The user.
+        user: UserId,
+        /// The node's last connection of this user.
+        last: bool,
+    },
+    /// A connection joined a group.
+    Joined {
+        /// The connection.
+        conn: ConnId,
+        /// The group.
+        group: GroupId,
+        /// The node's first member of this group.
+        first: bool,
+    },
+    /// A connection left a group.
+    Left {
+        /// The connection.
+        conn: ConnId,
+        /// The group.
+        group: GroupId,
+        /// The node's last member of this group.
+        last: bool,
+    },
+}
+
+/// Whether the backplane is serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    /// Connected and delivering.
+    Ready,
+    /// Not (yet, or no longer) connected; publishing drops and counts.
+    Connecting {
+        /// Why, for logs and readiness checks.
+        reason: String,
+    },
+}
+
+/// A backplane failed to start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// Another live node already uses this id.
+    #[error("node id {0} is already in use in this cluster")]
+    DuplicateNode(NodeId),
+    /// The broker could not be reached or refused.
+    #[error("cannot reach the cluster backplane")]
+    Unreachable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Counters every backplane keeps, for metrics and for honest loss reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackplaneStats {
+    /// Envelopes handed to the cluster.
+    pub published: u64,
+    /// Envelopes that could not be handed over and were dropped.
+    pub publish_dropped: u64,
+    /// Envelopes delivered to this node's inbound queue.
+    pub received: u64,
+    /// Envelopes addressed to this node that were lost before it got them
+    /// (inbound queue full, or while disconnected, where the mode can tell).
+    pub receive_dropped: u64,
+}
+
+/// How a node reaches the rest of its cluster. See the module docs.
+///
+/// Implementations must never block in the synchronous methods: they are called
+/// on the push path and, for [`Backplane::membership`], with the node's registry
+/// lock held. Queue or drop, and count what is dropped.
+#[async_trait]
+pub trait Backplane: Send + Sync + 'static {
+    /// Joins the cluster as `node`. From then on every envelope addressed to the
+    /// node is put on `inbound`. Called once, before any other method.
+    async fn join(&self, node: &NodeId, inbound: Inbound) -> Result<(), JoinError>;
+
+    /// Hands an encoded envelope to the cluster for the nodes `dest` selects,
+    /// this node excluded. Never waits on the network.
+    fn publish(&self, dest: Dest<'_>, envelope: Bytes) -> Handoff;
+
+    /// The peers believed alive now, this node excluded. Queries that the
+    /// backplane does not answer itself are asked of these nodes.
+    fn peers(&self) -> Vec<NodeId>;
+
+    /// Records a local membership change (directory entries, routing bindings).
+    fn membership(&self, change: &MembershipChange) {
+        let _ = change;
+    }
+
+    /// Answers a query for the whole cluster from a directory, if the backplane
+    /// keeps one. `None` makes the node ask every peer instead.
+    async fn query(&self, query: &Query, timeout: Duration) -> Option<QueryOutcome> {
+        let _ = (query, timeout);
+        None
+    }
+
+    /// Whether the backplane is serving.
+    fn status(&self) -> Status;
+
+    /// Counters.
+    fn stats(&self) -> BackplaneStats;
+
+    /// Leaves the cluster: peers stop counting this node as alive.
+    async fn leave(&self);
+}
+
+/// A directory's answer to a whole-cluster query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryOutcome {
+    /// The answer, complete.
+    Answer(LocalAnswer),
+    /// The directory could not be read; the node falls back to asking peers.
+    Unavailable,
+}
+
+/// The backplane of a single-node deployment: no peers, nothing to publish.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Standalone;
+
+#[async_trait]
+impl Backplane for Standalone {
+    async fn join(&self, _node: &NodeId, _inbound: Inbound) -> Result<(), JoinError> {
+        Ok(())
+    }
+    fn publish(&self, _dest: Dest<'_>, _envelope: Bytes) -> Handoff {
+        Handoff::default()
+    }
+    fn peers(&self) -> Vec<NodeId> {
+        Vec::new()
+    }
+    fn status(&self) -> Status {
+        Status::Ready
+    }
+    fn stats(&self) -> BackplaneStats {
+        BackplaneStats::default()
+    }
+    async fn leave(&self) {}
+}

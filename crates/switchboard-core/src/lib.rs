@@ -1,0 +1,28 @@
+//! The vocabulary of switchboard, with no sockets in it.
+//!
+//! - [`id`]: node, connection, user and group ids; [`ConnId`] routes without a lookup.
+//! - [`frame`]: text and binary frames over shared [`bytes::Bytes`].
+//! - [`target`]: who a push reaches.
+//! - [`query`]: cluster-wide questions and how per-node answers combine.
+//! - [`envelope`]: the compact binary messages between nodes.
+//! - [`framing`]: line and length-prefixed framing for raw TCP.
+//! - [`backplane`]: the cluster seam every mode implements; [`memory`] is the
+//!   in-process implementation.
+
+pub mod backplane;
+pub mod envelope;
+pub mod frame;
+pub mod framing;
+pub mod id;
+pub mod memory;
+pub mod query;
+pub mod target;
+
+pub use backplane::{Backplane, Dest, Handoff, MembershipChange, Standalone, Status};
+pub use envelope::{Body, Envelope, Op, OpResult, Session};
+pub use frame::{Frame, FrameKind, Payload};
+pub use framing::Framing;
+pub use id::{ConnId, GroupId, NodeId, UserId};
+pub use memory::MemoryBus;
+pub use query::{Answer, LocalAnswer, Query, Totals};
+pub use target::Target;
