@@ -1,0 +1,45 @@
+//! Errors of hub operations.
+
+use switchboard_core::frame::NotUtf8;
+use switchboard_core::{ConnId, NodeId};
+
+/// A push could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The payload is not UTF-8 but the frame kind is text.
+    #[error(transparent)]
+    NotUtf8(#[from] NotUtf8),
+}
+
+/// An operation on a connection (membership, session) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpError {
+    /// No such connection (it closed, or never existed).
+    #[error("no connection {0}")]
+    NoSuchConn(ConnId),
+    /// The node holding the connection could not be reached.
+    #[error("node {0} is unreachable")]
+    Unreachable(NodeId),
+    /// The node holding the connection did not answer in time.
+    #[error("node {0} did not answer in time")]
+    Timeout(NodeId),
+    /// The node answered with an error.
+    #[error("node {node} failed the operation: {reason}")]
+    Remote {
+        /// The node.
+        node: NodeId,
+        /// Its reason.
+        reason: String,
+    },
+}
+
+/// A hub could not be built or started.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// The backplane refused to join.
+    #[error("cannot join the cluster")]
+    Join(#[from] switchboard_core::backplane::JoinError),
+}

@@ -1,0 +1,138 @@
+//! Configuring and starting a [`Hub`].
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use switchboard_core::{Backplane, FrameKind, NodeId, Standalone};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Hub, Inner, dispatch, epoch_micros};
+use crate::config::Limits;
+use crate::error::BuildError;
+use crate::handler::{Handler, NoopHandler};
+use crate::registry::Registry;
+use crate::stats::Counters;
+
+/// Envelopes from peers waiting to be dispatched. Beyond this the backplane
+/// drops and counts (at-most-once backplanes) or waits (queue backplanes).
+pub(crate) const INBOUND_CAPACITY: usize = 8192;
+
+/// Builds a [`Hub`]: configure everything, then [`HubBuilder::start`].
+#[must_use]
+pub struct HubBuilder {
+    node: Option<NodeId>,
+    default_kind: FrameKind,
+    limits: Limits,
+    query_timeout: Duration,
+    shutdown_timeout: Duration,
+    backplane: Arc<dyn Backplane>,
+    handler: Arc<dyn Handler>,
+}
+
+impl std::fmt::Debug for HubBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubBuilder").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+impl HubBuilder {
+    pub(super) fn new() -> Self {
+        Self {
+            node: None,
+            default_kind: FrameKind::Text,
+            limits: Limits::default(),
+            query_timeout: Duration::from_secs(2),
+            shutdown_timeout: Duration::from_secs(10),
+            backplane: Arc::new(Standalone),
+            handler: Arc::new(NoopHandler),
+        }
+    }
+
+    /// This node's id (default: random).
+    pub fn node_id(mut self, node: NodeId) -> Self {
+        self.node = Some(node);
+        self
+    }
+
+    /// The frame kind of payloads pushed without one (default: text).
+    pub fn default_kind(mut self, kind: FrameKind) -> Self {
+        self.default_kind = kind;
+        self
+    }
+
+    /// Connection limits and timeouts.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long a cluster query or remote operation waits for peers (default 2 s).
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
+    /// How long shutdown waits for connections to close (default 10 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How this node reaches its cluster (default: standalone, no peers).
+    pub fn backplane(mut self, backplane: impl Backplane) -> Self {
+        self.backplane = Arc::new(backplane);
+        self
+    }
+
+    /// A shared backplane.
+    pub fn backplane_arc(mut self, backplane: Arc<dyn Backplane>) -> Self {
+        self.backplane = backplane;
+        self
+    }
+
+    /// The application.
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handler = Arc::new(handler);
+        self
+    }
+
+    /// Joins the cluster and starts the hub's background tasks. Must be called
+    /// inside a tokio runtime.
+    pub async fn start(self) -> Result<Hub, BuildError> {
+        let node = self.node.unwrap_or_else(NodeId::random);
+        let (tx, rx) = mpsc::channel(INBOUND_CAPACITY);
+        self.backplane.join(&node, tx).await?;
+        let start = epoch_micros();
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                registry: RwLock::new(Registry::new(node.clone())),
+                node,
+                default_kind: self.default_kind,
+                limits: self.limits,
+                query_timeout: self.query_timeout,
+                shutdown_timeout: self.shutdown_timeout,
+                backplane: self.backplane,
+                handler: self.handler,
+                pending: Mutex::new(HashMap::new()),
+                next_envelope: AtomicU64::new(start),
+                next_seq: AtomicU64::new(start),
+                counters: Counters::default(),
+                conns: TaskTracker::new(),
+                tasks: TaskTracker::new(),
+                closing: CancellationToken::new(),
+                stop: CancellationToken::new(),
+            }),
+        };
+        hub.inner.tasks.spawn(dispatch(
+            Arc::downgrade(&hub.inner),
+            hub.inner.stop.clone(),
+            rx,
+        ));
+        tracing::info!(node = %hub.inner.node, "hub started");
+        Ok(hub)
+    }
+}

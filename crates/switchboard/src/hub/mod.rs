@@ -1,0 +1,401 @@
+//! The [`Hub`]: the one handle application code uses, the same in every mode.
+//!
+//! A hub owns this node's connections (the registry) and its attachment to the
+//! cluster (the backplane). Pushes are delivered to local recipients directly
+//! and handed to the backplane once for the other nodes; operations on a
+//! connection of another node travel as a request envelope to that node;
+//! cluster-wide queries are answered by a directory when the backplane has one,
+//! and otherwise by asking every live peer and folding the replies.
+
+mod builder;
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use switchboard_core::backplane::{Handoff, Status};
+use switchboard_core::{
+    Backplane, Body, ConnId, Dest, Envelope, FrameKind, GroupId, NodeId, OpResult, Payload,
+    Target, UserId,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use builder::HubBuilder;
+
+use crate::config::Limits;
+use crate::error::PushError;
+use crate::handler::{Accept, CloseReason, Handler};
+use crate::outbox::{Caps, Outbox};
+use crate::registry::Registry;
+use crate::stats::{Counters, HubStats};
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PushReport {
+    /// Local connections the frame was queued to.
+    pub local: u32,
+    /// Local connections that did not get it because their queue was full
+    /// (drop policy), or that are being closed as slow consumers.
+    pub local_dropped: u32,
+    /// Handed to the cluster for other nodes (and what could not be handed over).
+    pub remote: Handoff,
+}
+
+/// What a close did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CloseReport {
+    /// Local connections asked to close.
+    pub local: u32,
+    /// Handed to the cluster for other nodes.
+    pub remote: Handoff,
+}
+
+/// A cheap, cloneable handle to this node of a switchboard cluster.
+///
+/// Every method works for any connection, user or group of the cluster,
+/// whichever node holds it.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("node", &self.inner.node).finish()
+    }
+}
+
+type Pending = Mutex<HashMap<u64, mpsc::Sender<(NodeId, OpResult)>>>;
+
+pub(crate) struct Inner {
+    node: NodeId,
+    default_kind: FrameKind,
+    limits: Limits,
+    query_timeout: Duration,
+    shutdown_timeout: Duration,
+    registry: RwLock<Registry>,
+    backplane: Arc<dyn Backplane>,
+    handler: Arc<dyn Handler>,
+    pending: Pending,
+    next_envelope: AtomicU64,
+    next_seq: AtomicU64,
+    pub(crate) counters: Counters,
+    /// Connection tasks: waited for (bounded) at shutdown.
+    conns: TaskTracker,
+    /// Background tasks (the inbound dispatcher).
+    tasks: TaskTracker,
+    /// Cancelled when shutdown begins: listeners stop, new connections are refused.
+    closing: CancellationToken,
+    /// Cancelled after connections are gone: background tasks stop.
+    stop: CancellationToken,
+}
+
+/// A start value for node-local counters: microseconds since the epoch, so a
+/// node restarted under the same id does not reuse connection or envelope ids.
+fn epoch_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
+impl Hub {
+    /// Starts building a hub. Without further settings: a random node id, the
+    /// standalone (single-node) backplane, a handler that accepts everyone.
+    pub fn builder() -> HubBuilder {
+        HubBuilder::new()
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &NodeId {
+        &self.inner.node
+    }
+
+    /// The frame kind used for payloads pushed without one.
+    pub fn default_kind(&self) -> FrameKind {
+        self.inner.default_kind
+    }
+
+    /// Connection limits and timeouts.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The backplane's state, for readiness checks.
+    pub fn cluster_status(&self) -> Status {
+        self.inner.backplane.status()
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> HubStats {
+        let open = self.registry().len() as u64;
+        self.inner
+            .counters
+            .snapshot(open, self.inner.backplane.stats())
+    }
+
+    /// Pushes to every connection `target` selects, on any node. Returns once the
+    /// frame is queued locally and handed to the cluster; never waits on peers.
+    pub fn push(&self, target: &Target, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+        let frame = payload.into().into_frame(self.inner.default_kind)?;
+        let d = self.registry().deliver(target, &frame);
+        let c = &self.inner.counters;
+        Counters::add(&c.queued, u64::from(d.queued));
+        Counters::add(&c.frames_dropped, u64::from(d.dropped));
+        let mut report = PushReport {
+            local: d.queued,
+            local_dropped: d.dropped + d.overflowed,
+            remote: Handoff::default(),
+        };
+        if self.needs_cluster(target) {
+            let env = self.envelope(Body::Push {
+                target: target.clone(),
+                frame,
+            });
+            report.remote = self.inner.backplane.publish(Dest::Interested(target), env);
+        }
+        Ok(report)
+    }
+
+    /// Pushes to one connection.
+    pub fn to_conn(&self, conn: &ConnId, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+        self.push(&Target::conn(conn.clone()), payload)
+    }
+
+    /// Pushes to every connection of a user.
+    pub fn to_user(&self, user: impl Into<UserId>, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+        self.push(&Target::user(user), payload)
+    }
+
+    /// Pushes to every member of a group.
+    pub fn to_group(&self, group: impl Into<GroupId>, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+        self.push(&Target::group(group), payload)
+    }
+
+    /// Pushes to every connection of the cluster.
+    pub fn to_all(&self, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+        self.push(&Target::all(), payload)
+    }
+
+    /// Closes every connection `target` selects, on any node, after flushing
+    /// what is already queued to them.
+    pub fn close(&self, target: &Target, reason: impl Into<String>) -> CloseReport {
+        let reason = reason.into();
+        let local = self
+            .registry()
+            .close(target, &CloseReason::Kicked(reason.clone()));
+        let mut report = CloseReport {
+            local,
+            remote: Handoff::default(),
+        };
+        if self.needs_cluster(target) {
+            let env = self.envelope(Body::Close {
+                target: target.clone(),
+                reason,
+            });
+            report.remote = self.inner.backplane.publish(Dest::Interested(target), env);
+        }
+        report
+    }
+
+    /// Whether a push or close to `target` may concern another node.
+    fn needs_cluster(&self, target: &Target) -> bool {
+        match target.conn_nodes() {
+            Some(nodes) => nodes.iter().any(|n| **n != self.inner.node),
+            None => true,
+        }
+    }
+
+    fn envelope(&self, body: Body) -> Bytes {
+        Envelope {
+            origin: self.inner.node.clone(),
+            id: self.inner.next_envelope.fetch_add(1, Ordering::Relaxed),
+            body,
+        }
+        .encode()
+    }
+
+    pub(crate) fn registry(&self) -> RwLockReadGuard<'_, Registry> {
+        // Registry methods never panic midway through a mutation that would
+        // leave it inconsistent, so a poisoned lock is still usable.
+        self.inner.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
+        self.inner.registry.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn handler(&self) -> &Arc<dyn Handler> {
+        &self.inner.handler
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The id the next accepted connection gets.
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        ConnId::new(
+            self.inner.node.clone(),
+            self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
+    /// Registers an accepted connection. Its greeting is queued before it is
+    /// visible to any push, so it is always the connection's first frame.
+    pub(crate) fn open(&self, conn: &ConnId, accept: Accept) -> Arc<Outbox> {
+        let l = &self.inner.limits;
+        let outbox = Arc::new(Outbox::new(Caps {
+            frames: l.outbox_frames,
+            bytes: l.outbox_bytes,
+            policy: l.slow_consumer,
+        }));
+        for f in &accept.greeting {
+            outbox.push(f);
+        }
+        self.registry_mut().insert(
+            conn.seq(),
+            outbox.clone(),
+            accept.user,
+            accept.groups,
+            accept.session,
+            &*self.inner.backplane,
+        );
+        Counters::add(&self.inner.counters.opened, 1);
+        if self.inner.closing.is_cancelled() {
+            // Shutdown began while this connection was being accepted.
+            outbox.close(CloseReason::Shutdown);
+        }
+        outbox
+    }
+
+    /// Unregisters a closed connection.
+    pub(crate) fn forget(&self, conn: &ConnId, reason: &CloseReason) {
+        let removed = self
+            .registry_mut()
+            .remove(conn.seq(), &*self.inner.backplane)
+            .is_some();
+        if removed {
+            Counters::add(&self.inner.counters.closed, 1);
+            if *reason == CloseReason::SlowConsumer {
+                Counters::add(&self.inner.counters.slow_closed, 1);
+            }
+        }
+    }
+
+    /// A token cancelled when the hub starts shutting down.
+    pub fn closing(&self) -> CancellationToken {
+        self.inner.closing.clone()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_closing(&self) -> bool {
+        self.inner.closing.is_cancelled()
+    }
+
+    /// Runs a connection task under the hub's ownership, so shutdown waits for it.
+    pub(crate) fn spawn_conn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.conns.spawn(fut);
+    }
+
+    /// Shuts the node down: refuses new connections, closes every connection
+    /// with "going away" (1001) after flushing what is queued, waits for them at
+    /// most the shutdown timeout, then leaves the cluster.
+    pub async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.closing.cancel();
+        self.registry().close_all(&CloseReason::Shutdown);
+        inner.conns.close();
+        if tokio::time::timeout(inner.shutdown_timeout, inner.conns.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                node = %inner.node,
+                left = inner.conns.len(),
+                "connections still open after the shutdown timeout"
+            );
+        }
+        inner.backplane.leave().await;
+        inner.stop.cancel();
+        inner.tasks.close();
+        inner.tasks.wait().await;
+    }
+}
+
+/// Dispatches envelopes from the cluster to this node until the hub stops.
+///
+/// Holds the hub weakly: a hub dropped without [`Hub::shutdown`] still frees
+/// itself, and this task ends with it.
+async fn dispatch(hub: Weak<Inner>, stop: CancellationToken, mut inbound: mpsc::Receiver<Bytes>) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(256);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            n = inbound.recv_many(&mut batch, 256) => {
+                let Some(inner) = hub.upgrade() else { break };
+                if n == 0 {
+                    break;
+                }
+                let hub = Hub { inner };
+                for bytes in batch.drain(..) {
+                    hub.handle_envelope(&bytes);
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    fn handle_envelope(&self, bytes: &[u8]) {
+        let env = match Envelope::decode(bytes) {
+            Ok(env) => env,
+            Err(error) => {
+                Counters::add(&self.inner.counters.bad_envelopes, 1);
+                tracing::warn!(node = %self.inner.node, %error, "undecodable envelope dropped");
+                return;
+            }
+        };
+        match env.body {
+            Body::Push { target, frame } => {
+                let d = self.registry().deliver(&target, &frame);
+                let c = &self.inner.counters;
+                Counters::add(&c.queued, u64::from(d.queued));
+                Counters::add(&c.frames_dropped, u64::from(d.dropped));
+            }
+            Body::Close { target, reason } => {
+                self.registry().close(&target, &CloseReason::Kicked(reason));
+            }
+            Body::Request { op } => {
+                let result = self.execute(op);
+                let reply = Envelope {
+                    origin: self.inner.node.clone(),
+                    id: env.id,
+                    body: Body::Reply { result },
+                }
+                .encode();
+                self.inner.backplane.publish(Dest::Node(&env.origin), reply);
+            }
+            Body::Reply { result } => {
+                let pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(tx) = pending.get(&env.id) {
+                    // Capacity covers every node asked, so this never fails for a
+                    // live request; a late reply to a finished one is dropped.
+                    let _ = tx.try_send((env.origin, result));
+                }
+            }
+            _ => {
+                Counters::add(&self.inner.counters.bad_envelopes, 1);
+            }
+        }
+    }
+}

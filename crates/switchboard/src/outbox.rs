@@ -1,0 +1,212 @@
+//! A connection's bounded outbound queue.
+//!
+//! Pushes append a shared [`Frame`] (a reference-count increment, no copy) under
+//! a short mutex; the connection's task swaps the whole queue out and writes it
+//! in one batch. Both sides keep their buffers, so a steady stream of pushes
+//! allocates nothing. When the queue is full the [`SlowConsumer`] policy
+//! applies: close the connection (default) or drop the frame.
+//!
+//! A std mutex and not a tokio one: it is held for a few instructions and never
+//! across an `.await`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use switchboard_core::Frame;
+use tokio::sync::Notify;
+
+use crate::config::SlowConsumer;
+use crate::handler::CloseReason;
+
+/// The outcome of queueing one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// Queued for writing.
+    Yes,
+    /// The queue is full and the frame was dropped; the connection stays.
+    Dropped,
+    /// The queue is full and the connection is being closed as slow.
+    Overflowed,
+    /// The connection is closing; the frame was not queued.
+    Closing,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Frame>,
+    bytes: usize,
+    closing: Option<CloseReason>,
+}
+
+/// Capacity limits of one outbox.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    pub(crate) frames: usize,
+    pub(crate) bytes: usize,
+    pub(crate) policy: SlowConsumer,
+}
+
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    caps: Caps,
+}
+
+impl Outbox {
+    pub(crate) fn new(caps: Caps) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            caps,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves the queue consistent (every
+        // mutation is a single push or swap), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame for writing.
+    pub(crate) fn push(&self, frame: &Frame) -> Queued {
+        let mut s = self.lock();
+        if s.closing.is_some() {
+            return Queued::Closing;
+        }
+        let full = s.frames.len() >= self.caps.frames
+            || (s.bytes + frame.len() > self.caps.bytes && !s.frames.is_empty());
+        if full {
+            return match self.caps.policy {
+                SlowConsumer::DropNewest => Queued::Dropped,
+                SlowConsumer::Close => {
+                    s.closing = Some(CloseReason::SlowConsumer);
+                    drop(s);
+                    self.notify.notify_one();
+                    Queued::Overflowed
+                }
+            };
+        }
+        let was_empty = s.frames.is_empty();
+        s.bytes += frame.len();
+        s.frames.push_back(frame.clone());
+        drop(s);
+        // The writer drains everything each time it wakes, so only the push that
+        // makes the queue non-empty needs to wake it.
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Queued::Yes
+    }
+
+    /// Asks the connection to close. The first reason wins. Returns whether this
+    /// call set it.
+    pub(crate) fn close(&self, reason: CloseReason) -> bool {
+        let mut s = self.lock();
+        if s.closing.is_some() {
+            return false;
+        }
+        s.closing = Some(reason);
+        drop(s);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Moves every queued frame into `into` (which must be empty) and returns
+    /// the close request, if any.
+    pub(crate) fn drain(&self, into: &mut VecDeque<Frame>) -> Option<CloseReason> {
+        debug_assert!(into.is_empty());
+        let mut s = self.lock();
+        std::mem::swap(&mut s.frames, into);
+        s.bytes = 0;
+        s.closing.clone()
+    }
+
+    /// The close request, if any.
+    pub(crate) fn closing(&self) -> Option<CloseReason> {
+        self.lock().closing.clone()
+    }
+
+    /// Waits until frames are queued or a close is requested.
+    pub(crate) async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Waits until a close is requested (used to abort a stalled write).
+    pub(crate) async fn wait_closing(&self) -> CloseReason {
+        loop {
+            if let Some(r) = self.closing() {
+                return r;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// Frames queued now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.lock().frames.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(policy: SlowConsumer) -> Caps {
+        Caps {
+            frames: 3,
+            bytes: 10,
+            policy,
+        }
+    }
+
+    #[test]
+    fn close_policy_closes_on_overflow() {
+        let o = Outbox::new(caps(SlowConsumer::Close));
+        let f = Frame::text("ab");
+        for _ in 0..3 {
+            assert_eq!(o.push(&f), Queued::Yes);
+        }
+        assert_eq!(o.push(&f), Queued::Overflowed);
+        assert_eq!(o.closing(), Some(CloseReason::SlowConsumer));
+        assert_eq!(o.push(&f), Queued::Closing);
+        assert_eq!(o.len(), 3);
+    }
+
+    #[test]
+    fn drop_policy_keeps_the_connection() {
+        let o = Outbox::new(caps(SlowConsumer::DropNewest));
+        assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
+        // The byte cap applies too.
+        assert_eq!(o.push(&Frame::text("123456")), Queued::Dropped);
+        assert_eq!(o.closing(), None);
+        let mut out = VecDeque::new();
+        assert_eq!(o.drain(&mut out), None);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
+    }
+
+    #[test]
+    fn an_oversized_frame_still_passes_an_empty_queue() {
+        let o = Outbox::new(caps(SlowConsumer::Close));
+        assert_eq!(o.push(&Frame::text("x".repeat(50))), Queued::Yes);
+    }
+
+    #[tokio::test]
+    async fn first_push_wakes_the_writer() {
+        let o = std::sync::Arc::new(Outbox::new(caps(SlowConsumer::Close)));
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.wait().await });
+        tokio::task::yield_now().await;
+        o.push(&Frame::text("a"));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("writer woken")
+            .expect("task");
+        assert!(o.close(CloseReason::Shutdown));
+        assert!(!o.close(CloseReason::SlowConsumer), "first reason wins");
+        assert_eq!(o.wait_closing().await, CloseReason::Shutdown);
+    }
+}

@@ -1,0 +1,436 @@
+//! The node's own connections, users, groups and sessions.
+//!
+//! Every mutation reports a [`MembershipChange`] to the backplane while the
+//! registry's write lock is held, so a directory or a set of routing bindings
+//! sees changes in the order they happened.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use switchboard_core::query::LocalTotals;
+use switchboard_core::{
+    Backplane, ConnId, Frame, GroupId, LocalAnswer, MembershipChange, NodeId, Query, Session,
+    Target, UserId,
+};
+
+use crate::handler::CloseReason;
+use crate::outbox::{Outbox, Queued};
+
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) outbox: Arc<Outbox>,
+    user: Option<UserId>,
+    groups: Vec<GroupId>,
+    session: Session,
+}
+
+/// What a local delivery did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Delivery {
+    pub(crate) queued: u32,
+    pub(crate) dropped: u32,
+    pub(crate) overflowed: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Registry {
+    node: NodeId,
+    conns: HashMap<u64, Slot>,
+    users: HashMap<UserId, Vec<u64>>,
+    groups: HashMap<GroupId, HashMap<u64, Arc<Outbox>>>,
+}
+
+impl Registry {
+    pub(crate) fn new(node: NodeId) -> Self {
+        Self {
+            node,
+            conns: HashMap::new(),
+            users: HashMap::new(),
+            groups: HashMap::new(),
+        }
+    }
+
+    fn id(&self, seq: u64) -> ConnId {
+        ConnId::new(self.node.clone(), seq)
+    }
+
+    /// The local sequence number of `conn`, if it belongs to this node.
+    pub(crate) fn local_seq(&self, conn: &ConnId) -> Option<u64> {
+        (conn.node() == &self.node).then_some(conn.seq())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub(crate) fn insert(
+        &mut self,
+        seq: u64,
+        outbox: Arc<Outbox>,
+        user: Option<UserId>,
+        groups: Vec<GroupId>,
+        session: Session,
+        bp: &dyn Backplane,
+    ) {
+        self.conns.insert(
+            seq,
+            Slot {
+                outbox,
+                user: None,
+                groups: Vec::new(),
+                session,
+            },
+        );
+        bp.membership(&MembershipChange::Opened { conn: self.id(seq) });
+        if let Some(u) = user {
+            self.bind(seq, u, bp);
+        }
+        for g in groups {
+            self.join(seq, g, bp);
+        }
+    }
+
+    pub(crate) fn remove(&mut self, seq: u64, bp: &dyn Backplane) -> Option<Slot> {
+        if !self.conns.contains_key(&seq) {
+            return None;
+        }
+        self.unbind(seq, bp);
+        let groups = self
+            .conns
+            .get_mut(&seq)
+            .map(|s| std::mem::take(&mut s.groups))
+            .unwrap_or_default();
+        for g in groups {
+            self.leave_group_map(seq, &g, bp);
+        }
+        let slot = self.conns.remove(&seq);
+        bp.membership(&MembershipChange::Closed { conn: self.id(seq) });
+        slot
+    }
+
+    /// Binds a connection to a user, moving it from its previous user.
+    pub(crate) fn bind(&mut self, seq: u64, user: UserId, bp: &dyn Backplane) -> bool {
+        let Some(slot) = self.conns.get(&seq) else {
+            return false;
+        };
+        if slot.user.as_ref() == Some(&user) {
+            return true;
+        }
+        self.unbind(seq, bp);
+        let list = self.users.entry(user.clone()).or_default();
+        let first = list.is_empty();
+        list.push(seq);
+        if let Some(slot) = self.conns.get_mut(&seq) {
+            slot.user = Some(user.clone());
+        }
+        bp.membership(&MembershipChange::Bound {
+            conn: self.id(seq),
+            user,
+            first,
+        });
+        true
+    }
+
+    pub(crate) fn unbind(&mut self, seq: u64, bp: &dyn Backplane) -> bool {
+        let Some(slot) = self.conns.get_mut(&seq) else {
+            return false;
+        };
+        let Some(user) = slot.user.take() else {
+            return true;
+        };
+        let mut last = false;
+        if let Entry::Occupied(mut e) = self.users.entry(user.clone()) {
+            e.get_mut().retain(|&s| s != seq);
+            if e.get().is_empty() {
+                e.remove();
+                last = true;
+            }
+        }
+        bp.membership(&MembershipChange::Unbound {
+            conn: self.id(seq),
+            user,
+            last,
+        });
+        true
+    }
+
+    pub(crate) fn join(&mut self, seq: u64, group: GroupId, bp: &dyn Backplane) -> bool {
+        let Some(slot) = self.conns.get_mut(&seq) else {
+            return false;
+        };
+        if slot.groups.contains(&group) {
+            return true;
+        }
+        slot.groups.push(group.clone());
+        let outbox = slot.outbox.clone();
+        let members = self.groups.entry(group.clone()).or_default();
+        let first = members.is_empty();
+        members.insert(seq, outbox);
+        bp.membership(&MembershipChange::Joined {
+            conn: self.id(seq),
+            group,
+            first,
+        });
+        true
+    }
+
+    pub(crate) fn leave(&mut self, seq: u64, group: &GroupId, bp: &dyn Backplane) -> bool {
+        let Some(slot) = self.conns.get_mut(&seq) else {
+            return false;
+        };
+        let before = slot.groups.len();
+        slot.groups.retain(|g| g != group);
+        if slot.groups.len() != before {
+            self.leave_group_map(seq, group, bp);
+        }
+        true
+    }
+
+    fn leave_group_map(&mut self, seq: u64, group: &GroupId, bp: &dyn Backplane) {
+        let mut last = false;
+        if let Some(members) = self.groups.get_mut(group) {
+            members.remove(&seq);
+            if members.is_empty() {
+                self.groups.remove(group);
+                last = true;
+            }
+        }
+        bp.membership(&MembershipChange::Left {
+            conn: self.id(seq),
+            group: group.clone(),
+            last,
+        });
+    }
+
+    pub(crate) fn session(&self, seq: u64) -> Option<&Session> {
+        self.conns.get(&seq).map(|s| &s.session)
+    }
+
+    pub(crate) fn session_mut(&mut self, seq: u64) -> Option<&mut Session> {
+        self.conns.get_mut(&seq).map(|s| &mut s.session)
+    }
+
+    /// Calls `f` once for every local connection `target` selects.
+    fn for_each(&self, target: &Target, mut f: impl FnMut(&Arc<Outbox>)) {
+        let mut excluded: HashSet<u64> = HashSet::new();
+        for c in target.excluded_conns() {
+            if let Some(seq) = self.local_seq(c) {
+                excluded.insert(seq);
+            }
+        }
+        for u in target.excluded_users() {
+            if let Some(list) = self.users.get(u) {
+                excluded.extend(list.iter().copied());
+            }
+        }
+        if target.is_all() {
+            for (seq, slot) in &self.conns {
+                if !excluded.contains(seq) {
+                    f(&slot.outbox);
+                }
+            }
+            return;
+        }
+        // A single term cannot reach a connection twice; only unions need the set.
+        let mut seen: Option<HashSet<u64>> = target.may_overlap().then(HashSet::new);
+        let mut visit = |seq: u64, outbox: &Arc<Outbox>| {
+            if excluded.contains(&seq) {
+                return;
+            }
+            if let Some(seen) = seen.as_mut()
+                && !seen.insert(seq)
+            {
+                return;
+            }
+            f(outbox);
+        };
+        for c in target.conns() {
+            if let Some(seq) = self.local_seq(c)
+                && let Some(slot) = self.conns.get(&seq)
+            {
+                visit(seq, &slot.outbox);
+            }
+        }
+        for u in target.included_users() {
+            for &seq in self.users.get(u).into_iter().flatten() {
+                if let Some(slot) = self.conns.get(&seq) {
+                    visit(seq, &slot.outbox);
+                }
+            }
+        }
+        for g in target.included_groups() {
+            for (&seq, outbox) in self.groups.get(g).into_iter().flatten() {
+                visit(seq, outbox);
+            }
+        }
+    }
+
+    /// Queues `frame` on every local connection `target` selects.
+    pub(crate) fn deliver(&self, target: &Target, frame: &Frame) -> Delivery {
+        let mut d = Delivery::default();
+        self.for_each(target, |outbox| match outbox.push(frame) {
+            Queued::Yes => d.queued += 1,
+            Queued::Dropped => d.dropped += 1,
+            Queued::Overflowed => d.overflowed += 1,
+            Queued::Closing => {}
+        });
+        d
+    }
+
+    /// Asks every local connection `target` selects to close.
+    pub(crate) fn close(&self, target: &Target, reason: &CloseReason) -> u32 {
+        let mut n = 0;
+        self.for_each(target, |outbox| {
+            if outbox.close(reason.clone()) {
+                n += 1;
+            }
+        });
+        n
+    }
+
+    /// Asks every local connection to close.
+    pub(crate) fn close_all(&self, reason: &CloseReason) {
+        for slot in self.conns.values() {
+            slot.outbox.close(reason.clone());
+        }
+    }
+
+    /// This node's answer to `query`.
+    pub(crate) fn answer(&self, query: &Query) -> LocalAnswer {
+        let ids = |seqs: &mut dyn Iterator<Item = u64>| seqs.map(|s| self.id(s)).collect();
+        match query {
+            Query::ConnExists(c) => LocalAnswer::Bool(
+                self.local_seq(c)
+                    .is_some_and(|s| self.conns.contains_key(&s)),
+            ),
+            Query::UserOnline(u) => LocalAnswer::Bool(self.users.contains_key(u)),
+            Query::UserConns(u) => LocalAnswer::Conns(ids(
+                &mut self.users.get(u).into_iter().flatten().copied(),
+            )),
+            Query::ConnUser(c) => LocalAnswer::User(
+                self.local_seq(c)
+                    .and_then(|s| self.conns.get(&s))
+                    .and_then(|slot| slot.user.clone()),
+            ),
+            Query::GroupMembers(g) => LocalAnswer::Conns(ids(
+                &mut self.groups.get(g).into_iter().flat_map(|m| m.keys().copied()),
+            )),
+            Query::GroupCount(g) => {
+                LocalAnswer::Count(self.groups.get(g).map_or(0, |m| m.len() as u64))
+            }
+            Query::Totals => LocalAnswer::Totals(LocalTotals {
+                conns: self.conns.len() as u64,
+                users: self.users.keys().cloned().collect(),
+                groups: self.groups.keys().cloned().collect(),
+            }),
+            // Queries added later are answered as "nothing here" by this node
+            // rather than failing the whole cluster answer.
+            _ => LocalAnswer::Count(0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumer;
+    use crate::outbox::Caps;
+    use std::sync::Mutex;
+    use switchboard_core::backplane::{BackplaneStats, Dest, Handoff, Inbound, JoinError, Status};
+
+    /// Records membership changes, to check what a directory would see.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<MembershipChange>>);
+
+    #[async_trait::async_trait]
+    impl Backplane for Recorder {
+        async fn join(&self, _: &NodeId, _: Inbound) -> Result<(), JoinError> {
+            Ok(())
+        }
+        fn publish(&self, _: Dest<'_>, _: bytes::Bytes) -> Handoff {
+            Handoff::default()
+        }
+        fn peers(&self) -> Vec<NodeId> {
+            Vec::new()
+        }
+        fn membership(&self, c: &MembershipChange) {
+            self.0.lock().unwrap().push(c.clone());
+        }
+        fn status(&self) -> Status {
+            Status::Ready
+        }
+        fn stats(&self) -> BackplaneStats {
+            BackplaneStats::default()
+        }
+        async fn leave(&self) {}
+    }
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(Caps {
+            frames: 100,
+            bytes: 1 << 20,
+            policy: SlowConsumer::Close,
+        }))
+    }
+
+    fn setup() -> (Registry, Recorder, Vec<Arc<Outbox>>) {
+        let bp = Recorder::default();
+        let mut r = Registry::new(NodeId::new("n").unwrap());
+        let obs: Vec<_> = (0..4).map(|_| outbox()).collect();
+        r.insert(0, obs[0].clone(), Some("a".into()), vec!["g".into()], Session::new(), &bp);
+        r.insert(1, obs[1].clone(), Some("a".into()), vec!["g".into(), "h".into()], Session::new(), &bp);
+        r.insert(2, obs[2].clone(), Some("b".into()), vec![], Session::new(), &bp);
+        r.insert(3, obs[3].clone(), None, vec!["h".into()], Session::new(), &bp);
+        (r, bp, obs)
+    }
+
+    fn counts(obs: &[Arc<Outbox>]) -> Vec<usize> {
+        obs.iter().map(|o| o.len()).collect()
+    }
+
+    #[test]
+    fn overlapping_targets_deliver_once() {
+        let (r, _, obs) = setup();
+        let f = Frame::text("x");
+        let t = Target::group("g").and_group("h").and_user("a");
+        assert_eq!(r.deliver(&t, &f).queued, 3);
+        assert_eq!(counts(&obs), [1, 1, 0, 1]);
+        let t = Target::all().except_user("a");
+        assert_eq!(r.deliver(&t, &f).queued, 2);
+        assert_eq!(counts(&obs), [1, 1, 1, 2]);
+        let me = ConnId::new(NodeId::new("n").unwrap(), 1);
+        let other = ConnId::new(NodeId::new("m").unwrap(), 2);
+        let t = Target::conn(me.clone()).and_conn(other).and_user("a").except_conn(me);
+        assert_eq!(r.deliver(&t, &f).queued, 1);
+        assert_eq!(counts(&obs), [2, 1, 1, 2]);
+    }
+
+    #[test]
+    fn membership_changes_are_reported_with_first_and_last() {
+        let (mut r, bp, _) = setup();
+        bp.0.lock().unwrap().clear();
+        assert!(r.bind(0, "b".into(), &bp));
+        r.remove(1, &bp);
+        let got = bp.0.lock().unwrap().clone();
+        let n = |s| ConnId::new(NodeId::new("n").unwrap(), s);
+        assert_eq!(
+            got,
+            [
+                MembershipChange::Unbound { conn: n(0), user: "a".into(), last: false },
+                MembershipChange::Bound { conn: n(0), user: "b".into(), first: false },
+                MembershipChange::Unbound { conn: n(1), user: "a".into(), last: true },
+                MembershipChange::Left { conn: n(1), group: "g".into(), last: false },
+                MembershipChange::Left { conn: n(1), group: "h".into(), last: false },
+                MembershipChange::Closed { conn: n(1) },
+            ]
+        );
+        assert_eq!(r.answer(&Query::UserOnline("a".into())), LocalAnswer::Bool(false));
+        assert_eq!(r.answer(&Query::GroupCount("g".into())), LocalAnswer::Count(1));
+        assert_eq!(
+            r.answer(&Query::UserConns("b".into())),
+            LocalAnswer::Conns(vec![n(2), n(0)])
+        );
+        assert!(!r.bind(9, "x".into(), &bp));
+    }
+}
