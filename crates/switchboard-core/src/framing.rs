@@ -18,6 +18,15 @@ pub enum Framing {
     Length,
 }
 
+impl std::fmt::Display for Framing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Framing::Line => "line",
+            Framing::Length => "length",
+        })
+    }
+}
+
 impl std::str::FromStr for Framing {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -52,8 +52,9 @@ mod stats;
 pub mod transport;
 
 pub use async_trait::async_trait;
+pub use http;
 pub use switchboard_core as core;
-pub use switchboard_core::{
+pub use switchboard_core::{Standalone, 
     Answer, ConnId, Frame, FrameKind, GroupId, NodeId, Session, Target, Totals, UserId,
 };
 

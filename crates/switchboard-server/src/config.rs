@@ -1,0 +1,296 @@
+//! `switchboard serve` configuration: built-in defaults, then a TOML file, then
+//! `SWITCHBOARD_*` environment variables, then command-line flags, each
+//! overriding the one before.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use switchboard::core::Framing;
+use switchboard::{Limits, NodeId};
+
+/// Flags of `switchboard serve`. Each also reads a `SWITCHBOARD_*` variable.
+#[derive(Debug, Args, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file; its keys are the flag names with `_` for `-`.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's id (A-Z a-z 0-9 _ -); random when unset.
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// WebSocket listen address, or `off` [default: 127.0.0.1:9001]
+    #[arg(long, env = "SWITCHBOARD_WS")]
+    pub ws: Option<String>,
+    /// WebSocket path [default: /ws]
+    #[arg(long, env = "SWITCHBOARD_WS_PATH")]
+    pub ws_path: Option<String>,
+    /// TCP listen address, or `off` [default: 127.0.0.1:9101]
+    #[arg(long, env = "SWITCHBOARD_TCP")]
+    pub tcp: Option<String>,
+    /// TCP framing: `line` or `length` [default: line]
+    #[arg(long, env = "SWITCHBOARD_TCP_FRAMING")]
+    pub tcp_framing: Option<Framing>,
+    /// Cluster backplane: `local` [default: local]
+    #[arg(long, env = "SWITCHBOARD_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Largest inbound message in bytes [default: 65536]
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// Frames a connection's outbound queue holds before it is closed as slow [default: 1024]
+    #[arg(long, env = "SWITCHBOARD_OUTBOX_FRAMES")]
+    pub outbox_frames: Option<usize>,
+    /// Seconds between WebSocket pings [default: 25]
+    #[arg(long, env = "SWITCHBOARD_HEARTBEAT")]
+    pub heartbeat: Option<u64>,
+    /// Seconds of silence after which a WebSocket client is closed; 0 disables [default: 60]
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<u64>,
+    /// Seconds of silence after which a TCP client is closed; 0 disables [default: 0]
+    #[arg(long, env = "SWITCHBOARD_TCP_IDLE_TIMEOUT")]
+    pub tcp_idle_timeout: Option<u64>,
+    /// Seconds a client has to complete its handshake [default: 10]
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<u64>,
+    /// Seconds shutdown waits for connections to close [default: 10]
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+}
+
+/// The same settings, from a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<String>,
+    ws: Option<String>,
+    ws_path: Option<String>,
+    tcp: Option<String>,
+    tcp_framing: Option<Framing>,
+    cluster: Option<String>,
+    max_message_size: Option<usize>,
+    outbox_frames: Option<usize>,
+    heartbeat: Option<u64>,
+    idle_timeout: Option<u64>,
+    tcp_idle_timeout: Option<u64>,
+    handshake_timeout: Option<u64>,
+    shutdown_timeout: Option<u64>,
+}
+
+/// Where the cluster's other nodes are reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClusterUrl {
+    /// One process, no peers.
+    Local,
+}
+
+impl std::fmt::Display for ClusterUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClusterUrl::Local => f.write_str("local"),
+        }
+    }
+}
+
+impl std::str::FromStr for ClusterUrl {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" | "" => Ok(ClusterUrl::Local),
+            other => Err(ConfigError::Cluster(other.to_owned())),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid.
+    #[error("invalid configuration file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// Bad node id.
+    #[error(transparent)]
+    NodeId(#[from] switchboard::core::id::IdError),
+    /// Unknown cluster URL.
+    #[error("unsupported cluster {0:?}: this build knows `local`")]
+    Cluster(String),
+    /// No listener at all.
+    #[error("both --ws and --tcp are off: nothing to serve")]
+    NoListener,
+}
+
+/// A complete, checked configuration of one node.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeConfig {
+    /// Node id; random when `None`.
+    pub node_id: Option<NodeId>,
+    /// WebSocket listen address, if serving WebSocket.
+    pub ws: Option<String>,
+    /// WebSocket path.
+    pub ws_path: String,
+    /// TCP listen address, if serving TCP.
+    pub tcp: Option<String>,
+    /// TCP framing.
+    pub tcp_framing: Framing,
+    /// Cluster backplane.
+    pub cluster: ClusterUrl,
+    /// Connection limits.
+    pub limits: Limits,
+    /// Bound on graceful shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            ws: Some("127.0.0.1:9001".into()),
+            ws_path: "/ws".into(),
+            tcp: Some("127.0.0.1:9101".into()),
+            tcp_framing: Framing::Line,
+            cluster: ClusterUrl::Local,
+            limits: Limits::default(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn listener(value: Option<String>, default: Option<String>) -> Option<String> {
+    match value {
+        Some(v) if v == "off" || v == "none" || v.is_empty() => None,
+        Some(v) => Some(v),
+        None => default,
+    }
+}
+
+fn secs_opt(v: u64) -> Option<Duration> {
+    (v > 0).then(|| Duration::from_secs(v))
+}
+
+impl ServeConfig {
+    /// Merges defaults, the file named by `--config`, and flags/environment.
+    pub fn load(args: ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let d = ServeConfig::default();
+        let mut limits = Limits::default();
+        if let Some(v) = args.max_message_size.or(file.max_message_size) {
+            limits.max_message_size = v;
+        }
+        if let Some(v) = args.outbox_frames.or(file.outbox_frames) {
+            limits.outbox_frames = v.max(1);
+        }
+        if let Some(v) = args.heartbeat.or(file.heartbeat) {
+            limits.heartbeat = Duration::from_secs(v.max(1));
+        }
+        if let Some(v) = args.idle_timeout.or(file.idle_timeout) {
+            limits.ws_idle_timeout = secs_opt(v);
+        }
+        if let Some(v) = args.tcp_idle_timeout.or(file.tcp_idle_timeout) {
+            limits.tcp_idle_timeout = secs_opt(v);
+        }
+        if let Some(v) = args.handshake_timeout.or(file.handshake_timeout) {
+            limits.handshake_timeout = Duration::from_secs(v.max(1));
+        }
+        let cfg = ServeConfig {
+            node_id: args
+                .node_id
+                .or(file.node_id)
+                .map(NodeId::new)
+                .transpose()?,
+            ws: listener(args.ws.or(file.ws), d.ws),
+            ws_path: args.ws_path.or(file.ws_path).unwrap_or(d.ws_path),
+            tcp: listener(args.tcp.or(file.tcp), d.tcp),
+            tcp_framing: args.tcp_framing.or(file.tcp_framing).unwrap_or(d.tcp_framing),
+            cluster: args
+                .cluster
+                .or(file.cluster)
+                .map(|c| c.parse())
+                .transpose()?
+                .unwrap_or(d.cluster),
+            limits,
+            shutdown_timeout: args
+                .shutdown_timeout
+                .or(file.shutdown_timeout)
+                .map_or(d.shutdown_timeout, Duration::from_secs),
+        };
+        if cfg.ws.is_none() && cfg.tcp.is_none() {
+            return Err(ConfigError::NoListener);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "node_id = \"from-file\"\ntcp = \"off\"\nws = \"127.0.0.1:1\"\nheartbeat = 7\n").unwrap();
+        let cfg = ServeConfig::load(ServeArgs {
+            config: Some(path.clone()),
+            ws: Some("127.0.0.1:2".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(cfg.node_id.unwrap().as_str(), "from-file");
+        assert_eq!(cfg.ws.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(cfg.tcp, None);
+        assert_eq!(cfg.limits.heartbeat, Duration::from_secs(7));
+
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        let err = ServeConfig::load(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                cluster: Some("kafka://x".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::Cluster(_))
+        ));
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                ws: Some("off".into()),
+                tcp: Some("off".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::NoListener)
+        ));
+    }
+}

@@ -1,0 +1,10 @@
+//! The `switchboard` binary's library: the reference application, its
+//! configuration, and starting a node. Tests and benchmarks start nodes through
+//! [`node::launch`] exactly as the binary does.
+
+pub mod app;
+pub mod config;
+pub mod node;
+
+pub use app::ReferenceApp;
+pub use config::{ClusterUrl, ServeArgs, ServeConfig};

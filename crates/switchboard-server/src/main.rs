@@ -1,0 +1,72 @@
+//! `switchboard`: serve the reference application.
+
+use clap::{Parser, Subcommand};
+use switchboard_server::config::{ServeArgs, ServeConfig};
+use switchboard_server::node;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "switchboard", version, about = "Distributed long-lived connections: WebSocket and TCP push, on any node of a cluster.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the reference application (bench/CONTRACT.md) over WebSocket and TCP.
+    Serve(ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = ServeConfig::load(args)?;
+    let running = node::launch(&cfg, node::backplane(&cfg.cluster)).await?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("switchboard node {} ({} cluster)", running.hub.node_id(), cfg.cluster);
+        if let Some(a) = running.ws {
+            println!("  websocket  ws://{a}{}", cfg.ws_path);
+        }
+        if let Some(a) = running.tcp {
+            println!("  tcp        tcp://{a} ({} framing)", cfg.tcp_framing);
+        }
+    }
+    shutdown_signal().await;
+    tracing::info!("signal received, stopping");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

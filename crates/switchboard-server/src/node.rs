@@ -1,0 +1,84 @@
+//! Starting one node of the reference application from a [`ServeConfig`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use switchboard::core::Backplane;
+use switchboard::{Hub, Server, Standalone, TcpOptions};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::app::ReferenceApp;
+use crate::config::{ClusterUrl, ServeConfig};
+
+/// A running node.
+#[derive(Debug)]
+pub struct Running {
+    /// The node's hub.
+    pub hub: Hub,
+    /// Where WebSocket clients connect, if served.
+    pub ws: Option<SocketAddr>,
+    /// Where TCP clients connect, if served.
+    pub tcp: Option<SocketAddr>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops the node gracefully and waits until it has stopped.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// The backplane a cluster URL names.
+pub fn backplane(cluster: &ClusterUrl) -> Arc<dyn Backplane> {
+    match cluster {
+        ClusterUrl::Local => Arc::new(Standalone),
+    }
+}
+
+/// Binds the listeners of `cfg` and serves the reference application on them
+/// through `backplane`.
+pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow::Result<Running> {
+    let mut builder = Hub::builder()
+        .limits(cfg.limits.clone())
+        .shutdown_timeout(cfg.shutdown_timeout)
+        .backplane_arc(backplane)
+        .handler(ReferenceApp);
+    if let Some(id) = &cfg.node_id {
+        builder = builder.node_id(id.clone());
+    }
+    let hub = builder.start().await.context("starting the hub")?;
+    let mut server = Server::new(hub.clone());
+    let mut ws = None;
+    if let Some(addr) = &cfg.ws {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the WebSocket listener on {addr}"))?;
+        ws = Some(l.local_addr()?);
+        server = server.websocket(l, &cfg.ws_path);
+    }
+    let mut tcp = None;
+    if let Some(addr) = &cfg.tcp {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the TCP listener on {addr}"))?;
+        tcp = Some(l.local_addr()?);
+        server = server.tcp(l, TcpOptions::new(cfg.tcp_framing).with_hello());
+    }
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(async move {
+        let _ = stopped.await;
+    }));
+    Ok(Running {
+        hub,
+        ws,
+        tcp,
+        stop,
+        task,
+    })
+}
