@@ -1,0 +1,233 @@
+//! Test clients speaking the reference app's protocol over WebSocket or TCP.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::STEP;
+
+/// Which transport a client uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ws,
+    Tcp,
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+enum Io {
+    Ws(Box<Ws>),
+    Tcp {
+        read: BufReader<OwnedReadHalf>,
+        write: OwnedWriteHalf,
+    },
+}
+
+/// A connected, welcomed client.
+pub struct Client {
+    io: Io,
+    /// The connection id from the welcome frame.
+    pub conn: String,
+    /// The node from the welcome frame.
+    pub node: String,
+    /// The user id it connected as.
+    pub uid: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({} {} on {})", self.uid, self.conn, self.node)
+    }
+}
+
+/// What a client saw next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Text(String),
+    Binary(Vec<u8>),
+    /// Closed, with the WebSocket close code when there was one.
+    Closed(Option<u16>),
+}
+
+impl Client {
+    /// Connects over WebSocket as `uid` (optionally in `group`) and reads the welcome.
+    pub async fn ws(addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
+        let mut url = format!("ws://{addr}/ws?uid={uid}");
+        if let Some(g) = group {
+            url.push_str(&format!("&group={g}"));
+        }
+        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+            .await
+            .context("ws connect timed out")??;
+        Self::welcomed(Io::Ws(Box::new(ws)), uid).await
+    }
+
+    /// Connects over TCP with a hello line and reads the welcome.
+    pub async fn tcp(addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (r, mut w) = stream.into_split();
+        let mut hello = json!({"op": "hello", "uid": uid});
+        if let Some(g) = group {
+            hello["group"] = json!(g);
+        }
+        w.write_all(format!("{hello}\n").as_bytes()).await?;
+        Self::welcomed(
+            Io::Tcp {
+                read: BufReader::new(r),
+                write: w,
+            },
+            uid,
+        )
+        .await
+    }
+
+    /// Connects with the given transport.
+    pub async fn connect(kind: Kind, addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
+        match kind {
+            Kind::Ws => Self::ws(addr, uid, group).await,
+            Kind::Tcp => Self::tcp(addr, uid, group).await,
+        }
+    }
+
+    async fn welcomed(io: Io, uid: &str) -> Result<Client> {
+        let mut c = Client {
+            io,
+            conn: String::new(),
+            node: String::new(),
+            uid: uid.to_owned(),
+        };
+        let w = c.recv_json().await.context("reading the welcome")?;
+        if w["op"] != "welcome" {
+            bail!("first frame is not a welcome: {w}");
+        }
+        c.conn = w["conn"].as_str().ok_or_else(|| anyhow!("welcome without conn: {w}"))?.to_owned();
+        c.node = w["node"].as_str().ok_or_else(|| anyhow!("welcome without node: {w}"))?.to_owned();
+        Ok(c)
+    }
+
+    /// Sends one raw text message (a frame, or a line on TCP).
+    pub async fn send_text(&mut self, text: &str) -> Result<()> {
+        match &mut self.io {
+            Io::Ws(ws) => ws.send(Message::text(text)).await?,
+            Io::Tcp { write, .. } => {
+                let mut line = Vec::with_capacity(text.len() + 1);
+                line.extend_from_slice(text.as_bytes());
+                line.push(b'\n');
+                write.write_all(&line).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one raw message of bytes (a binary frame, or raw bytes on TCP).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        match &mut self.io {
+            Io::Ws(ws) => ws.send(Message::binary(bytes.to_vec())).await?,
+            Io::Tcp { write, .. } => write.write_all(bytes).await?,
+        }
+        Ok(())
+    }
+
+    /// Sends a JSON request.
+    pub async fn send(&mut self, v: Value) -> Result<()> {
+        self.send_text(&v.to_string()).await
+    }
+
+    /// The next event, within `wait`.
+    pub async fn next_event(&mut self, wait: Duration) -> Result<Event> {
+        let fut = async {
+            match &mut self.io {
+                Io::Ws(ws) => loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) => return Ok(Event::Text(t.to_string())),
+                        Some(Ok(Message::Binary(b))) => return Ok(Event::Binary(b.to_vec())),
+                        Some(Ok(Message::Close(cf))) => return Ok(Event::Closed(cf.map(|c| c.code.into()))),
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) | None => return Ok(Event::Closed(None)),
+                    }
+                },
+                Io::Tcp { read, .. } => {
+                    let mut line = String::new();
+                    match read.read_line(&mut line).await {
+                        Ok(0) | Err(_) => Ok(Event::Closed(None)),
+                        Ok(_) => {
+                            if line.ends_with('\n') {
+                                line.pop();
+                            }
+                            Ok(Event::Text(line))
+                        }
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(wait, fut).await.map_err(|_| anyhow!("{self:?}: nothing within {wait:?}"))?
+    }
+
+    /// The next text frame; fails on anything else or after [`STEP`].
+    pub async fn recv(&mut self) -> Result<String> {
+        match self.next_event(STEP).await? {
+            Event::Text(t) => Ok(t),
+            other => bail!("{self:?}: expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next text frame as JSON.
+    pub async fn recv_json(&mut self) -> Result<Value> {
+        let t = self.recv().await?;
+        serde_json::from_str(&t).with_context(|| format!("not JSON: {t:?}"))
+    }
+
+    /// Sends a request and returns the next frame as JSON (for replies).
+    pub async fn ask(&mut self, v: Value) -> Result<Value> {
+        self.send(v).await?;
+        self.recv_json().await
+    }
+
+    /// Asserts nothing arrives within `wait` (a weak check; prefer fences).
+    pub async fn expect_silence(&mut self, wait: Duration) -> Result<()> {
+        match self.next_event(wait).await {
+            Err(_) => Ok(()),
+            Ok(e) => bail!("{self:?}: expected nothing, got {e:?}"),
+        }
+    }
+
+    /// Waits for the connection to be closed by the server; returns the close code.
+    pub async fn expect_closed(&mut self, wait: Duration) -> Result<Option<u16>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await? {
+                Event::Closed(code) => return Ok(code),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Closes the connection cleanly.
+    pub async fn close(self) {
+        match self.io {
+            Io::Ws(mut ws) => {
+                let _ = ws.send(Message::Close(None)).await;
+                // Read until the server's close reply, so the close is clean.
+                let _ = tokio::time::timeout(STEP, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+            }
+            Io::Tcp { mut write, .. } => {
+                let _ = write.shutdown().await;
+            }
+        }
+    }
+
+    /// Drops the connection without any close handshake (abrupt disconnect).
+    pub fn abort(self) {
+        drop(self);
+    }
+}

@@ -1,0 +1,222 @@
+//! Starting a cluster of reference-app nodes, in-process or as processes of
+//! the real binary, behind one trait the conformance suite drives.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+
+use anyhow::{Context, Result, anyhow};
+use async_trait::async_trait;
+use switchboard::NodeId;
+use switchboard::core::MemoryBus;
+use switchboard_server::config::ServeConfig;
+use switchboard_server::node::{self, Running};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A running cluster whose nodes serve the reference app.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// Number of nodes.
+    fn size(&self) -> usize;
+    /// WebSocket address of node `i % size`.
+    fn ws(&self, i: usize) -> SocketAddr;
+    /// TCP address of node `i % size`.
+    fn tcp(&self, i: usize) -> SocketAddr;
+    /// Node id of node `i % size`.
+    fn node_id(&self, i: usize) -> String;
+    /// Stops every node.
+    async fn shutdown(self: Box<Self>);
+}
+
+/// In-process cluster modes.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// One node, standalone backplane.
+    Local,
+    /// `n` nodes joined by the in-memory bus.
+    Memory(usize),
+}
+
+/// Nodes running inside the test process.
+#[derive(Debug)]
+pub struct InProcess {
+    pub nodes: Vec<Running>,
+}
+
+/// A configuration for a test node: loopback, ephemeral ports.
+pub fn test_config(node: &str) -> ServeConfig {
+    let mut cfg = ServeConfig::default();
+    cfg.node_id = Some(NodeId::new(node).unwrap());
+    cfg.ws = Some("127.0.0.1:0".into());
+    cfg.tcp = Some("127.0.0.1:0".into());
+    cfg.shutdown_timeout = std::time::Duration::from_secs(3);
+    cfg
+}
+
+impl InProcess {
+    /// Starts a cluster in `mode`, tweaking each node's configuration with `tweak`.
+    pub async fn start_with(mode: Mode, tweak: impl Fn(&mut ServeConfig)) -> Result<Self> {
+        let mut nodes = Vec::new();
+        match mode {
+            Mode::Local => {
+                let mut cfg = test_config("n0");
+                tweak(&mut cfg);
+                nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster)).await?);
+            }
+            Mode::Memory(n) => {
+                let bus = MemoryBus::new();
+                for i in 0..n {
+                    let mut cfg = test_config(&format!("n{i}"));
+                    tweak(&mut cfg);
+                    nodes.push(node::launch(&cfg, std::sync::Arc::new(bus.backplane())).await?);
+                }
+            }
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Starts a cluster in `mode` with default settings.
+    pub async fn start(mode: Mode) -> Result<Self> {
+        Self::start_with(mode, |_| {}).await
+    }
+
+    /// Boxed, for the conformance suite.
+    pub async fn boxed(mode: Mode) -> Box<dyn Cluster> {
+        Box::new(Self::start(mode).await.expect("cluster starts"))
+    }
+}
+
+#[async_trait]
+impl Cluster for InProcess {
+    fn size(&self) -> usize {
+        self.nodes.len()
+    }
+    fn ws(&self, i: usize) -> SocketAddr {
+        self.nodes[i % self.nodes.len()].ws.unwrap()
+    }
+    fn tcp(&self, i: usize) -> SocketAddr {
+        self.nodes[i % self.nodes.len()].tcp.unwrap()
+    }
+    fn node_id(&self, i: usize) -> String {
+        self.nodes[i % self.nodes.len()].hub.node_id().to_string()
+    }
+    async fn shutdown(self: Box<Self>) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// One node running as a process of the real binary.
+#[derive(Debug)]
+pub struct ProcessNode {
+    pub child: Child,
+    pub node_id: String,
+    pub ws: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+}
+
+impl ProcessNode {
+    /// Starts `bin serve` with `args` (ports default to ephemeral) and reads
+    /// the addresses it prints.
+    pub async fn spawn(bin: &Path, args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve");
+        if !args.contains(&"--ws") {
+            cmd.args(["--ws", "127.0.0.1:0"]);
+        }
+        if !args.contains(&"--tcp") {
+            cmd.args(["--tcp", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut node_id, mut ws, mut tcp) = (String::new(), None, None);
+        let parse = |s: &str, scheme: &str| -> Option<SocketAddr> {
+            let rest = s.split(scheme).nth(1)?;
+            rest.split(['/', ' ']).next()?.parse().ok()
+        };
+        let read = async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix("switchboard node ") {
+                    node_id = rest.split(' ').next().unwrap_or_default().to_owned();
+                } else if line.contains("ws://") {
+                    ws = parse(&line, "ws://");
+                } else if line.contains("tcp://") {
+                    tcp = parse(&line, "tcp://");
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(crate::STEP, read).await.context("node did not start")??;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            node_id,
+            ws,
+            tcp,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        let pid = self.pid();
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        anyhow::ensure!(status.success(), "kill failed");
+        Ok(tokio::time::timeout(crate::STEP, self.child.wait()).await??)
+    }
+}
+
+/// Nodes running as processes of the real binary.
+#[derive(Debug)]
+pub struct Process {
+    pub nodes: Vec<ProcessNode>,
+}
+
+#[async_trait]
+impl Cluster for Process {
+    fn size(&self) -> usize {
+        self.nodes.len()
+    }
+    fn ws(&self, i: usize) -> SocketAddr {
+        self.nodes[i % self.nodes.len()].ws.unwrap()
+    }
+    fn tcp(&self, i: usize) -> SocketAddr {
+        self.nodes[i % self.nodes.len()].tcp.unwrap()
+    }
+    fn node_id(&self, i: usize) -> String {
+        self.nodes[i % self.nodes.len()].node_id.clone()
+    }
+    async fn shutdown(self: Box<Self>) {
+        for n in self.nodes {
+            let _ = n.terminate().await;
+        }
+    }
+}
+
+/// Peak resident memory of a process, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or_else(|| anyhow!("no VmHWM"))?;
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("bad VmHWM"))?
+        .parse()?;
+    Ok(kb * 1024)
+}

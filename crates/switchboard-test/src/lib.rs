@@ -1,0 +1,19 @@
+//! The one test harness of switchboard.
+//!
+//! - [`cluster`]: start a cluster of reference-app nodes in a given mode
+//!   (in-process, or as processes of the real binary) behind one [`Cluster`] trait.
+//! - [`client`]: WebSocket and TCP clients speaking `bench/CONTRACT.md`.
+//! - [`conformance`]: the checks every mode must pass, and the
+//!   [`conformance_suite!`] macro that turns them into tests for one mode.
+
+#![allow(missing_docs, unreachable_pub, clippy::unwrap_used)]
+
+pub mod client;
+pub mod cluster;
+pub mod conformance;
+
+pub use client::{Client, Kind};
+pub use cluster::{Cluster, InProcess, Mode, Process};
+
+/// How long any single expected event may take before a test fails.
+pub const STEP: std::time::Duration = std::time::Duration::from_secs(10);
