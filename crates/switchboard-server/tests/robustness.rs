@@ -1,0 +1,212 @@
+//! Bad input and bad clients: each gets a clear error or close code, and
+//! harms nobody else.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use switchboard_test::client::Event;
+use switchboard_test::conformance::settle;
+use switchboard_test::{Client, InProcess, Mode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+async fn small_limits() -> Result<InProcess> {
+    InProcess::start_with(Mode::Memory(2), |cfg| {
+        cfg.limits.max_message_size = 1024;
+        cfg.limits.handshake_timeout = Duration::from_millis(500);
+        cfg.limits.heartbeat = Duration::from_millis(200);
+        cfg.limits.ws_idle_timeout = Some(Duration::from_millis(600));
+    })
+    .await
+}
+
+/// A neighbour pair that must keep working whatever the bad client did.
+async fn neighbours_still_work(c: &InProcess) -> Result<()> {
+    let (a, b) = (format!("na-{}", rand_tag()), format!("nb-{}", rand_tag()));
+    let mut cl = vec![
+        Client::tcp(c.nodes[0].tcp.unwrap(), &a, None).await?,
+        Client::ws(c.nodes[1].ws.unwrap(), &b, None).await?,
+    ];
+    cl[0].send(json!({"op": "to_user", "uid": b, "data": "ok"})).await?;
+    settle(&mut cl, 0, &[&[], &["ok"]]).await
+}
+
+fn rand_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_invalid_utf8_closes_with_1007() -> Result<()> {
+    let c = small_limits().await?;
+    let url = format!("ws://{}/ws?uid=bad", c.nodes[0].ws.unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let _welcome = ws.next().await;
+    let frame = WsFrame::message(vec![0x66, 0xff, 0xfe], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(frame)).await?;
+    let code = loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(cf))) => break cf.map(|c| u16::from(c.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1007));
+    neighbours_still_work(&c).await?;
+    Box::new(c).shutdown_all().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_oversize_closes_with_1009_and_tcp_oversize_closes() -> Result<()> {
+    let c = small_limits().await?;
+    let mut big = Client::ws(c.nodes[0].ws.unwrap(), "big", None).await?;
+    big.send_text(&"x".repeat(2000)).await?;
+    assert_eq!(big.expect_closed(switchboard_test::STEP).await?, Some(1009));
+
+    // Just under the limit is fine (and gets an error reply, since it is not JSON).
+    let mut fits = Client::ws(c.nodes[0].ws.unwrap(), "fits", None).await?;
+    fits.send_text(&"x".repeat(1000)).await?;
+    assert_eq!(fits.recv_json().await?["op"], "error");
+
+    // TCP: a line that never ends is cut off at the limit, not buffered forever.
+    let mut t = Client::tcp(c.nodes[1].tcp.unwrap(), "bigtcp", None).await?;
+    t.send_raw(&[b'y'; 4096]).await?;
+    assert_eq!(t.expect_closed(switchboard_test::STEP).await?, None);
+    neighbours_still_work(&c).await?;
+    Box::new(c).shutdown_all().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_binary_frames_get_errors_not_closes() -> Result<()> {
+    let c = small_limits().await?;
+    let mut w = Client::ws(c.nodes[0].ws.unwrap(), "garbage", None).await?;
+    w.send_raw(&[0, 1, 2, 0xff, 0xfe]).await?;
+    assert_eq!(w.recv_json().await?["op"], "error");
+    w.send_raw(br#"{"op":"online","uid":"garbage"}"#).await?;
+    assert_eq!(w.recv_json().await?["online"], true, "binary JSON is served like text");
+    let mut t = Client::tcp(c.nodes[0].tcp.unwrap(), "garbage2", None).await?;
+    t.send_raw(b"\x00\x01\xff\xfe\n\r\n").await?;
+    assert_eq!(t.recv_json().await?["op"], "error");
+    assert_eq!(t.recv_json().await?["op"], "error");
+    neighbours_still_work(&c).await?;
+    Box::new(c).shutdown_all().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abrupt_disconnects_leave_nothing_behind() -> Result<()> {
+    let c = small_limits().await?;
+    let before = c.nodes[0].hub.stats();
+    for i in 0..40 {
+        let ws = c.nodes[0].ws.unwrap();
+        let tcp = c.nodes[0].tcp.unwrap();
+        match i % 4 {
+            // Dropped right after the welcome, no close handshake.
+            0 => Client::ws(ws, &format!("drop{i}"), Some("dropg")).await?.abort(),
+            1 => Client::tcp(tcp, &format!("drop{i}"), Some("dropg")).await?.abort(),
+            // Dropped in the middle of a request.
+            2 => {
+                let mut cl = Client::tcp(tcp, &format!("drop{i}"), Some("dropg")).await?;
+                cl.send_raw(br#"{"op":"to_all","da"#).await?;
+                cl.abort();
+            }
+            // Dropped in the middle of the HTTP upgrade.
+            _ => {
+                let mut s = TcpStream::connect(ws).await?;
+                s.write_all(b"GET /ws?uid=x HTTP/1.1\r\nHost: x\r\nUpgr").await?;
+            }
+        }
+    }
+    let hub = &c.nodes[0].hub;
+    assert!(hub.stats().conns_opened - before.conns_opened >= 30, "{:?}", hub.stats());
+    let deadline = tokio::time::Instant::now() + switchboard_test::STEP;
+    while hub.stats().conns_open != before.conns_open {
+        assert!(tokio::time::Instant::now() < deadline, "connections left open: {:?}", hub.stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hub.group_count("dropg").await.value, 0);
+    neighbours_still_work(&c).await?;
+    Box::new(c).shutdown_all().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_are_timed_out() -> Result<()> {
+    let c = small_limits().await?;
+    // TCP without a hello: closed after the handshake timeout.
+    let mut s = TcpStream::connect(c.nodes[0].tcp.unwrap()).await?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+    assert_eq!(n, 0, "hello-less TCP client not closed");
+    // HTTP without a complete request: closed after the handshake timeout.
+    let mut s = TcpStream::connect(c.nodes[0].ws.unwrap()).await?;
+    s.write_all(b"GET /ws HTTP/1.1\r\n").await?;
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+    let _ = n; // hyper may answer 408 before closing; either way the read ends.
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await??;
+    let _ = n;
+    // A WebSocket client that never reads never answers pings: idle timeout.
+    let url = format!("ws://{}/ws?uid=sleepy", c.nodes[0].ws.unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut closed_with = None;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Close(cf) = m {
+            closed_with = cf.map(|c| u16::from(c.code));
+            break;
+        }
+    }
+    assert_eq!(closed_with, Some(1000), "idle client closed with 1000 (idle timeout)");
+    // A client that answers pings stays.
+    let mut alive = Client::ws(c.nodes[0].ws.unwrap(), "alive", None).await?;
+    alive.expect_silence(Duration::from_millis(1200)).await?;
+    assert_eq!(alive.ask(json!({"op":"online","uid":"alive"})).await?["online"], true);
+    Box::new(c).shutdown_all().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_clients_with_1001_in_bounded_time() -> Result<()> {
+    let c = InProcess::start(Mode::Memory(2)).await?;
+    let mut ws = Client::ws(c.nodes[0].ws.unwrap(), "s1", None).await?;
+    let mut tcp = Client::tcp(c.nodes[0].tcp.unwrap(), "s2", None).await?;
+    let other = Client::ws(c.nodes[1].ws.unwrap(), "s3", None).await?;
+    let mut nodes = c.nodes.into_iter();
+    let n0 = nodes.next().unwrap();
+    let ws_addr = n0.ws.unwrap();
+    let started = tokio::time::Instant::now();
+    n0.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+    assert_eq!(ws.expect_closed(Duration::from_secs(1)).await?, Some(1001));
+    assert_eq!(tcp.next_event(Duration::from_secs(1)).await?, Event::Closed(None));
+    assert!(TcpStream::connect(ws_addr).await.is_err(), "still accepting after shutdown");
+    // The other node lost nothing and knows the departed node's users are gone.
+    let mut other = other;
+    let r = other.ask(json!({"op":"online","uid":"s1"})).await?;
+    assert_eq!(r["online"], false, "{r}");
+    assert!(r.get("complete").is_none(), "a node that left is not missing: {r}");
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+trait ShutdownAll {
+    async fn shutdown_all(self);
+}
+
+impl ShutdownAll for Box<InProcess> {
+    async fn shutdown_all(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
