@@ -216,7 +216,10 @@ mod tests {
                     user: u.into()
                 }
             }),
-            (conn(), prop::collection::vec(("[a-z]{1,4}", prop::option::of(".{0,4}")), 0..3))
+            (
+                conn(),
+                prop::collection::vec(("[a-z]{1,4}", prop::option::of(".{0,4}")), 0..3)
+            )
                 .prop_map(|(conn, changes)| Body::Request {
                     op: Op::SessionUpdate { conn, changes }
                 }),
@@ -256,7 +259,10 @@ mod tests {
         let bytes = env.encode();
         // version, origin, id, tag, target (6 fields), frame kind + length + data
         assert!(bytes.len() < 64 + 20, "{} bytes", bytes.len());
-        assert!(matches!(Envelope::decode(&[2, 0]), Err(DecodeError::Version(2))));
+        assert!(matches!(
+            Envelope::decode(&[2, 0]),
+            Err(DecodeError::Version(2))
+        ));
         assert!(matches!(Envelope::decode(&[]), Err(DecodeError::Empty)));
         let bad = Envelope {
             origin: NodeId::new("n1").unwrap(),

@@ -177,7 +177,10 @@ mod tests {
         assert_eq!(Frame::binary(vec![0xff]).as_text(), None);
         let p: Payload = Bytes::from_static(b"\xff").into();
         assert!(p.clone().into_frame(FrameKind::Text).is_err());
-        assert_eq!(p.into_frame(FrameKind::Binary).unwrap().kind(), FrameKind::Binary);
+        assert_eq!(
+            p.into_frame(FrameKind::Binary).unwrap().kind(),
+            FrameKind::Binary
+        );
     }
 
     #[test]

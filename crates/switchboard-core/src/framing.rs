@@ -161,7 +161,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn all(framing: Framing, max: usize, input: &[u8], chunk: usize) -> Result<Vec<Bytes>, FramingError> {
+    fn all(
+        framing: Framing,
+        max: usize,
+        input: &[u8],
+        chunk: usize,
+    ) -> Result<Vec<Bytes>, FramingError> {
         let mut d = Decoder::new(framing, max);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
@@ -184,7 +189,10 @@ mod tests {
         ));
         assert!(all(Framing::Line, 3, b"abc\r\n", 1).is_ok());
         let mut out = BytesMut::new();
-        assert_eq!(encode(Framing::Line, b"a\nb", &mut out), Err(FramingError::NewlineInMessage));
+        assert_eq!(
+            encode(Framing::Line, b"a\nb", &mut out),
+            Err(FramingError::NewlineInMessage)
+        );
     }
 
     #[test]
@@ -197,7 +205,11 @@ mod tests {
         );
         // A huge declared length is refused before anything is buffered for it.
         let mut buf = BytesMut::from(&b"\xff\xff\xff\xff"[..]);
-        assert!(Decoder::new(Framing::Length, 1 << 20).decode(&mut buf).is_err());
+        assert!(
+            Decoder::new(Framing::Length, 1 << 20)
+                .decode(&mut buf)
+                .is_err()
+        );
     }
 
     proptest! {

@@ -239,7 +239,17 @@ mod tests {
         let c = ConnId::new(NodeId::new("n1").unwrap(), 0x1f);
         assert_eq!(c.to_string(), "n1.1f");
         assert_eq!("n1.1f".parse::<ConnId>().unwrap(), c);
-        for bad in ["n1", "n1.", ".1", "n1.01", "n1.1F", "n1.+1", "n1.x", "a.b.1", "n1.11111111111111111"] {
+        for bad in [
+            "n1",
+            "n1.",
+            ".1",
+            "n1.01",
+            "n1.1F",
+            "n1.+1",
+            "n1.x",
+            "a.b.1",
+            "n1.11111111111111111",
+        ] {
             assert!(bad.parse::<ConnId>().is_err(), "{bad} accepted");
         }
         assert_eq!("n1.0".parse::<ConnId>().unwrap().seq(), 0);

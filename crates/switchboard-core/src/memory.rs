@@ -13,9 +13,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::backplane::{
-    Backplane, BackplaneStats, Dest, Handoff, Inbound, JoinError, Status,
-};
+use crate::backplane::{Backplane, BackplaneStats, Dest, Handoff, Inbound, JoinError, Status};
 use crate::id::NodeId;
 
 /// The shared bus. Clone it and make one [`MemoryBackplane`] per node.
@@ -55,13 +53,12 @@ impl MemoryBackplane {
         if Some(to) == self.me.get() {
             return;
         }
-        match nodes.get(to) {
-            Some(tx) => match tx.try_send(env.clone()) {
+        // A node that is not on the bus holds no connections: nothing to lose.
+        if let Some(tx) = nodes.get(to) {
+            match tx.try_send(env.clone()) {
                 Ok(()) => h.sent += 1,
                 Err(_) => h.dropped += 1,
-            },
-            // A node that is not on the bus holds no connections: nothing to lose.
-            None => {}
+            }
         }
     }
 }
@@ -103,8 +100,10 @@ impl Backplane for MemoryBackplane {
                 }
             }
         }
-        self.published.fetch_add(u64::from(h.sent), Ordering::Relaxed);
-        self.dropped.fetch_add(u64::from(h.dropped), Ordering::Relaxed);
+        self.published
+            .fetch_add(u64::from(h.sent), Ordering::Relaxed);
+        self.dropped
+            .fetch_add(u64::from(h.dropped), Ordering::Relaxed);
         h
     }
 
@@ -151,7 +150,11 @@ mod tests {
         let (ta, mut ra) = mpsc::channel(4);
         let (tb, mut rb) = mpsc::channel(1);
         let (tc, mut rc) = mpsc::channel(4);
-        let (na, nb, nc) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap(), NodeId::new("c").unwrap());
+        let (na, nb, nc) = (
+            NodeId::new("a").unwrap(),
+            NodeId::new("b").unwrap(),
+            NodeId::new("c").unwrap(),
+        );
         a.join(&na, ta).await.unwrap();
         b.join(&nb, tb).await.unwrap();
         c.join(&nc, tc).await.unwrap();
@@ -162,15 +165,36 @@ mod tests {
         assert_eq!(peers, [nb.clone(), nc.clone()]);
 
         let h = a.publish(Dest::Node(&nb), Bytes::from_static(b"1"));
-        assert_eq!(h, Handoff { sent: 1, dropped: 0 });
+        assert_eq!(
+            h,
+            Handoff {
+                sent: 1,
+                dropped: 0
+            }
+        );
         // b's queue (capacity 1) is full now: the next one is dropped and counted.
         let t = Target::conn(ConnId::new(nb.clone(), 1));
-        assert_eq!(a.publish(Dest::Interested(&t), Bytes::from_static(b"2")), Handoff { sent: 0, dropped: 1 });
-        assert_eq!(a.publish(Dest::All, Bytes::from_static(b"3")), Handoff { sent: 1, dropped: 1 });
+        assert_eq!(
+            a.publish(Dest::Interested(&t), Bytes::from_static(b"2")),
+            Handoff {
+                sent: 0,
+                dropped: 1
+            }
+        );
+        assert_eq!(
+            a.publish(Dest::All, Bytes::from_static(b"3")),
+            Handoff {
+                sent: 1,
+                dropped: 1
+            }
+        );
         assert_eq!(a.stats().publish_dropped, 2);
         assert_eq!(rb.recv().await.unwrap(), "1");
         assert_eq!(rc.recv().await.unwrap(), "3");
-        assert!(ra.try_recv().is_err(), "a node never receives its own envelopes");
+        assert!(
+            ra.try_recv().is_err(),
+            "a node never receives its own envelopes"
+        );
 
         c.leave().await;
         assert_eq!(a.peers(), [nb]);

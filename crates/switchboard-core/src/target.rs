@@ -167,7 +167,9 @@ mod tests {
         assert!(Target::group("g").and_user("u").may_overlap());
         assert!(Target::users(["a", "b"]).may_overlap());
         assert!(Target::none().is_empty());
-        let t = Target::conn(c("b", 1)).and_conn(c("a", 2)).and_conn(c("b", 3));
+        let t = Target::conn(c("b", 1))
+            .and_conn(c("a", 2))
+            .and_conn(c("b", 3));
         let nodes: Vec<&str> = t.conn_nodes().unwrap().iter().map(|n| n.as_str()).collect();
         assert_eq!(nodes, ["a", "b"]);
         assert!(Target::user("u").conn_nodes().is_none());

@@ -11,7 +11,9 @@
 use serde::Deserialize;
 use serde_json::json;
 use switchboard::core::ConnId;
-use switchboard::{Accept, ConnectInfo, Decision, Frame, Handler, Hub, Reject, Transport, async_trait};
+use switchboard::{
+    Accept, ConnectInfo, Decision, Frame, Handler, Hub, Reject, Transport, async_trait,
+};
 
 /// The reference application.
 #[derive(Debug, Default, Clone, Copy)]
@@ -64,7 +66,9 @@ fn parse_error(bytes: &[u8], e: &serde_json::Error) -> String {
     match serde_json::from_slice::<OpOnly>(bytes) {
         Err(_) => format!("invalid JSON: {e}"),
         Ok(OpOnly { op: None }) => "missing op".to_owned(),
-        Ok(OpOnly { op: Some(serde_json::Value::String(op)) }) if !OPS.contains(&op.as_str()) => {
+        Ok(OpOnly {
+            op: Some(serde_json::Value::String(op)),
+        }) if !OPS.contains(&op.as_str()) => {
             format!("unknown op {op:?}")
         }
         Ok(_) => format!("bad request: {e}"),
@@ -76,14 +80,17 @@ fn identity(info: &ConnectInfo) -> Result<(String, Option<String>), String> {
     match info.transport {
         Transport::Tcp => {
             let hello = info.hello.as_ref().ok_or("expected a hello line")?;
-            let h: Hello = serde_json::from_slice(hello.data()).map_err(|e| format!("invalid hello: {e}"))?;
+            let h: Hello =
+                serde_json::from_slice(hello.data()).map_err(|e| format!("invalid hello: {e}"))?;
             if h.op != "hello" {
                 return Err(format!("expected op \"hello\", got {:?}", h.op));
             }
             Ok((h.uid, h.group))
         }
         _ => {
-            let uid = info.query_param("uid").ok_or("uid query parameter required")?;
+            let uid = info
+                .query_param("uid")
+                .ok_or("uid query parameter required")?;
             let group = info.query_param("group").map(|g| g.into_owned());
             Ok((uid.into_owned(), group))
         }
@@ -113,7 +120,9 @@ impl Handler for ReferenceApp {
             "conn": info.conn.to_string(),
             "node": hub.node_id().as_str(),
         });
-        let mut accept = Accept::new().bind(uid).greet(Frame::text(welcome.to_string()));
+        let mut accept = Accept::new()
+            .bind(uid)
+            .greet(Frame::text(welcome.to_string()));
         if let Some(g) = group {
             accept = accept.join(g);
         }
@@ -137,8 +146,16 @@ impl Handler for ReferenceApp {
                 Ok(to) => push(hub, &switchboard::Target::conn(to), data),
                 Err(e) => Some(error_frame(&e.to_string())),
             },
-            Request::Join { group } => hub.join(conn, group).await.err().map(|e| error_frame(&e.to_string())),
-            Request::Leave { group } => hub.leave(conn, group).await.err().map(|e| error_frame(&e.to_string())),
+            Request::Join { group } => hub
+                .join(conn, group)
+                .await
+                .err()
+                .map(|e| error_frame(&e.to_string())),
+            Request::Leave { group } => hub
+                .leave(conn, group)
+                .await
+                .err()
+                .map(|e| error_frame(&e.to_string())),
             Request::Online { uid } => {
                 let a = hub.is_online(uid.as_str()).await;
                 let mut r = json!({"op": "online", "uid": uid, "online": a.value});

@@ -221,15 +221,14 @@ impl ServeConfig {
             limits.handshake_timeout = Duration::from_secs(v.max(1));
         }
         let cfg = ServeConfig {
-            node_id: args
-                .node_id
-                .or(file.node_id)
-                .map(NodeId::new)
-                .transpose()?,
+            node_id: args.node_id.or(file.node_id).map(NodeId::new).transpose()?,
             ws: listener(args.ws.or(file.ws), d.ws),
             ws_path: args.ws_path.or(file.ws_path).unwrap_or(d.ws_path),
             tcp: listener(args.tcp.or(file.tcp), d.tcp),
-            tcp_framing: args.tcp_framing.or(file.tcp_framing).unwrap_or(d.tcp_framing),
+            tcp_framing: args
+                .tcp_framing
+                .or(file.tcp_framing)
+                .unwrap_or(d.tcp_framing),
             cluster: args
                 .cluster
                 .or(file.cluster)
@@ -258,7 +257,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "node_id = \"from-file\"\ntcp = \"off\"\nws = \"127.0.0.1:1\"\nheartbeat = 7\n").unwrap();
+        std::fs::write(
+            &path,
+            "node_id = \"from-file\"\ntcp = \"off\"\nws = \"127.0.0.1:1\"\nheartbeat = 7\n",
+        )
+        .unwrap();
         let cfg = ServeConfig::load(ServeArgs {
             config: Some(path.clone()),
             ws: Some("127.0.0.1:2".into()),

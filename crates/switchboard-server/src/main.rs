@@ -6,7 +6,11 @@ use switchboard_server::node;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "switchboard", version, about = "Distributed long-lived connections: WebSocket and TCP push, on any node of a cluster.")]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Distributed long-lived connections: WebSocket and TCP push, on any node of a cluster."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,11 +24,15 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(args)),
     }
@@ -35,7 +43,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = node::launch(&cfg, node::backplane(&cfg.cluster)).await?;
     #[allow(clippy::print_stdout)]
     {
-        println!("switchboard node {} ({} cluster)", running.hub.node_id(), cfg.cluster);
+        println!(
+            "switchboard node {} ({} cluster)",
+            running.hub.node_id(),
+            cfg.cluster
+        );
         if let Some(a) = running.ws {
             println!("  websocket  ws://{a}{}", cfg.ws_path);
         }

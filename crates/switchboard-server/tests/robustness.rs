@@ -1,6 +1,8 @@
 //! Bad input and bad clients: each gets a clear error or close code, and
 //! harms nobody else.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use anyhow::Result;
@@ -32,7 +34,9 @@ async fn neighbours_still_work(c: &InProcess) -> Result<()> {
         Client::tcp(c.nodes[0].tcp.unwrap(), &a, None).await?,
         Client::ws(c.nodes[1].ws.unwrap(), &b, None).await?,
     ];
-    cl[0].send(json!({"op": "to_user", "uid": b, "data": "ok"})).await?;
+    cl[0]
+        .send(json!({"op": "to_user", "uid": b, "data": "ok"}))
+        .await?;
     settle(&mut cl, 0, &[&[], &["ok"]]).await
 }
 
@@ -91,7 +95,11 @@ async fn garbage_and_binary_frames_get_errors_not_closes() -> Result<()> {
     w.send_raw(&[0, 1, 2, 0xff, 0xfe]).await?;
     assert_eq!(w.recv_json().await?["op"], "error");
     w.send_raw(br#"{"op":"online","uid":"garbage"}"#).await?;
-    assert_eq!(w.recv_json().await?["online"], true, "binary JSON is served like text");
+    assert_eq!(
+        w.recv_json().await?["online"],
+        true,
+        "binary JSON is served like text"
+    );
     let mut t = Client::tcp(c.nodes[0].tcp.unwrap(), "garbage2", None).await?;
     t.send_raw(b"\x00\x01\xff\xfe\n\r\n").await?;
     assert_eq!(t.recv_json().await?["op"], "error");
@@ -110,8 +118,12 @@ async fn abrupt_disconnects_leave_nothing_behind() -> Result<()> {
         let tcp = c.nodes[0].tcp.unwrap();
         match i % 4 {
             // Dropped right after the welcome, no close handshake.
-            0 => Client::ws(ws, &format!("drop{i}"), Some("dropg")).await?.abort(),
-            1 => Client::tcp(tcp, &format!("drop{i}"), Some("dropg")).await?.abort(),
+            0 => Client::ws(ws, &format!("drop{i}"), Some("dropg"))
+                .await?
+                .abort(),
+            1 => Client::tcp(tcp, &format!("drop{i}"), Some("dropg"))
+                .await?
+                .abort(),
             // Dropped in the middle of a request.
             2 => {
                 let mut cl = Client::tcp(tcp, &format!("drop{i}"), Some("dropg")).await?;
@@ -121,15 +133,24 @@ async fn abrupt_disconnects_leave_nothing_behind() -> Result<()> {
             // Dropped in the middle of the HTTP upgrade.
             _ => {
                 let mut s = TcpStream::connect(ws).await?;
-                s.write_all(b"GET /ws?uid=x HTTP/1.1\r\nHost: x\r\nUpgr").await?;
+                s.write_all(b"GET /ws?uid=x HTTP/1.1\r\nHost: x\r\nUpgr")
+                    .await?;
             }
         }
     }
     let hub = &c.nodes[0].hub;
-    assert!(hub.stats().conns_opened - before.conns_opened >= 30, "{:?}", hub.stats());
+    assert!(
+        hub.stats().conns_opened - before.conns_opened >= 30,
+        "{:?}",
+        hub.stats()
+    );
     let deadline = tokio::time::Instant::now() + switchboard_test::STEP;
     while hub.stats().conns_open != before.conns_open {
-        assert!(tokio::time::Instant::now() < deadline, "connections left open: {:?}", hub.stats());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections left open: {:?}",
+            hub.stats()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(hub.group_count("dropg").await.value, 0);
@@ -164,11 +185,18 @@ async fn silent_clients_are_timed_out() -> Result<()> {
             break;
         }
     }
-    assert_eq!(closed_with, Some(1000), "idle client closed with 1000 (idle timeout)");
+    assert_eq!(
+        closed_with,
+        Some(1000),
+        "idle client closed with 1000 (idle timeout)"
+    );
     // A client that answers pings stays.
     let mut alive = Client::ws(c.nodes[0].ws.unwrap(), "alive", None).await?;
     alive.expect_silence(Duration::from_millis(1200)).await?;
-    assert_eq!(alive.ask(json!({"op":"online","uid":"alive"})).await?["online"], true);
+    assert_eq!(
+        alive.ask(json!({"op":"online","uid":"alive"})).await?["online"],
+        true
+    );
     Box::new(c).shutdown_all().await;
     Ok(())
 }
@@ -184,15 +212,28 @@ async fn shutdown_closes_clients_with_1001_in_bounded_time() -> Result<()> {
     let ws_addr = n0.ws.unwrap();
     let started = tokio::time::Instant::now();
     n0.shutdown().await;
-    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
     assert_eq!(ws.expect_closed(Duration::from_secs(1)).await?, Some(1001));
-    assert_eq!(tcp.next_event(Duration::from_secs(1)).await?, Event::Closed(None));
-    assert!(TcpStream::connect(ws_addr).await.is_err(), "still accepting after shutdown");
+    assert_eq!(
+        tcp.next_event(Duration::from_secs(1)).await?,
+        Event::Closed(None)
+    );
+    assert!(
+        TcpStream::connect(ws_addr).await.is_err(),
+        "still accepting after shutdown"
+    );
     // The other node lost nothing and knows the departed node's users are gone.
     let mut other = other;
     let r = other.ask(json!({"op":"online","uid":"s1"})).await?;
     assert_eq!(r["online"], false, "{r}");
-    assert!(r.get("complete").is_none(), "a node that left is not missing: {r}");
+    assert!(
+        r.get("complete").is_none(),
+        "a node that left is not missing: {r}"
+    );
     for n in nodes {
         n.shutdown().await;
     }

@@ -3,13 +3,15 @@
 //! delay, and the server's memory stays bounded. Runs the real binary so the
 //! server's peak memory can be read on its own.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use anyhow::Result;
 use futures_util::StreamExt;
 use serde_json::json;
-use switchboard_test::cluster::{ProcessNode, peak_rss};
 use switchboard_test::Client;
+use switchboard_test::cluster::{ProcessNode, peak_rss};
 use tokio_tungstenite::tungstenite::Message;
 
 const FRAMES: usize = 10_000;
@@ -25,7 +27,8 @@ async fn slow_consumer_is_closed_and_memory_stays_bounded() -> Result<()> {
     let (ws, tcp) = (node.ws.unwrap(), node.tcp.unwrap());
 
     // The slow client reads its welcome, then nothing.
-    let (mut slow, _) = tokio_tungstenite::connect_async(format!("ws://{ws}/ws?uid=slow&group=flood")).await?;
+    let (mut slow, _) =
+        tokio_tungstenite::connect_async(format!("ws://{ws}/ws?uid=slow&group=flood")).await?;
     let _welcome = slow.next().await;
 
     let fast = Client::ws(ws, "fast", Some("flood")).await?;
@@ -37,7 +40,11 @@ async fn slow_consumer_is_closed_and_memory_stays_bounded() -> Result<()> {
         let mut fast = fast;
         for i in 0..FRAMES {
             let f = fast.recv().await?;
-            anyhow::ensure!(f.starts_with(&format!("{i}:")), "frame {i} out of order: {}", &f[..f.len().min(20)]);
+            anyhow::ensure!(
+                f.starts_with(&format!("{i}:")),
+                "frame {i} out of order: {}",
+                &f[..f.len().min(20)]
+            );
             let _ = progress_tx.send(i + 1);
         }
         anyhow::Ok(fast)
@@ -55,7 +62,9 @@ async fn slow_consumer_is_closed_and_memory_stays_bounded() -> Result<()> {
             .await?;
         if i % 1000 == 0 {
             let t = tokio::time::Instant::now();
-            let r = bystander.ask(json!({"op": "online", "uid": "fast"})).await?;
+            let r = bystander
+                .ask(json!({"op": "online", "uid": "fast"}))
+                .await?;
             worst_rtt = worst_rtt.max(t.elapsed());
             anyhow::ensure!(r["online"] == true, "{r}");
         }
@@ -76,7 +85,10 @@ async fn slow_consumer_is_closed_and_memory_stays_bounded() -> Result<()> {
         None
     })
     .await?;
-    assert!(got < FRAMES, "the slow client was never cut off ({got} frames)");
+    assert!(
+        got < FRAMES,
+        "the slow client was never cut off ({got} frames)"
+    );
     assert!(matches!(ended, None | Some(1008)), "closed with {ended:?}");
 
     let peak = peak_rss(node.pid())?;
@@ -86,11 +98,16 @@ async fn slow_consumer_is_closed_and_memory_stays_bounded() -> Result<()> {
     );
     // Unbounded queueing would hold FRAMES * DATA = 80 MiB for the slow client.
     assert!(peak < 48 << 20, "server peak RSS {} MiB", peak >> 20);
-    assert!(worst_rtt < Duration::from_secs(2), "bystander delayed: {worst_rtt:?}");
+    assert!(
+        worst_rtt < Duration::from_secs(2),
+        "bystander delayed: {worst_rtt:?}"
+    );
 
     // Everyone else is still connected and served.
     let mut fast = fast;
-    let r = fast.ask(json!({"op": "group_count", "group": "flood"})).await?;
+    let r = fast
+        .ask(json!({"op": "group_count", "group": "flood"}))
+        .await?;
     assert_eq!(r["count"], 1, "only the slow client left the group: {r}");
     let status = node.terminate().await?;
     assert!(status.success(), "exit status {status}");

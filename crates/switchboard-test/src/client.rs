@@ -91,7 +91,12 @@ impl Client {
     }
 
     /// Connects with the given transport.
-    pub async fn connect(kind: Kind, addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
+    pub async fn connect(
+        kind: Kind,
+        addr: SocketAddr,
+        uid: &str,
+        group: Option<&str>,
+    ) -> Result<Client> {
         match kind {
             Kind::Ws => Self::ws(addr, uid, group).await,
             Kind::Tcp => Self::tcp(addr, uid, group).await,
@@ -109,8 +114,14 @@ impl Client {
         if w["op"] != "welcome" {
             bail!("first frame is not a welcome: {w}");
         }
-        c.conn = w["conn"].as_str().ok_or_else(|| anyhow!("welcome without conn: {w}"))?.to_owned();
-        c.node = w["node"].as_str().ok_or_else(|| anyhow!("welcome without node: {w}"))?.to_owned();
+        c.conn = w["conn"]
+            .as_str()
+            .ok_or_else(|| anyhow!("welcome without conn: {w}"))?
+            .to_owned();
+        c.node = w["node"]
+            .as_str()
+            .ok_or_else(|| anyhow!("welcome without node: {w}"))?
+            .to_owned();
         Ok(c)
     }
 
@@ -150,7 +161,9 @@ impl Client {
                     match ws.next().await {
                         Some(Ok(Message::Text(t))) => return Ok(Event::Text(t.to_string())),
                         Some(Ok(Message::Binary(b))) => return Ok(Event::Binary(b.to_vec())),
-                        Some(Ok(Message::Close(cf))) => return Ok(Event::Closed(cf.map(|c| c.code.into()))),
+                        Some(Ok(Message::Close(cf))) => {
+                            return Ok(Event::Closed(cf.map(|c| c.code.into())));
+                        }
                         Some(Ok(_)) => continue,
                         Some(Err(_)) | None => return Ok(Event::Closed(None)),
                     }
@@ -169,7 +182,9 @@ impl Client {
                 }
             }
         };
-        tokio::time::timeout(wait, fut).await.map_err(|_| anyhow!("{self:?}: nothing within {wait:?}"))?
+        tokio::time::timeout(wait, fut)
+            .await
+            .map_err(|_| anyhow!("{self:?}: nothing within {wait:?}"))?
     }
 
     /// The next text frame; fails on anything else or after [`STEP`].
@@ -218,7 +233,10 @@ impl Client {
             Io::Ws(mut ws) => {
                 let _ = ws.send(Message::Close(None)).await;
                 // Read until the server's close reply, so the close is clean.
-                let _ = tokio::time::timeout(STEP, async { while let Some(Ok(_)) = ws.next().await {} }).await;
+                let _ = tokio::time::timeout(STEP, async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
             }
             Io::Tcp { mut write, .. } => {
                 let _ = write.shutdown().await;

@@ -133,7 +133,9 @@ impl ProcessNode {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
         let (mut node_id, mut ws, mut tcp) = (String::new(), None, None);
@@ -154,7 +156,9 @@ impl ProcessNode {
             }
             anyhow::Ok(())
         };
-        tokio::time::timeout(crate::STEP, read).await.context("node did not start")??;
+        tokio::time::timeout(crate::STEP, read)
+            .await
+            .context("node did not start")??;
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
@@ -173,7 +177,10 @@ impl ProcessNode {
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
         let pid = self.pid();
-        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
         anyhow::ensure!(status.success(), "kill failed");
         Ok(tokio::time::timeout(crate::STEP, self.child.wait()).await??)
     }

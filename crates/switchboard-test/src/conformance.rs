@@ -73,7 +73,13 @@ pub async fn settle(clients: &mut [Client], sender: usize, expected: &[&[&str]])
 }
 
 /// Connects `uid` to node `node` with `kind`.
-async fn at(c: &dyn Cluster, node: usize, kind: Kind, uid: &str, group: Option<&str>) -> Result<Client> {
+async fn at(
+    c: &dyn Cluster,
+    node: usize,
+    kind: Kind,
+    uid: &str,
+    group: Option<&str>,
+) -> Result<Client> {
     let addr = match kind {
         Kind::Ws => c.ws(node),
         Kind::Tcp => c.tcp(node),
@@ -92,10 +98,24 @@ pub async fn welcome_first(c: &dyn Cluster) -> Result<()> {
     for i in 0..4 {
         let kind = if i % 2 == 0 { Kind::Ws } else { Kind::Tcp };
         let cl = at(c, i, kind, &uniq("w"), None).await?;
-        ensure!(cl.node == c.node_id(i), "welcome names node {} not {}", cl.node, c.node_id(i));
+        ensure!(
+            cl.node == c.node_id(i),
+            "welcome names node {} not {}",
+            cl.node,
+            c.node_id(i)
+        );
         let id: switchboard::ConnId = cl.conn.parse()?;
-        ensure!(id.node().as_str() == cl.node, "conn id {} is not on node {}", cl.conn, cl.node);
-        ensure!(seen.insert(cl.conn.clone()), "conn id {} handed out twice", cl.conn);
+        ensure!(
+            id.node().as_str() == cl.node,
+            "conn id {} is not on node {}",
+            cl.conn,
+            cl.node
+        );
+        ensure!(
+            seen.insert(cl.conn.clone()),
+            "conn id {} handed out twice",
+            cl.conn
+        );
     }
     Ok(())
 }
@@ -109,8 +129,12 @@ pub async fn to_user_crosses_nodes(c: &dyn Cluster) -> Result<()> {
         at(c, 0, Kind::Ws, &b, None).await?,
         at(c, 1, Kind::Ws, &x, None).await?,
     ];
-    cl[0].send(json!({"op": "to_user", "uid": b, "data": "m1"})).await?;
-    cl[1].send(json!({"op": "to_user", "uid": a, "data": "m2"})).await?;
+    cl[0]
+        .send(json!({"op": "to_user", "uid": b, "data": "m1"}))
+        .await?;
+    cl[1]
+        .send(json!({"op": "to_user", "uid": a, "data": "m2"}))
+        .await?;
     // m2 comes from another sender: wait for it before fencing from client 0.
     ensure!(cl[0].recv().await? == "m2", "a did not get m2");
     settle(&mut cl, 0, &[&[], &["m1"], &["m1"], &[]]).await
@@ -125,7 +149,9 @@ pub async fn to_users_once_each(c: &dyn Cluster) -> Result<()> {
         at(c, 2, Kind::Tcp, &d, None).await?,
         at(c, 1, Kind::Tcp, &x, None).await?,
     ];
-    cl[0].send(json!({"op": "to_users", "uids": [b, d, b], "data": "m"})).await?;
+    cl[0]
+        .send(json!({"op": "to_users", "uids": [b, d, b], "data": "m"}))
+        .await?;
     settle(&mut cl, 0, &[&[], &["m"], &["m"], &[]]).await
 }
 
@@ -139,9 +165,18 @@ pub async fn to_group_reaches_members_only(c: &dyn Cluster) -> Result<()> {
         at(c, 0, Kind::Tcp, &uniq("u"), None).await?,
         at(c, 1, Kind::Ws, &uniq("u"), Some(&uniq("other"))).await?,
     ];
-    cl[3].send(json!({"op": "to_group", "group": g, "data": "g1"})).await?;
-    cl[3].send(json!({"op": "to_group", "group": g, "data": "g2"})).await?;
-    settle(&mut cl, 3, &[&["g1", "g2"], &["g1", "g2"], &["g1", "g2"], &[], &[]]).await
+    cl[3]
+        .send(json!({"op": "to_group", "group": g, "data": "g1"}))
+        .await?;
+    cl[3]
+        .send(json!({"op": "to_group", "group": g, "data": "g2"}))
+        .await?;
+    settle(
+        &mut cl,
+        3,
+        &[&["g1", "g2"], &["g1", "g2"], &["g1", "g2"], &[], &[]],
+    )
+    .await
 }
 
 /// `to_all` reaches every connection of the cluster once, the sender included.
@@ -168,7 +203,9 @@ pub async fn to_all_reaches_everyone(c: &dyn Cluster) -> Result<()> {
     let fences: Vec<String> = (0..cl.len()).map(|_| uniq("fence")).collect();
     for (i, f) in fences.iter().enumerate() {
         let conn = cl[i].conn.clone();
-        cl[1].send(json!({"op": "to_conn", "conn": conn, "data": f})).await?;
+        cl[1]
+            .send(json!({"op": "to_conn", "conn": conn, "data": f}))
+            .await?;
     }
     for (i, c) in cl.iter_mut().enumerate() {
         loop {
@@ -192,10 +229,16 @@ pub async fn to_conn_by_cluster_id(c: &dyn Cluster) -> Result<()> {
         at(c, 0, Kind::Ws, &u, None).await?,
     ];
     let (t1, t3) = (cl[1].conn.clone(), cl[3].conn.clone());
-    cl[0].send(json!({"op": "to_conn", "conn": t1, "data": "c1"})).await?;
-    cl[0].send(json!({"op": "to_conn", "conn": t3, "data": "c3"})).await?;
+    cl[0]
+        .send(json!({"op": "to_conn", "conn": t1, "data": "c1"}))
+        .await?;
+    cl[0]
+        .send(json!({"op": "to_conn", "conn": t3, "data": "c3"}))
+        .await?;
     settle(&mut cl, 0, &[&[], &["c1"], &[], &["c3"]]).await?;
-    let r = cl[0].ask(json!({"op": "to_conn", "conn": "not-an-id", "data": "x"})).await?;
+    let r = cl[0]
+        .ask(json!({"op": "to_conn", "conn": "not-an-id", "data": "x"}))
+        .await?;
     ensure!(r["op"] == "error", "bad conn id accepted: {r}");
     Ok(())
 }
@@ -210,21 +253,34 @@ pub async fn join_leave_and_count(c: &dyn Cluster) -> Result<()> {
     ];
     let count = |v: &serde_json::Value| v["count"].as_u64();
     let r = cl[0].ask(json!({"op": "group_count", "group": g})).await?;
-    ensure!(count(&r) == Some(1) && r["group"] == g.as_str() && r["op"] == "group_count", "count 1: {r}");
+    ensure!(
+        count(&r) == Some(1) && r["group"] == g.as_str() && r["op"] == "group_count",
+        "count 1: {r}"
+    );
 
     cl[1].send(json!({"op": "join", "group": g})).await?;
     // The join is done when node 1 has handled it: a round trip through the same connection proves it.
     let own = cl[1].ask(json!({"op": "group_count", "group": g})).await?;
-    ensure!(count(&own) == Some(2), "count after join, asked by the joiner: {own}");
+    ensure!(
+        count(&own) == Some(2),
+        "count after join, asked by the joiner: {own}"
+    );
     let r = cl[0].ask(json!({"op": "group_count", "group": g})).await?;
-    ensure!(count(&r) == Some(2), "count after join, asked from node 0: {r}");
-    cl[0].send(json!({"op": "to_group", "group": g, "data": "j"})).await?;
+    ensure!(
+        count(&r) == Some(2),
+        "count after join, asked from node 0: {r}"
+    );
+    cl[0]
+        .send(json!({"op": "to_group", "group": g, "data": "j"}))
+        .await?;
     settle(&mut cl, 0, &[&[], &["j"], &["j"]]).await?;
 
     cl[2].send(json!({"op": "leave", "group": g})).await?;
     let own = cl[2].ask(json!({"op": "group_count", "group": g})).await?;
     ensure!(count(&own) == Some(1), "count after leave: {own}");
-    cl[0].send(json!({"op": "to_group", "group": g, "data": "k"})).await?;
+    cl[0]
+        .send(json!({"op": "to_group", "group": g, "data": "k"}))
+        .await?;
     settle(&mut cl, 0, &[&[], &["k"], &[]]).await
 }
 
@@ -235,14 +291,20 @@ pub async fn online_is_cluster_wide(c: &dyn Cluster) -> Result<()> {
     let mut asker = at(c, 0, Kind::Ws, &uniq("s"), None).await?;
     let on = |v: &serde_json::Value| v["online"].as_bool();
     let r = asker.ask(json!({"op": "online", "uid": u})).await?;
-    ensure!(on(&r) == Some(false) && r["uid"] == u.as_str() && r["op"] == "online", "offline first: {r}");
+    ensure!(
+        on(&r) == Some(false) && r["uid"] == u.as_str() && r["op"] == "online",
+        "offline first: {r}"
+    );
     let t = at(c, 1, Kind::Tcp, &u, None).await?;
     let w = at(c, 2, Kind::Ws, &u, None).await?;
     let r = asker.ask(json!({"op": "online", "uid": u})).await?;
     ensure!(on(&r) == Some(true), "online with two connections: {r}");
     t.close().await;
     let r = asker.ask(json!({"op": "online", "uid": u})).await?;
-    ensure!(on(&r) == Some(true), "still online with one connection left: {r}");
+    ensure!(
+        on(&r) == Some(true),
+        "still online with one connection left: {r}"
+    );
     w.abort();
     let deadline = tokio::time::Instant::now() + crate::STEP;
     loop {
@@ -250,7 +312,10 @@ pub async fn online_is_cluster_wide(c: &dyn Cluster) -> Result<()> {
         if on(&r) == Some(false) {
             return Ok(());
         }
-        ensure!(tokio::time::Instant::now() < deadline, "still online after an abrupt disconnect: {r}");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still online after an abrupt disconnect: {r}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -258,10 +323,15 @@ pub async fn online_is_cluster_wide(c: &dyn Cluster) -> Result<()> {
 /// Many frames from one sender to a user on another node arrive complete and in order.
 pub async fn order_is_kept(c: &dyn Cluster) -> Result<()> {
     let (s, r) = (uniq("s"), uniq("r"));
-    let mut cl = vec![at(c, 0, Kind::Tcp, &s, None).await?, at(c, 1, Kind::Ws, &r, None).await?];
+    let mut cl = vec![
+        at(c, 0, Kind::Tcp, &s, None).await?,
+        at(c, 1, Kind::Ws, &r, None).await?,
+    ];
     let expected: Vec<String> = (0..500).map(|i| format!("n{i}")).collect();
     for m in &expected {
-        cl[0].send(json!({"op": "to_user", "uid": r, "data": m})).await?;
+        cl[0]
+            .send(json!({"op": "to_user", "uid": r, "data": m}))
+            .await?;
     }
     let exp: Vec<&str> = expected.iter().map(String::as_str).collect();
     settle(&mut cl, 0, &[&[], &exp]).await
@@ -271,7 +341,10 @@ pub async fn order_is_kept(c: &dyn Cluster) -> Result<()> {
 pub async fn bad_input_gets_an_error(c: &dyn Cluster) -> Result<()> {
     for kind in [Kind::Ws, Kind::Tcp] {
         let peer = uniq("p");
-        let mut cl = vec![at(c, 0, kind, &uniq("s"), None).await?, at(c, 1, Kind::Ws, &peer, None).await?];
+        let mut cl = vec![
+            at(c, 0, kind, &uniq("s"), None).await?,
+            at(c, 1, Kind::Ws, &peer, None).await?,
+        ];
         for bad in [
             "garbage",
             "{\"op\":",
@@ -283,9 +356,14 @@ pub async fn bad_input_gets_an_error(c: &dyn Cluster) -> Result<()> {
         ] {
             cl[0].send_text(bad).await?;
             let r = cl[0].recv_json().await?;
-            ensure!(r["op"] == "error" && r["reason"].is_string(), "{kind:?} {bad:?} -> {r}");
+            ensure!(
+                r["op"] == "error" && r["reason"].is_string(),
+                "{kind:?} {bad:?} -> {r}"
+            );
         }
-        cl[0].send(json!({"op": "to_user", "uid": peer, "data": "still here"})).await?;
+        cl[0]
+            .send(json!({"op": "to_user", "uid": peer, "data": "still here"}))
+            .await?;
         settle(&mut cl, 0, &[&[], &["still here"]]).await?;
     }
     Ok(())
@@ -298,7 +376,10 @@ pub async fn identity_is_required(c: &dyn Cluster) -> Result<()> {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             ensure!(r.status() == 400, "status {}", r.status())
         }
-        other => bail!("a WebSocket without uid was not refused: {:?}", other.map(|_| ())),
+        other => bail!(
+            "a WebSocket without uid was not refused: {:?}",
+            other.map(|_| ())
+        ),
     }
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(c.tcp(0)).await?;
@@ -358,13 +439,21 @@ mod tests {
     #[test]
     fn the_checker_catches_loss_duplicates_strays_and_reordering() {
         assert!(check_delivery("c", &v(&["a", "b"]), &["a", "b"]).is_ok());
-        let e = check_delivery("c", &v(&["a"]), &["a", "b"]).unwrap_err().to_string();
+        let e = check_delivery("c", &v(&["a"]), &["a", "b"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lost \"b\""), "{e}");
-        let e = check_delivery("c", &v(&["a", "a"]), &["a"]).unwrap_err().to_string();
+        let e = check_delivery("c", &v(&["a", "a"]), &["a"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 times"), "{e}");
-        let e = check_delivery("c", &v(&["a", "z"]), &["a"]).unwrap_err().to_string();
+        let e = check_delivery("c", &v(&["a", "z"]), &["a"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unexpected \"z\""), "{e}");
-        let e = check_delivery("c", &v(&["b", "a"]), &["a", "b"]).unwrap_err().to_string();
+        let e = check_delivery("c", &v(&["b", "a"]), &["a", "b"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("out of order"), "{e}");
     }
 }

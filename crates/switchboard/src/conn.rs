@@ -38,7 +38,10 @@ pub(crate) trait Wire: Send {
     fn recv(&mut self) -> impl Future<Output = Incoming> + Send;
     /// Writes every frame of `batch` (draining it) with one flush at the end.
     /// Returns how many frames could not be framed and were skipped.
-    fn send_batch(&mut self, batch: &mut VecDeque<Frame>) -> impl Future<Output = Result<u32, CloseReason>> + Send;
+    fn send_batch(
+        &mut self,
+        batch: &mut VecDeque<Frame>,
+    ) -> impl Future<Output = Result<u32, CloseReason>> + Send;
     /// Sends a keep-alive.
     fn ping(&mut self) -> impl Future<Output = Result<(), CloseReason>> + Send;
     /// Ends the connection for `reason` (close frame, close handshake, shutdown).
@@ -47,19 +50,34 @@ pub(crate) trait Wire: Send {
 
 /// Runs an accepted connection to its end, then unregisters it and tells the
 /// application why it closed.
-pub(crate) async fn run<W: Wire>(hub: Hub, conn: ConnId, outbox: Arc<Outbox>, wire: W, transport: Transport) {
+pub(crate) async fn run<W: Wire>(
+    hub: Hub,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    wire: W,
+    transport: Transport,
+) {
     let span = tracing::debug_span!("conn", node = %hub.node_id(), conn = %conn, ?transport);
-    drive(hub, conn, outbox, wire, transport).instrument(span).await;
+    drive(hub, conn, outbox, wire, transport)
+        .instrument(span)
+        .await;
 }
 
-async fn drive<W: Wire>(hub: Hub, conn: ConnId, outbox: Arc<Outbox>, mut wire: W, transport: Transport) {
+async fn drive<W: Wire>(
+    hub: Hub,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    mut wire: W,
+    transport: Transport,
+) {
     let limits = hub.limits();
     let idle = match transport {
         Transport::Tcp => limits.tcp_idle_timeout,
         _ => limits.ws_idle_timeout,
     };
     let (write_timeout, close_timeout) = (limits.write_timeout, limits.close_timeout);
-    let mut heartbeat = tokio::time::interval_at(Instant::now() + limits.heartbeat, limits.heartbeat);
+    let mut heartbeat =
+        tokio::time::interval_at(Instant::now() + limits.heartbeat, limits.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_in = Instant::now();
     let mut batch = VecDeque::new();
@@ -98,7 +116,15 @@ async fn drive<W: Wire>(hub: Hub, conn: ConnId, outbox: Arc<Outbox>, mut wire: W
     hub.forget(&conn, &reason);
     let _ = tokio::time::timeout(close_timeout, async {
         if reason.flush_first() {
-            flush(&hub, &mut wire, &outbox, &mut batch, close_timeout, close_timeout).await;
+            flush(
+                &hub,
+                &mut wire,
+                &outbox,
+                &mut batch,
+                close_timeout,
+                close_timeout,
+            )
+            .await;
         }
         wire.close(&reason).await;
     })
@@ -150,7 +176,6 @@ async fn flush<W: Wire>(
                 }
             }
         };
-        drop(write);
         match result {
             Ok(skipped) => Counters::add(&hub.counters().frames_dropped, u64::from(skipped)),
             Err(reason) => return Some(reason),

@@ -202,7 +202,10 @@ impl CloseReason {
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CloseReason::Client { code: Some(c), reason } => write!(f, "client closed ({c} {reason})"),
+            CloseReason::Client {
+                code: Some(c),
+                reason,
+            } => write!(f, "client closed ({c} {reason})"),
             CloseReason::Client { code: None, .. } => f.write_str("client closed"),
             CloseReason::Kicked(r) => write!(f, "closed by the application: {r}"),
             CloseReason::SlowConsumer => f.write_str("slow consumer"),

@@ -54,13 +54,15 @@ pub mod transport;
 pub use async_trait::async_trait;
 pub use http;
 pub use switchboard_core as core;
-pub use switchboard_core::{Standalone, 
-    Answer, ConnId, Frame, FrameKind, GroupId, NodeId, Session, Target, Totals, UserId,
+pub use switchboard_core::{
+    Answer, ConnId, Frame, FrameKind, GroupId, NodeId, Session, Standalone, Target, Totals, UserId,
 };
 
 pub use config::{Limits, SlowConsumer};
 pub use error::{BuildError, OpError, PushError};
-pub use handler::{Accept, CloseReason, ConnectInfo, Decision, Handler, NoopHandler, Reject, Transport};
+pub use handler::{
+    Accept, CloseReason, ConnectInfo, Decision, Handler, NoopHandler, Reject, Transport,
+};
 pub use hub::{CloseReport, Hub, HubBuilder, PushReport};
 pub use server::Server;
 pub use stats::HubStats;

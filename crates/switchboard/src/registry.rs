@@ -305,17 +305,19 @@ impl Registry {
                     .is_some_and(|s| self.conns.contains_key(&s)),
             ),
             Query::UserOnline(u) => LocalAnswer::Bool(self.users.contains_key(u)),
-            Query::UserConns(u) => LocalAnswer::Conns(ids(
-                &mut self.users.get(u).into_iter().flatten().copied(),
-            )),
+            Query::UserConns(u) => {
+                LocalAnswer::Conns(ids(&mut self.users.get(u).into_iter().flatten().copied()))
+            }
             Query::ConnUser(c) => LocalAnswer::User(
                 self.local_seq(c)
                     .and_then(|s| self.conns.get(&s))
                     .and_then(|slot| slot.user.clone()),
             ),
-            Query::GroupMembers(g) => LocalAnswer::Conns(ids(
-                &mut self.groups.get(g).into_iter().flat_map(|m| m.keys().copied()),
-            )),
+            Query::GroupMembers(g) => LocalAnswer::Conns(ids(&mut self
+                .groups
+                .get(g)
+                .into_iter()
+                .flat_map(|m| m.keys().copied()))),
             Query::GroupCount(g) => {
                 LocalAnswer::Count(self.groups.get(g).map_or(0, |m| m.len() as u64))
             }
@@ -378,10 +380,38 @@ mod tests {
         let bp = Recorder::default();
         let mut r = Registry::new(NodeId::new("n").unwrap());
         let obs: Vec<_> = (0..4).map(|_| outbox()).collect();
-        r.insert(0, obs[0].clone(), Some("a".into()), vec!["g".into()], Session::new(), &bp);
-        r.insert(1, obs[1].clone(), Some("a".into()), vec!["g".into(), "h".into()], Session::new(), &bp);
-        r.insert(2, obs[2].clone(), Some("b".into()), vec![], Session::new(), &bp);
-        r.insert(3, obs[3].clone(), None, vec!["h".into()], Session::new(), &bp);
+        r.insert(
+            0,
+            obs[0].clone(),
+            Some("a".into()),
+            vec!["g".into()],
+            Session::new(),
+            &bp,
+        );
+        r.insert(
+            1,
+            obs[1].clone(),
+            Some("a".into()),
+            vec!["g".into(), "h".into()],
+            Session::new(),
+            &bp,
+        );
+        r.insert(
+            2,
+            obs[2].clone(),
+            Some("b".into()),
+            vec![],
+            Session::new(),
+            &bp,
+        );
+        r.insert(
+            3,
+            obs[3].clone(),
+            None,
+            vec!["h".into()],
+            Session::new(),
+            &bp,
+        );
         (r, bp, obs)
     }
 
@@ -401,7 +431,10 @@ mod tests {
         assert_eq!(counts(&obs), [1, 1, 1, 2]);
         let me = ConnId::new(NodeId::new("n").unwrap(), 1);
         let other = ConnId::new(NodeId::new("m").unwrap(), 2);
-        let t = Target::conn(me.clone()).and_conn(other).and_user("a").except_conn(me);
+        let t = Target::conn(me.clone())
+            .and_conn(other)
+            .and_user("a")
+            .except_conn(me);
         assert_eq!(r.deliver(&t, &f).queued, 1);
         assert_eq!(counts(&obs), [2, 1, 1, 2]);
     }
@@ -417,16 +450,42 @@ mod tests {
         assert_eq!(
             got,
             [
-                MembershipChange::Unbound { conn: n(0), user: "a".into(), last: false },
-                MembershipChange::Bound { conn: n(0), user: "b".into(), first: false },
-                MembershipChange::Unbound { conn: n(1), user: "a".into(), last: true },
-                MembershipChange::Left { conn: n(1), group: "g".into(), last: false },
-                MembershipChange::Left { conn: n(1), group: "h".into(), last: false },
+                MembershipChange::Unbound {
+                    conn: n(0),
+                    user: "a".into(),
+                    last: false
+                },
+                MembershipChange::Bound {
+                    conn: n(0),
+                    user: "b".into(),
+                    first: false
+                },
+                MembershipChange::Unbound {
+                    conn: n(1),
+                    user: "a".into(),
+                    last: true
+                },
+                MembershipChange::Left {
+                    conn: n(1),
+                    group: "g".into(),
+                    last: false
+                },
+                MembershipChange::Left {
+                    conn: n(1),
+                    group: "h".into(),
+                    last: false
+                },
                 MembershipChange::Closed { conn: n(1) },
             ]
         );
-        assert_eq!(r.answer(&Query::UserOnline("a".into())), LocalAnswer::Bool(false));
-        assert_eq!(r.answer(&Query::GroupCount("g".into())), LocalAnswer::Count(1));
+        assert_eq!(
+            r.answer(&Query::UserOnline("a".into())),
+            LocalAnswer::Bool(false)
+        );
+        assert_eq!(
+            r.answer(&Query::GroupCount("g".into())),
+            LocalAnswer::Count(1)
+        );
         assert_eq!(
             r.answer(&Query::UserConns("b".into())),
             LocalAnswer::Conns(vec![n(2), n(0)])

@@ -77,7 +77,12 @@ impl Server {
         let stop = CancellationToken::new();
         let loops = TaskTracker::new();
         for (listener, router) in self.http {
-            loops.spawn(accept_http(self.hub.clone(), listener, router, stop.clone()));
+            loops.spawn(accept_http(
+                self.hub.clone(),
+                listener,
+                router,
+                stop.clone(),
+            ));
         }
         for (listener, opts) in self.tcp {
             loops.spawn(accept_tcp(self.hub.clone(), listener, opts, stop.clone()));

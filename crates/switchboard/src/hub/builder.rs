@@ -35,7 +35,9 @@ pub struct HubBuilder {
 
 impl std::fmt::Debug for HubBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HubBuilder").field("node", &self.node).finish_non_exhaustive()
+        f.debug_struct("HubBuilder")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
     }
 }
 

@@ -18,8 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use switchboard_core::backplane::{Handoff, Status};
 use switchboard_core::{
-    Backplane, Body, ConnId, Dest, Envelope, FrameKind, GroupId, NodeId, OpResult, Payload,
-    Target, UserId,
+    Backplane, Body, ConnId, Dest, Envelope, FrameKind, GroupId, NodeId, OpResult, Payload, Target,
+    UserId,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -68,7 +68,9 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("node", &self.inner.node).finish()
+        f.debug_struct("Hub")
+            .field("node", &self.inner.node)
+            .finish()
     }
 }
 
@@ -142,7 +144,11 @@ impl Hub {
 
     /// Pushes to every connection `target` selects, on any node. Returns once the
     /// frame is queued locally and handed to the cluster; never waits on peers.
-    pub fn push(&self, target: &Target, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+    pub fn push(
+        &self,
+        target: &Target,
+        payload: impl Into<Payload>,
+    ) -> Result<PushReport, PushError> {
         let frame = payload.into().into_frame(self.inner.default_kind)?;
         let d = self.registry().deliver(target, &frame);
         let c = &self.inner.counters;
@@ -164,17 +170,29 @@ impl Hub {
     }
 
     /// Pushes to one connection.
-    pub fn to_conn(&self, conn: &ConnId, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+    pub fn to_conn(
+        &self,
+        conn: &ConnId,
+        payload: impl Into<Payload>,
+    ) -> Result<PushReport, PushError> {
         self.push(&Target::conn(conn.clone()), payload)
     }
 
     /// Pushes to every connection of a user.
-    pub fn to_user(&self, user: impl Into<UserId>, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+    pub fn to_user(
+        &self,
+        user: impl Into<UserId>,
+        payload: impl Into<Payload>,
+    ) -> Result<PushReport, PushError> {
         self.push(&Target::user(user), payload)
     }
 
     /// Pushes to every member of a group.
-    pub fn to_group(&self, group: impl Into<GroupId>, payload: impl Into<Payload>) -> Result<PushReport, PushError> {
+    pub fn to_group(
+        &self,
+        group: impl Into<GroupId>,
+        payload: impl Into<Payload>,
+    ) -> Result<PushReport, PushError> {
         self.push(&Target::group(group), payload)
     }
 
@@ -224,11 +242,17 @@ impl Hub {
     pub(crate) fn registry(&self) -> RwLockReadGuard<'_, Registry> {
         // Registry methods never panic midway through a mutation that would
         // leave it inconsistent, so a poisoned lock is still usable.
-        self.inner.registry.read().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn registry_mut(&self) -> RwLockWriteGuard<'_, Registry> {
-        self.inner.registry.write().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .registry
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn handler(&self) -> &Arc<dyn Handler> {

@@ -22,7 +22,12 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        let mut p = self.hub.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = self
+            .hub
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         p.remove(&self.id);
     }
 }
@@ -39,7 +44,9 @@ impl Hub {
 
     /// Unbinds a connection from its user.
     pub async fn unbind(&self, conn: &ConnId) -> Result<(), OpError> {
-        self.op(conn, Op::Unbind { conn: conn.clone() }).await.map(drop)
+        self.op(conn, Op::Unbind { conn: conn.clone() })
+            .await
+            .map(drop)
     }
 
     /// Adds a connection to a group.
@@ -167,7 +174,13 @@ impl Hub {
     /// Runs an operation against this node's registry.
     pub(crate) fn execute(&self, op: Op) -> OpResult {
         let bp = &*self.inner.backplane;
-        let done = |ok: bool| if ok { OpResult::Done } else { OpResult::NoSuchConn };
+        let done = |ok: bool| {
+            if ok {
+                OpResult::Done
+            } else {
+                OpResult::NoSuchConn
+            }
+        };
         let seq_of = |c: &ConnId| (c.node() == &self.inner.node).then_some(c.seq());
         match op {
             Op::Query(q) => OpResult::Answer(self.registry().answer(&q)),
@@ -183,10 +196,12 @@ impl Hub {
             Op::Leave { conn, group } => {
                 done(seq_of(&conn).is_some_and(|s| self.registry_mut().leave(s, &group, bp)))
             }
-            Op::SessionGet { conn } => match seq_of(&conn).and_then(|s| self.registry().session(s).cloned()) {
-                Some(s) => OpResult::Session(s),
-                None => OpResult::NoSuchConn,
-            },
+            Op::SessionGet { conn } => {
+                match seq_of(&conn).and_then(|s| self.registry().session(s).cloned()) {
+                    Some(s) => OpResult::Session(s),
+                    None => OpResult::NoSuchConn,
+                }
+            }
             Op::SessionUpdate { conn, changes } => {
                 let mut reg = self.registry_mut();
                 match seq_of(&conn).and_then(|s| reg.session_mut(s)) {
@@ -217,7 +232,10 @@ impl Hub {
     }
 
     /// Registers a pending request that `expect` nodes will answer.
-    fn pending(&self, expect: usize) -> (u64, mpsc::Receiver<(NodeId, OpResult)>, PendingGuard<'_>) {
+    fn pending(
+        &self,
+        expect: usize,
+    ) -> (u64, mpsc::Receiver<(NodeId, OpResult)>, PendingGuard<'_>) {
         let id = self.inner.next_envelope.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(expect.max(1));
         self.inner

@@ -111,7 +111,10 @@ impl Wire for TcpWire {
         for frame in batch.drain(..) {
             if framing::encode(self.framing, frame.data(), &mut self.wbuf).is_err() {
                 skipped += 1;
-                tracing::warn!(len = frame.len(), "frame cannot be framed for this connection; dropped");
+                tracing::warn!(
+                    len = frame.len(),
+                    "frame cannot be framed for this connection; dropped"
+                );
             }
         }
         self.write_buffered().await?;
@@ -216,7 +219,16 @@ pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: 
     }
     let outbox = hub.open(&conn, accept);
     match limits.tcp_ping.clone() {
-        Some(ping) => conn::run(hub, conn, outbox, PingingWire { inner: wire, ping }, Transport::Tcp).await,
+        Some(ping) => {
+            conn::run(
+                hub,
+                conn,
+                outbox,
+                PingingWire { inner: wire, ping },
+                Transport::Tcp,
+            )
+            .await
+        }
         None => conn::run(hub, conn, outbox, wire, Transport::Tcp).await,
     }
 }

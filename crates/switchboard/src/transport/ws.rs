@@ -62,12 +62,24 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
         || !has_token(headers, header::CONNECTION, "upgrade")
         || !has_token(headers, header::UPGRADE, "websocket")
     {
-        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request");
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request",
+        );
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        let mut r = plain(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut r = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
@@ -75,7 +87,10 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
     };
     let accept_key = derive_accept_key(key.as_bytes());
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return plain(StatusCode::INTERNAL_SERVER_ERROR, "connection cannot be upgraded");
+        return plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "connection cannot be upgraded",
+        );
     };
 
     let info = ConnectInfo {
@@ -104,7 +119,10 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
         }
         Err(_) => {
             Counters::add(&hub.counters().rejected, 1);
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "connection handler timed out");
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection handler timed out",
+            );
         }
     };
 
@@ -120,7 +138,12 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
         let hub = task_hub;
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
                 let outbox = hub.open(&conn, accept);
                 conn::run(hub, conn, outbox, WsWire { ws }, Transport::WebSocket).await;
             }
@@ -217,7 +240,10 @@ where
     }
 
     async fn ping(&mut self) -> Result<(), CloseReason> {
-        self.ws.send(Message::Ping(Bytes::new())).await.map_err(io_reason)
+        self.ws
+            .send(Message::Ping(Bytes::new()))
+            .await
+            .map_err(io_reason)
     }
 
     async fn close(&mut self, reason: &CloseReason) {
