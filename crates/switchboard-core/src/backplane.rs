@@ -158,6 +158,12 @@ pub trait Backplane: Send + Sync + 'static {
     /// backplane does not answer itself are asked of these nodes.
     fn peers(&self) -> Vec<NodeId>;
 
+    /// Whether this backplane can never have peers, so that nodes skip
+    /// encoding envelopes nobody would receive.
+    fn is_standalone(&self) -> bool {
+        false
+    }
+
     /// Records a local membership change (directory entries, routing bindings).
     fn membership(&self, change: &MembershipChange) {
         let _ = change;
@@ -203,6 +209,9 @@ impl Backplane for Standalone {
     }
     fn peers(&self) -> Vec<NodeId> {
         Vec::new()
+    }
+    fn is_standalone(&self) -> bool {
+        true
     }
     fn status(&self) -> Status {
         Status::Ready

@@ -40,6 +40,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig::load(args)?;
+    // Signal handlers are installed before the addresses are printed: whoever
+    // reads them may signal at once, and must get a graceful stop.
+    let signal = shutdown_signal()?;
     let running = node::launch(&cfg, node::backplane(&cfg.cluster)).await?;
     #[allow(clippy::print_stdout)]
     {
@@ -55,30 +58,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             println!("  tcp        tcp://{a} ({} framing)", cfg.tcp_framing);
         }
     }
-    shutdown_signal().await;
+    signal.await;
     tracing::info!("signal received, stopping");
     running.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are registered when this is
+/// called, not when the future is first polled.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

@@ -70,6 +70,15 @@ impl Client {
         Self::welcomed(Io::Ws(Box::new(ws)), uid).await
     }
 
+    /// Connects over WebSocket at a non-default path.
+    pub async fn connect_path(addr: SocketAddr, path: &str, uid: &str) -> Result<Client> {
+        let url = format!("ws://{addr}{path}?uid={uid}");
+        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+            .await
+            .context("ws connect timed out")??;
+        Self::welcomed(Io::Ws(Box::new(ws)), uid).await
+    }
+
     /// Connects over TCP with a hello line and reads the welcome.
     pub async fn tcp(addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
         let stream = TcpStream::connect(addr).await?;

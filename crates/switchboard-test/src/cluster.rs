@@ -121,7 +121,13 @@ impl ProcessNode {
     /// Starts `bin serve` with `args` (ports default to ephemeral) and reads
     /// the addresses it prints.
     pub async fn spawn(bin: &Path, args: &[&str]) -> Result<Self> {
+        Self::spawn_with_env(bin, args, &[]).await
+    }
+
+    /// Like [`ProcessNode::spawn`], with extra environment variables.
+    pub async fn spawn_with_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let mut cmd = Command::new(bin);
+        cmd.envs(env.iter().copied());
         cmd.arg("serve");
         if !args.contains(&"--ws") {
             cmd.args(["--ws", "127.0.0.1:0"]);
@@ -190,6 +196,21 @@ impl ProcessNode {
 #[derive(Debug)]
 pub struct Process {
     pub nodes: Vec<ProcessNode>,
+}
+
+impl Process {
+    /// One process per argument list, for the conformance suite.
+    pub async fn boxed(bin: &str, nodes: &[&[&str]]) -> Box<dyn Cluster> {
+        let mut started = Vec::new();
+        for args in nodes {
+            started.push(
+                ProcessNode::spawn(bin.as_ref(), args)
+                    .await
+                    .expect("node starts"),
+            );
+        }
+        Box::new(Process { nodes: started })
+    }
 }
 
 #[async_trait]

@@ -72,14 +72,34 @@ async fn axum_route_in_a_user_router() {
         .await
         .unwrap();
     ws.send(Message::text("ping")).await.unwrap();
-    let got = tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap();
+    let got = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(got, Message::text("ping"), "text echoes as text");
     ws.send(Message::binary(vec![1, 2, 3])).await.unwrap();
-    let got = tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(got, Message::binary(vec![1, 2, 3]), "binary echoes as binary");
+    let got = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got,
+        Message::binary(vec![1, 2, 3]),
+        "binary echoes as binary"
+    );
     ws.send(Message::text("default")).await.unwrap();
-    let got = tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap();
-    assert_eq!(got, Message::binary(b"hello".to_vec()), "default kind applies");
+    let got = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        got,
+        Message::binary(b"hello".to_vec()),
+        "default kind applies"
+    );
 
     // The client's address reached on_connect through axum's ConnectInfo.
     let local = match ws.get_ref() {
@@ -96,7 +116,10 @@ async fn axum_route_in_a_user_router() {
         .unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).await.unwrap();
-    assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with("ok"), "{resp}");
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("ok"),
+        "{resp}"
+    );
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(b"GET /socket HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await

@@ -224,6 +224,9 @@ impl Hub {
 
     /// Whether a push or close to `target` may concern another node.
     fn needs_cluster(&self, target: &Target) -> bool {
+        if self.inner.backplane.is_standalone() {
+            return false;
+        }
         match target.conn_nodes() {
             Some(nodes) => nodes.iter().any(|n| **n != self.inner.node),
             None => true,
