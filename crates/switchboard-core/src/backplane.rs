@@ -14,16 +14,77 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use crate::envelope::Session;
 use crate::id::{ConnId, GroupId, NodeId, UserId};
 use crate::query::{LocalAnswer, Query};
 use crate::target::Target;
 
 /// The queue through which a backplane hands a node the envelopes addressed to it.
 pub type Inbound = mpsc::Sender<Bytes>;
+
+/// A read-only view of the node's own connections, for backplanes that must
+/// rebuild what they published about them (a directory after a broker restart).
+pub trait LocalView: Send + Sync {
+    /// Calls `f` with `Opened`, `Bound`, `Joined` and `Session` changes that
+    /// recreate the node's current state, atomically with respect to live
+    /// changes: every change reported to [`Backplane::membership`] after this
+    /// call returns happened after the replayed state.
+    fn replay(&self, f: &mut dyn FnMut(MembershipChange));
+}
+
+/// What a backplane gets when its node joins the cluster.
+#[non_exhaustive]
+pub struct JoinContext {
+    /// The joining node.
+    pub node: NodeId,
+    /// Where envelopes addressed to the node go.
+    pub inbound: Inbound,
+    /// How many envelopes taken from `inbound` the node has fully handled
+    /// (delivered to its connections, or answered). Lets a queue backplane
+    /// acknowledge only after local delivery.
+    pub handled: watch::Receiver<u64>,
+    /// The node's own connections.
+    pub local: Arc<dyn LocalView>,
+}
+
+impl JoinContext {
+    /// A context from its parts.
+    pub fn new(
+        node: NodeId,
+        inbound: Inbound,
+        handled: watch::Receiver<u64>,
+        local: Arc<dyn LocalView>,
+    ) -> Self {
+        Self {
+            node,
+            inbound,
+            handled,
+            local,
+        }
+    }
+}
+
+impl std::fmt::Debug for JoinContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinContext")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`LocalView`] of a node with no connections (tests, pushers).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoLocalState;
+
+impl LocalView for NoLocalState {
+    fn replay(&self, _f: &mut dyn FnMut(MembershipChange)) {}
+}
 
 /// Which nodes an envelope is for.
 #[derive(Debug, Clone, Copy)]
@@ -47,8 +108,9 @@ pub struct Handoff {
 }
 
 /// A membership change of a local connection, reported to the backplane as it
-/// happens. `first`/`last` say whether the node just gained its first, or lost
-/// its last, local connection of that user or group.
+/// happens. `count` is how many local connections the user or group has after
+/// the change; `first`/`last` say whether the node just gained its first, or
+/// lost its last, one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum MembershipChange {
@@ -70,6 +132,8 @@ pub enum MembershipChange {
         user: UserId,
         /// The node's first connection of this user.
         first: bool,
+        /// Local connections of the user after the change.
+        count: u32,
     },
     /// A connection was unbound from a user.
     Unbound {
@@ -79,6 +143,8 @@ pub enum MembershipChange {
         user: UserId,
         /// The node's last connection of this user.
         last: bool,
+        /// Local connections of the user after the change.
+        count: u32,
     },
     /// A connection joined a group.
     Joined {
@@ -88,6 +154,8 @@ pub enum MembershipChange {
         group: GroupId,
         /// The node's first member of this group.
         first: bool,
+        /// Local members of the group after the change.
+        count: u32,
     },
     /// A connection left a group.
     Left {
@@ -97,6 +165,15 @@ pub enum MembershipChange {
         group: GroupId,
         /// The node's last member of this group.
         last: bool,
+        /// Local members of the group after the change.
+        count: u32,
+    },
+    /// A connection's session changed; the whole new session.
+    Session {
+        /// The connection.
+        conn: ConnId,
+        /// Its session now.
+        session: Session,
     },
 }
 
@@ -146,9 +223,9 @@ pub struct BackplaneStats {
 /// lock held. Queue or drop, and count what is dropped.
 #[async_trait]
 pub trait Backplane: Send + Sync + 'static {
-    /// Joins the cluster as `node`. From then on every envelope addressed to the
-    /// node is put on `inbound`. Called once, before any other method.
-    async fn join(&self, node: &NodeId, inbound: Inbound) -> Result<(), JoinError>;
+    /// Joins the cluster as `ctx.node`. From then on every envelope addressed
+    /// to the node is put on `ctx.inbound`. Called once, before any other method.
+    async fn join(&self, ctx: JoinContext) -> Result<(), JoinError>;
 
     /// Hands an encoded envelope to the cluster for the nodes `dest` selects,
     /// this node excluded. Never waits on the network.
@@ -168,6 +245,13 @@ pub trait Backplane: Send + Sync + 'static {
     fn membership(&self, change: &MembershipChange) {
         let _ = change;
     }
+
+    /// Resolves once every membership change reported before the call is in
+    /// effect cluster-wide (directory written, routes bound), or the backplane
+    /// gave up on it. The node awaits it before a connection's first frame and
+    /// before a membership operation returns, so that "welcomed" and "joined"
+    /// mean "reachable from every node".
+    async fn settle(&self) {}
 
     /// Answers a query for the whole cluster from a directory, if the backplane
     /// keeps one. `None` makes the node ask every peer instead.
@@ -201,7 +285,7 @@ pub struct Standalone;
 
 #[async_trait]
 impl Backplane for Standalone {
-    async fn join(&self, _node: &NodeId, _inbound: Inbound) -> Result<(), JoinError> {
+    async fn join(&self, _ctx: JoinContext) -> Result<(), JoinError> {
         Ok(())
     }
     fn publish(&self, _dest: Dest<'_>, _envelope: Bytes) -> Handoff {

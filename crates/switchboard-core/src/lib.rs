@@ -18,7 +18,9 @@ pub mod memory;
 pub mod query;
 pub mod target;
 
-pub use backplane::{Backplane, Dest, Handoff, MembershipChange, Standalone, Status};
+pub use backplane::{
+    Backplane, Dest, Handoff, JoinContext, LocalView, MembershipChange, Standalone, Status,
+};
 pub use envelope::{Body, Envelope, Op, OpResult, Session};
 pub use frame::{Frame, FrameKind, Payload};
 pub use framing::Framing;

@@ -13,7 +13,9 @@ use std::sync::{Arc, OnceLock, RwLock};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::backplane::{Backplane, BackplaneStats, Dest, Handoff, Inbound, JoinError, Status};
+use crate::backplane::{
+    Backplane, BackplaneStats, Dest, Handoff, Inbound, JoinContext, JoinError, Status,
+};
 use crate::id::NodeId;
 
 /// The shared bus. Clone it and make one [`MemoryBackplane`] per node.
@@ -65,7 +67,8 @@ impl MemoryBackplane {
 
 #[async_trait]
 impl Backplane for MemoryBackplane {
-    async fn join(&self, node: &NodeId, inbound: Inbound) -> Result<(), JoinError> {
+    async fn join(&self, ctx: JoinContext) -> Result<(), JoinError> {
+        let (node, inbound) = (&ctx.node, ctx.inbound);
         let mut nodes = self.bus.nodes.write().unwrap_or_else(|p| p.into_inner());
         if nodes.contains_key(node) {
             return Err(JoinError::DuplicateNode(node.clone()));
@@ -139,9 +142,19 @@ impl Backplane for MemoryBackplane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backplane::NoLocalState;
     use crate::id::{ConnId, NodeId};
     use crate::target::Target;
-    use tokio::sync::mpsc;
+    use tokio::sync::{mpsc, watch};
+
+    fn ctx(n: &NodeId, tx: Inbound) -> JoinContext {
+        JoinContext::new(
+            n.clone(),
+            tx,
+            watch::channel(0).1,
+            std::sync::Arc::new(NoLocalState),
+        )
+    }
 
     #[tokio::test]
     async fn routes_by_node_and_counts_drops() {
@@ -155,10 +168,15 @@ mod tests {
             NodeId::new("b").unwrap(),
             NodeId::new("c").unwrap(),
         );
-        a.join(&na, ta).await.unwrap();
-        b.join(&nb, tb).await.unwrap();
-        c.join(&nc, tc).await.unwrap();
-        assert!(bus.backplane().join(&na, mpsc::channel(1).0).await.is_err());
+        a.join(ctx(&na, ta)).await.unwrap();
+        b.join(ctx(&nb, tb)).await.unwrap();
+        c.join(ctx(&nc, tc)).await.unwrap();
+        assert!(
+            bus.backplane()
+                .join(ctx(&na, mpsc::channel(1).0))
+                .await
+                .is_err()
+        );
 
         let mut peers = a.peers();
         peers.sort();

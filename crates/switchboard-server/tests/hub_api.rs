@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use switchboard::core::{Backplane, MemoryBus};
+use switchboard::core::backplane::NoLocalState;
+use switchboard::core::{Backplane, JoinContext, MemoryBus};
 use switchboard::{ConnId, NodeId, OpError, Target};
 use switchboard_server::node::{self, Running};
 use switchboard_test::Client;
@@ -124,7 +125,14 @@ async fn answers_name_the_nodes_that_did_not_answer() -> Result<()> {
     // A node that joined the bus but never answers (hung, or partitioned).
     let deaf = bus.backplane();
     let (tx, _rx) = tokio::sync::mpsc::channel(1024);
-    deaf.join(&NodeId::new("deaf")?, tx).await?;
+    let (_handled_tx, handled) = tokio::sync::watch::channel(0);
+    deaf.join(JoinContext::new(
+        NodeId::new("deaf")?,
+        tx,
+        handled,
+        Arc::new(NoLocalState),
+    ))
+    .await?;
 
     let _u = Client::ws(b.ws.unwrap(), "bob", Some("g")).await?;
     let hub = switchboard::Hub::builder()

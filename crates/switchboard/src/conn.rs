@@ -81,6 +81,9 @@ async fn drive<W: Wire>(
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_in = Instant::now();
     let mut batch = VecDeque::new();
+    // The greeting waits until the cluster can reach this connection, so that a
+    // welcomed client is reachable from every node.
+    hub.settle().await;
     tracing::debug!("open");
 
     let reason = loop {

@@ -83,6 +83,12 @@ impl Registry {
             },
         );
         bp.membership(&MembershipChange::Opened { conn: self.id(seq) });
+        if let Some(s) = self.conns.get(&seq).filter(|s| !s.session.is_empty()) {
+            bp.membership(&MembershipChange::Session {
+                conn: self.id(seq),
+                session: s.session.clone(),
+            });
+        }
         if let Some(u) = user {
             self.bind(seq, u, bp);
         }
@@ -121,6 +127,7 @@ impl Registry {
         let list = self.users.entry(user.clone()).or_default();
         let first = list.is_empty();
         list.push(seq);
+        let count = list.len() as u32;
         if let Some(slot) = self.conns.get_mut(&seq) {
             slot.user = Some(user.clone());
         }
@@ -128,6 +135,7 @@ impl Registry {
             conn: self.id(seq),
             user,
             first,
+            count,
         });
         true
     }
@@ -139,18 +147,19 @@ impl Registry {
         let Some(user) = slot.user.take() else {
             return true;
         };
-        let mut last = false;
+        let mut count = 0;
         if let Entry::Occupied(mut e) = self.users.entry(user.clone()) {
             e.get_mut().retain(|&s| s != seq);
-            if e.get().is_empty() {
+            count = e.get().len() as u32;
+            if count == 0 {
                 e.remove();
-                last = true;
             }
         }
         bp.membership(&MembershipChange::Unbound {
             conn: self.id(seq),
             user,
-            last,
+            last: count == 0,
+            count,
         });
         true
     }
@@ -167,10 +176,12 @@ impl Registry {
         let members = self.groups.entry(group.clone()).or_default();
         let first = members.is_empty();
         members.insert(seq, outbox);
+        let count = members.len() as u32;
         bp.membership(&MembershipChange::Joined {
             conn: self.id(seq),
             group,
             first,
+            count,
         });
         true
     }
@@ -188,18 +199,19 @@ impl Registry {
     }
 
     fn leave_group_map(&mut self, seq: u64, group: &GroupId, bp: &dyn Backplane) {
-        let mut last = false;
+        let mut count = 0;
         if let Some(members) = self.groups.get_mut(group) {
             members.remove(&seq);
-            if members.is_empty() {
+            count = members.len() as u32;
+            if count == 0 {
                 self.groups.remove(group);
-                last = true;
             }
         }
         bp.membership(&MembershipChange::Left {
             conn: self.id(seq),
             group: group.clone(),
-            last,
+            last: count == 0,
+            count,
         });
     }
 
@@ -207,8 +219,55 @@ impl Registry {
         self.conns.get(&seq).map(|s| &s.session)
     }
 
-    pub(crate) fn session_mut(&mut self, seq: u64) -> Option<&mut Session> {
-        self.conns.get_mut(&seq).map(|s| &mut s.session)
+    /// Changes a connection's session with `f` and reports the new session.
+    pub(crate) fn update_session(
+        &mut self,
+        seq: u64,
+        bp: &dyn Backplane,
+        f: impl FnOnce(&mut Session),
+    ) -> bool {
+        let Some(slot) = self.conns.get_mut(&seq) else {
+            return false;
+        };
+        f(&mut slot.session);
+        let session = slot.session.clone();
+        bp.membership(&MembershipChange::Session {
+            conn: self.id(seq),
+            session,
+        });
+        true
+    }
+
+    /// Reports the current state as the changes that would recreate it.
+    pub(crate) fn replay(&self, f: &mut dyn FnMut(MembershipChange)) {
+        for (&seq, slot) in &self.conns {
+            let conn = self.id(seq);
+            f(MembershipChange::Opened { conn: conn.clone() });
+            if !slot.session.is_empty() {
+                f(MembershipChange::Session {
+                    conn: conn.clone(),
+                    session: slot.session.clone(),
+                });
+            }
+            if let Some(user) = &slot.user {
+                let count = self.users.get(user).map_or(0, Vec::len) as u32;
+                f(MembershipChange::Bound {
+                    conn: conn.clone(),
+                    user: user.clone(),
+                    first: false,
+                    count,
+                });
+            }
+            for group in &slot.groups {
+                let count = self.groups.get(group).map_or(0, HashMap::len) as u32;
+                f(MembershipChange::Joined {
+                    conn: conn.clone(),
+                    group: group.clone(),
+                    first: false,
+                    count,
+                });
+            }
+        }
     }
 
     /// Calls `f` once for every local connection `target` selects.
@@ -339,7 +398,9 @@ mod tests {
     use crate::config::SlowConsumer;
     use crate::outbox::Caps;
     use std::sync::Mutex;
-    use switchboard_core::backplane::{BackplaneStats, Dest, Handoff, Inbound, JoinError, Status};
+    use switchboard_core::backplane::{
+        BackplaneStats, Dest, Handoff, JoinContext, JoinError, Status,
+    };
 
     /// Records membership changes, to check what a directory would see.
     #[derive(Default)]
@@ -347,7 +408,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Backplane for Recorder {
-        async fn join(&self, _: &NodeId, _: Inbound) -> Result<(), JoinError> {
+        async fn join(&self, _: JoinContext) -> Result<(), JoinError> {
             Ok(())
         }
         fn publish(&self, _: Dest<'_>, _: bytes::Bytes) -> Handoff {
@@ -453,27 +514,32 @@ mod tests {
                 MembershipChange::Unbound {
                     conn: n(0),
                     user: "a".into(),
-                    last: false
+                    last: false,
+                    count: 1
                 },
                 MembershipChange::Bound {
                     conn: n(0),
                     user: "b".into(),
-                    first: false
+                    first: false,
+                    count: 2
                 },
                 MembershipChange::Unbound {
                     conn: n(1),
                     user: "a".into(),
-                    last: true
+                    last: true,
+                    count: 0
                 },
                 MembershipChange::Left {
                     conn: n(1),
                     group: "g".into(),
-                    last: false
+                    last: false,
+                    count: 1
                 },
                 MembershipChange::Left {
                     conn: n(1),
                     group: "h".into(),
-                    last: false
+                    last: false,
+                    count: 1
                 },
                 MembershipChange::Closed { conn: n(1) },
             ]

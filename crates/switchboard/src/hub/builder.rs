@@ -5,12 +5,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use switchboard_core::{Backplane, FrameKind, NodeId, Standalone};
+use switchboard_core::{Backplane, FrameKind, JoinContext, NodeId, Standalone};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Hub, Inner, dispatch, epoch_micros};
+use super::{Hub, Inner, View, dispatch, epoch_micros};
 use crate::config::Limits;
 use crate::error::BuildError;
 use crate::handler::{Handler, NoopHandler};
@@ -107,10 +107,12 @@ impl HubBuilder {
     pub async fn start(self) -> Result<Hub, BuildError> {
         let node = self.node.unwrap_or_else(NodeId::random);
         let (tx, rx) = mpsc::channel(INBOUND_CAPACITY);
-        self.backplane.join(&node, tx).await?;
+        let (handled, handled_rx) = tokio::sync::watch::channel(0u64);
         let start = epoch_micros();
         let hub = Hub {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|weak| Inner {
+                handled,
+                view: Arc::new(View(weak.clone())),
                 registry: RwLock::new(Registry::new(node.clone())),
                 node,
                 default_kind: self.default_kind,
@@ -129,6 +131,13 @@ impl HubBuilder {
                 stop: CancellationToken::new(),
             }),
         };
+        let ctx = JoinContext::new(
+            hub.inner.node.clone(),
+            tx,
+            handled_rx,
+            hub.inner.view.clone(),
+        );
+        hub.inner.backplane.join(ctx).await?;
         hub.inner.tasks.spawn(dispatch(
             Arc::downgrade(&hub.inner),
             hub.inner.stop.clone(),

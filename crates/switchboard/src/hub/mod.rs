@@ -97,6 +97,24 @@ pub(crate) struct Inner {
     closing: CancellationToken,
     /// Cancelled after connections are gone: background tasks stop.
     stop: CancellationToken,
+    /// Envelopes from the backplane fully handled so far.
+    handled: tokio::sync::watch::Sender<u64>,
+    /// This node's connections, for backplane replays.
+    view: Arc<View>,
+}
+
+/// The node's connections as a backplane sees them, for replays.
+struct View(Weak<Inner>);
+
+impl switchboard_core::LocalView for View {
+    fn replay(&self, f: &mut dyn FnMut(switchboard_core::MembershipChange)) {
+        if let Some(inner) = self.0.upgrade() {
+            // The read lock keeps live changes (reported under the write lock)
+            // from interleaving with the replay.
+            let reg = inner.registry.read().unwrap_or_else(|p| p.into_inner());
+            reg.replay(f);
+        }
+    }
 }
 
 /// A start value for node-local counters: microseconds since the epoch, so a
@@ -302,6 +320,17 @@ impl Hub {
         outbox
     }
 
+    /// Waits until membership changes made so far are visible cluster-wide,
+    /// at most the query timeout.
+    pub(crate) async fn settle(&self) {
+        if tokio::time::timeout(self.inner.query_timeout, self.inner.backplane.settle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %self.inner.node, "cluster did not confirm a membership change in time");
+        }
+    }
+
     /// Unregisters a closed connection.
     pub(crate) fn forget(&self, conn: &ConnId, reason: &CloseReason) {
         let removed = self
@@ -377,6 +406,7 @@ async fn dispatch(hub: Weak<Inner>, stop: CancellationToken, mut inbound: mpsc::
                 for bytes in batch.drain(..) {
                     hub.handle_envelope(&bytes);
                 }
+                hub.inner.handled.send_modify(|h| *h += n as u64);
             }
         }
     }
@@ -392,6 +422,11 @@ impl Hub {
                 return;
             }
         };
+        // Broadcast channels echo a node's own envelopes back to it; it already
+        // acted on them locally.
+        if env.origin == self.inner.node {
+            return;
+        }
         match env.body {
             Body::Push { target, frame } => {
                 let d = self.registry().deliver(&target, &frame);

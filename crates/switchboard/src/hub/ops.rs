@@ -157,7 +157,13 @@ impl Hub {
     /// Runs `op` on the node that holds `conn`.
     async fn op(&self, conn: &ConnId, op: Op) -> Result<OpResult, OpError> {
         let result = if conn.node() == &self.inner.node {
-            self.execute(op)
+            let mutates = !matches!(op, Op::SessionGet { .. } | Op::Query(_));
+            let result = self.execute(op);
+            if mutates {
+                // Return once the change is visible cluster-wide.
+                self.settle().await;
+            }
+            result
         } else {
             self.rpc(conn.node(), op).await?
         };
@@ -202,31 +208,20 @@ impl Hub {
                     None => OpResult::NoSuchConn,
                 }
             }
-            Op::SessionUpdate { conn, changes } => {
-                let mut reg = self.registry_mut();
-                match seq_of(&conn).and_then(|s| reg.session_mut(s)) {
-                    Some(session) => {
-                        for (k, v) in changes {
-                            match v {
-                                Some(v) => session.insert(k, v),
-                                None => session.remove(&k),
-                            };
-                        }
-                        OpResult::Done
+            Op::SessionUpdate { conn, changes } => done(seq_of(&conn).is_some_and(|s| {
+                self.registry_mut().update_session(s, bp, |session| {
+                    for (k, v) in changes {
+                        match v {
+                            Some(v) => session.insert(k, v),
+                            None => session.remove(&k),
+                        };
                     }
-                    None => OpResult::NoSuchConn,
-                }
-            }
-            Op::SessionReplace { conn, session } => {
-                let mut reg = self.registry_mut();
-                match seq_of(&conn).and_then(|s| reg.session_mut(s)) {
-                    Some(s) => {
-                        *s = session;
-                        OpResult::Done
-                    }
-                    None => OpResult::NoSuchConn,
-                }
-            }
+                })
+            })),
+            Op::SessionReplace { conn, session } => done(seq_of(&conn).is_some_and(|s| {
+                self.registry_mut()
+                    .update_session(s, bp, |old| *old = session)
+            })),
             _ => OpResult::Failed("unsupported operation".into()),
         }
     }
