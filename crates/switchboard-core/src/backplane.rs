@@ -214,6 +214,12 @@ pub struct BackplaneStats {
     /// Envelopes addressed to this node that were lost before it got them
     /// (inbound queue full, or while disconnected, where the mode can tell).
     pub receive_dropped: u64,
+    /// Envelopes received twice and dropped (at-least-once modes).
+    pub duplicates: u64,
+    /// Envelopes that waited longer than the mode keeps them and were dropped.
+    pub expired: u64,
+    /// Times the backplane reconnected to its broker.
+    pub reconnects: u64,
 }
 
 /// How a node reaches the rest of its cluster. See the module docs.

@@ -169,6 +169,35 @@ impl Envelope {
     }
 }
 
+/// Reads a postcard varint (LEB128) from the front of `b`.
+fn varint(b: &[u8]) -> Option<(u64, &[u8])> {
+    let mut v: u64 = 0;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, &b[i + 1..]));
+        }
+    }
+    None
+}
+
+/// The origin and id of an encoded envelope, read without decoding its body
+/// (for duplicate detection on a hot path).
+pub fn peek_id(bytes: &[u8]) -> Option<(&str, u64)> {
+    let (&version, rest) = bytes.split_first()?;
+    if version != VERSION {
+        return None;
+    }
+    let (len, rest) = varint(rest)?;
+    let len = usize::try_from(len).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let origin = std::str::from_utf8(&rest[..len]).ok()?;
+    let (id, _) = varint(&rest[len..])?;
+    Some((origin, id))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +267,13 @@ mod tests {
             let env = Envelope { origin, id, body };
             let bytes = env.encode();
             prop_assert_eq!(Envelope::decode(&bytes).unwrap(), env);
+        }
+
+        #[test]
+        fn peek_reads_what_decode_reads(origin in node(), id in any::<u64>(), body in body()) {
+            let env = Envelope { origin, id, body };
+            let bytes = env.encode();
+            prop_assert_eq!(peek_id(&bytes), Some((env.origin.as_str(), id)));
         }
 
         #[test]

@@ -31,9 +31,27 @@ pub struct ServeArgs {
     /// TCP framing: `line` or `length` [default: line]
     #[arg(long, env = "SWITCHBOARD_TCP_FRAMING")]
     pub tcp_framing: Option<Framing>,
-    /// Cluster backplane: `local` [default: local]
+    /// Cluster backplane: `local`, or `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` [default: local]
     #[arg(long, env = "SWITCHBOARD_CLUSTER")]
     pub cluster: Option<String>,
+    /// Redis: key and channel prefix (overrides the URL's `prefix`) [default: sb]
+    #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Redis: seconds after which a silent node counts as dead (URL `ttl`) [default: 10]
+    #[arg(long, env = "SWITCHBOARD_REDIS_TTL")]
+    pub redis_ttl: Option<String>,
+    /// Redis queue mode: approximate maximum stream length per node (URL `queue_cap`) [default: 100000]
+    #[arg(long, env = "SWITCHBOARD_REDIS_QUEUE_CAP")]
+    pub redis_queue_cap: Option<String>,
+    /// Redis queue mode: seconds an undelivered envelope is kept (URL `queue_age`) [default: 300]
+    #[arg(long, env = "SWITCHBOARD_REDIS_QUEUE_AGE")]
+    pub redis_queue_age: Option<String>,
+    /// Redis queue mode: stream entries read and dispatched per round trip (URL `concurrency`) [default: 256]
+    #[arg(long, env = "SWITCHBOARD_REDIS_CONCURRENCY")]
+    pub redis_concurrency: Option<String>,
+    /// Redis queue mode: seconds a restarted node waits before delivering its backlog (URL `backlog_grace`) [default: 5]
+    #[arg(long, env = "SWITCHBOARD_REDIS_BACKLOG_GRACE")]
+    pub redis_backlog_grace: Option<String>,
     /// Largest inbound message in bytes [default: 65536]
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<usize>,
@@ -67,6 +85,12 @@ struct FileConfig {
     tcp: Option<String>,
     tcp_framing: Option<Framing>,
     cluster: Option<String>,
+    redis_prefix: Option<String>,
+    redis_ttl: Option<toml::Value>,
+    redis_queue_cap: Option<toml::Value>,
+    redis_queue_age: Option<toml::Value>,
+    redis_concurrency: Option<toml::Value>,
+    redis_backlog_grace: Option<toml::Value>,
     max_message_size: Option<usize>,
     outbox_frames: Option<usize>,
     heartbeat: Option<u64>,
@@ -77,17 +101,20 @@ struct FileConfig {
 }
 
 /// Where the cluster's other nodes are reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum ClusterUrl {
     /// One process, no peers.
     Local,
+    /// A shared Redis.
+    Redis(switchboard_redis::RedisConfig),
 }
 
 impl std::fmt::Display for ClusterUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClusterUrl::Local => f.write_str("local"),
+            ClusterUrl::Redis(c) => write!(f, "redis {}, prefix {:?}", c.mode, c.prefix),
         }
     }
 }
@@ -97,6 +124,9 @@ impl std::str::FromStr for ClusterUrl {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "local" | "" => Ok(ClusterUrl::Local),
+            url if url.starts_with("redis://") || url.starts_with("rediss://") => Ok(
+                ClusterUrl::Redis(switchboard_redis::RedisConfig::from_url(url)?),
+            ),
             other => Err(ConfigError::Cluster(other.to_owned())),
         }
     }
@@ -128,8 +158,14 @@ pub enum ConfigError {
     #[error(transparent)]
     NodeId(#[from] switchboard::core::id::IdError),
     /// Unknown cluster URL.
-    #[error("unsupported cluster {0:?}: this build knows `local`")]
+    #[error("unsupported cluster {0:?}: use `local` or `redis://...`")]
     Cluster(String),
+    /// Bad Redis options.
+    #[error(transparent)]
+    Redis(#[from] switchboard_redis::ConfigError),
+    /// A Redis option given without a Redis cluster.
+    #[error("{0} is set but the cluster is not redis://")]
+    RedisOptionWithoutRedis(&'static str),
     /// No listener at all.
     #[error("both --ws and --tcp are off: nothing to serve")]
     NoListener,
@@ -177,6 +213,14 @@ fn listener(value: Option<String>, default: Option<String>) -> Option<String> {
         Some(v) if v == "off" || v == "none" || v.is_empty() => None,
         Some(v) => Some(v),
         None => default,
+    }
+}
+
+/// A TOML scalar as the text an option parser reads.
+fn toml_text(v: toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s,
+        other => other.to_string(),
     }
 }
 
@@ -241,6 +285,48 @@ impl ServeConfig {
                 .or(file.shutdown_timeout)
                 .map_or(d.shutdown_timeout, Duration::from_secs),
         };
+        let mut cfg = cfg;
+        let redis_opts: [(&'static str, &'static str, Option<String>); 6] = [
+            (
+                "prefix",
+                "redis_prefix",
+                args.redis_prefix.or(file.redis_prefix),
+            ),
+            (
+                "ttl",
+                "redis_ttl",
+                args.redis_ttl.or(file.redis_ttl.map(toml_text)),
+            ),
+            (
+                "queue_cap",
+                "redis_queue_cap",
+                args.redis_queue_cap.or(file.redis_queue_cap.map(toml_text)),
+            ),
+            (
+                "queue_age",
+                "redis_queue_age",
+                args.redis_queue_age.or(file.redis_queue_age.map(toml_text)),
+            ),
+            (
+                "concurrency",
+                "redis_concurrency",
+                args.redis_concurrency
+                    .or(file.redis_concurrency.map(toml_text)),
+            ),
+            (
+                "backlog_grace",
+                "redis_backlog_grace",
+                args.redis_backlog_grace
+                    .or(file.redis_backlog_grace.map(toml_text)),
+            ),
+        ];
+        for (name, key, value) in redis_opts {
+            let Some(value) = value else { continue };
+            match &mut cfg.cluster {
+                ClusterUrl::Redis(r) => r.set(name, &value)?,
+                _ => return Err(ConfigError::RedisOptionWithoutRedis(key)),
+            }
+        }
         if cfg.ws.is_none() && cfg.tcp.is_none() {
             return Err(ConfigError::NoListener);
         }

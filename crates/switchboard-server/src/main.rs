@@ -43,7 +43,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Signal handlers are installed before the addresses are printed: whoever
     // reads them may signal at once, and must get a graceful stop.
     let signal = shutdown_signal()?;
-    let running = node::launch(&cfg, node::backplane(&cfg.cluster)).await?;
+    let running = node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?;
     #[allow(clippy::print_stdout)]
     {
         println!(

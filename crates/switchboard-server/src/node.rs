@@ -34,10 +34,30 @@ impl Running {
     }
 }
 
-/// The backplane a cluster URL names.
-pub fn backplane(cluster: &ClusterUrl) -> Arc<dyn Backplane> {
-    match cluster {
+/// Connects the backplane a cluster URL names.
+pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane>> {
+    Ok(match cluster {
         ClusterUrl::Local => Arc::new(Standalone),
+        ClusterUrl::Redis(cfg) => Arc::new(
+            switchboard_redis::RedisBackplane::connect(cfg.clone())
+                .await
+                .with_context(|| format!("connecting to {}", cfg.url))?,
+        ),
+    })
+}
+
+/// `GET /ready`: 200 while the node can reach its cluster, 503 with the reason otherwise.
+async fn ready(hub: Hub) -> (switchboard::http::StatusCode, String) {
+    match hub.cluster_status() {
+        switchboard::core::Status::Ready => (switchboard::http::StatusCode::OK, "ready\n".into()),
+        switchboard::core::Status::Connecting { reason } => (
+            switchboard::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+        other => (
+            switchboard::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("{other:?}\n"),
+        ),
     }
 }
 
@@ -60,7 +80,14 @@ pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow:
             .await
             .with_context(|| format!("binding the WebSocket listener on {addr}"))?;
         ws = Some(l.local_addr()?);
-        server = server.websocket(l, &cfg.ws_path);
+        let router = switchboard::axum::router(hub.clone(), &cfg.ws_path).route(
+            "/ready",
+            axum::routing::get({
+                let hub = hub.clone();
+                move || ready(hub.clone())
+            }),
+        );
+        server = server.http(l, router);
     }
     let mut tcp = None;
     if let Some(addr) = &cfg.tcp {

@@ -62,7 +62,7 @@ impl InProcess {
             Mode::Local => {
                 let mut cfg = test_config("n0");
                 tweak(&mut cfg);
-                nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster)).await?);
+                nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
             }
             Mode::Memory(n) => {
                 let bus = MemoryBus::new();

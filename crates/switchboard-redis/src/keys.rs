@@ -1,0 +1,72 @@
+//! Key and channel names. Everything lives under one prefix, so deployments
+//! sharing a Redis never see each other.
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:nodes` | zset | node → liveness deadline (ms, Redis clock) |
+//! | `P:ch:NODE`, `P:bc` | channels | pub/sub mode: envelopes for one node, for all |
+//! | `P:q:NODE` | stream | queue mode: envelopes for one node |
+//! | `P:nc:NODE` | set | connections held by the node |
+//! | `P:conn:CONN` | hash | `node`, `user` |
+//! | `P:cg:CONN` | set | groups of the connection |
+//! | `P:sess:CONN` | hash | the connection's session |
+//! | `P:user:USER` | set | connections of the user |
+//! | `P:uc:USER` | hash | node → local connections of the user |
+//! | `P:group:GROUP` | set | members of the group |
+//! | `P:gc:GROUP` | hash | node → local members of the group |
+//!
+//! Each node writes only its own entries; survivors remove a dead node's.
+
+use std::fmt::Display;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub(crate) prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+    fn k(&self, kind: &str, id: impl Display) -> String {
+        format!("{}:{kind}:{id}", self.prefix)
+    }
+    pub(crate) fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+    pub(crate) fn broadcast(&self) -> String {
+        format!("{}:bc", self.prefix)
+    }
+    pub(crate) fn channel(&self, node: impl Display) -> String {
+        self.k("ch", node)
+    }
+    pub(crate) fn queue(&self, node: impl Display) -> String {
+        self.k("q", node)
+    }
+    pub(crate) fn node_conns(&self, node: impl Display) -> String {
+        self.k("nc", node)
+    }
+    pub(crate) fn conn(&self, conn: impl Display) -> String {
+        self.k("conn", conn)
+    }
+    pub(crate) fn conn_groups(&self, conn: impl Display) -> String {
+        self.k("cg", conn)
+    }
+    pub(crate) fn session(&self, conn: impl Display) -> String {
+        self.k("sess", conn)
+    }
+    pub(crate) fn user(&self, user: impl Display) -> String {
+        self.k("user", user)
+    }
+    pub(crate) fn user_nodes(&self, user: impl Display) -> String {
+        self.k("uc", user)
+    }
+    pub(crate) fn group(&self, group: impl Display) -> String {
+        self.k("group", group)
+    }
+    pub(crate) fn group_nodes(&self, group: impl Display) -> String {
+        self.k("gc", group)
+    }
+}

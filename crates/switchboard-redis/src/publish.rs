@@ -1,0 +1,269 @@
+//! Sending envelopes: a task takes them from a bounded queue in batches,
+//! resolves which nodes need each one (one pipelined round trip of directory
+//! lookups for the whole batch), and sends one message per interested node in
+//! a second pipeline.
+//!
+//! Pub/sub: a failed send is dropped and counted (at-most-once). Queue: the
+//! batch is retried after reconnecting, so nothing accepted is lost while the
+//! queue has room; receivers drop the duplicates a partial retry can cause.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use redis::Pipeline;
+use switchboard_core::{NodeId, Target};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::config::Mode;
+
+/// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
+pub(crate) const QUEUE: usize = 64 * 1024;
+const BATCH: usize = 256;
+
+/// Where an envelope goes.
+#[derive(Debug)]
+pub(crate) enum Route {
+    Node(NodeId),
+    Interested(Target),
+    All,
+}
+
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    pub(crate) route: Route,
+    pub(crate) envelope: Bytes,
+}
+
+/// Destinations of one envelope.
+enum Dests {
+    Broadcast,
+    Nodes(BTreeSet<String>),
+}
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return },
+        }
+        loop {
+            match send(&shared, &batch, &stop).await {
+                Ok(sent) => {
+                    shared.stats.published.fetch_add(sent, Ordering::Relaxed);
+                    break;
+                }
+                Err(lost) if shared.cfg.mode == Mode::PubSub => {
+                    shared
+                        .stats
+                        .publish_dropped
+                        .fetch_add(lost, Ordering::Relaxed);
+                    break;
+                }
+                Err(_) => {
+                    // Queue mode: wait for Redis and send the same batch again.
+                    if shared.link.ready(&stop).await.is_none() {
+                        return;
+                    }
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Sends one batch; returns the number of messages sent, or on failure the
+/// number that were to be sent.
+async fn send(shared: &Shared, batch: &[Outgoing], stop: &CancellationToken) -> Result<u64, u64> {
+    let Some((mut conn, generation)) = shared.link.current() else {
+        // Down: in queue mode wait; in pub/sub mode this batch is lost.
+        if shared.cfg.mode == Mode::Queue {
+            shared.link.ready(stop).await;
+        }
+        return Err(batch.len() as u64);
+    };
+    let keys = &shared.keys;
+    let me = shared.node().as_str();
+
+    // Round trip 1: which nodes hold the users and groups of the batch, and,
+    // for a broadcast in queue mode, which nodes exist right now (a node that
+    // joined since the last heartbeat must not miss it).
+    let mut lookups: Vec<String> = Vec::new();
+    let mut broadcast = false;
+    for o in batch {
+        match &o.route {
+            Route::Interested(t) if !t.is_all() => {
+                lookups.extend(t.included_users().iter().map(|u| keys.user_nodes(u)));
+                lookups.extend(t.included_groups().iter().map(|g| keys.group_nodes(g)));
+            }
+            Route::Node(_) => {}
+            _ => broadcast = true,
+        }
+    }
+    lookups.sort();
+    lookups.dedup();
+    let fresh_nodes = broadcast && shared.cfg.mode == Mode::Queue;
+    let mut holders: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut fresh: Option<crate::liveness::Liveness> = None;
+    if !lookups.is_empty() || fresh_nodes {
+        let mut pipe = redis::pipe();
+        for k in &lookups {
+            pipe.hkeys(k);
+        }
+        if fresh_nodes {
+            pipe.cmd("TIME");
+            pipe.zrange_withscores(keys.nodes(), 0, -1);
+        }
+        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
+            Ok(r) => r,
+            Err(e) => {
+                shared.link.failed(generation, &e);
+                return Err(batch.len() as u64);
+            }
+        };
+        let mut replies = replies.into_iter();
+        for k in &lookups {
+            let nodes: Vec<String> = replies
+                .next()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or_default();
+            holders.insert(k.as_str(), nodes);
+        }
+        if fresh_nodes {
+            let time: Option<(u64, u64)> =
+                replies.next().and_then(|v| redis::from_redis_value(v).ok());
+            let list: Option<Vec<(String, f64)>> =
+                replies.next().and_then(|v| redis::from_redis_value(v).ok());
+            if let (Some((secs, micros)), Some(list)) = (time, list) {
+                fresh = Some(crate::liveness::Liveness::from_read(
+                    secs * 1000 + micros / 1000,
+                    list,
+                ));
+            }
+        }
+    }
+
+    // Round trip 2: one message per envelope and interested node.
+    let keep = match shared.cfg.mode {
+        Mode::PubSub => std::time::Duration::ZERO,
+        Mode::Queue => shared.cfg.queue_age,
+    };
+    let mut pipe = redis::pipe();
+    let mut messages = 0u64;
+    {
+        let cached = shared.live.read().unwrap_or_else(|p| p.into_inner());
+        let live = fresh.as_ref().unwrap_or(&cached);
+        for o in batch {
+            let dests = match &o.route {
+                Route::Node(n) => Dests::Nodes(BTreeSet::from([n.to_string()])),
+                Route::All => Dests::Broadcast,
+                Route::Interested(t) if t.is_all() => Dests::Broadcast,
+                Route::Interested(t) => {
+                    let mut nodes: BTreeSet<String> =
+                        t.conns().iter().map(|c| c.node().to_string()).collect();
+                    for u in t.included_users() {
+                        nodes.extend(
+                            holders
+                                .get(keys.user_nodes(u).as_str())
+                                .into_iter()
+                                .flatten()
+                                .cloned(),
+                        );
+                    }
+                    for g in t.included_groups() {
+                        nodes.extend(
+                            holders
+                                .get(keys.group_nodes(g).as_str())
+                                .into_iter()
+                                .flatten()
+                                .cloned(),
+                        );
+                    }
+                    Dests::Nodes(nodes)
+                }
+            };
+            messages += add(&mut pipe, shared, live, keep, me, dests, &o.envelope);
+        }
+    }
+    if messages == 0 {
+        return Ok(0);
+    }
+    match pipe.query_async::<()>(&mut conn).await {
+        Ok(()) => Ok(messages),
+        Err(e) => {
+            tracing::warn!(error = %e, "publishing to redis failed");
+            shared.link.failed(generation, &e);
+            Err(messages)
+        }
+    }
+}
+
+fn add(
+    pipe: &mut Pipeline,
+    shared: &Shared,
+    live: &crate::liveness::Liveness,
+    keep: std::time::Duration,
+    me: &str,
+    dests: Dests,
+    env: &Bytes,
+) -> u64 {
+    let keys = &shared.keys;
+    match (shared.cfg.mode, dests) {
+        (Mode::PubSub, Dests::Broadcast) => {
+            pipe.publish(keys.broadcast(), env.as_ref()).ignore();
+            1
+        }
+        (Mode::Queue, Dests::Broadcast) => {
+            let nodes: Vec<String> = live
+                .live()
+                .filter(|n| *n != me)
+                .map(str::to_owned)
+                .collect();
+            nodes.iter().map(|n| xadd(pipe, shared, n, env)).sum()
+        }
+        (mode, Dests::Nodes(nodes)) => {
+            let mut n = 0;
+            for node in nodes
+                .iter()
+                .filter(|n| n.as_str() != me && live.routable(n, keep))
+            {
+                n += match mode {
+                    Mode::PubSub => {
+                        pipe.publish(keys.channel(node), env.as_ref()).ignore();
+                        1
+                    }
+                    Mode::Queue => xadd(pipe, shared, node, env),
+                };
+            }
+            n
+        }
+    }
+}
+
+fn xadd(pipe: &mut Pipeline, shared: &Shared, node: &str, env: &Bytes) -> u64 {
+    pipe.cmd("XADD")
+        .arg(shared.keys.queue(node))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(shared.cfg.queue_cap)
+        .arg("*")
+        .arg("e")
+        .arg(env.as_ref())
+        .ignore();
+    // A stream whose node never shows up again must not live forever: it
+    // expires unless its owner, renewing it every heartbeat, is alive.
+    pipe.cmd("PEXPIRE")
+        .arg(shared.keys.queue(node))
+        .arg(crate::queue_expiry(&shared.cfg).as_millis() as u64)
+        .arg("NX")
+        .ignore();
+    1
+}

@@ -1,0 +1,293 @@
+//! Receiving envelopes: a pub/sub subscriber (pub/sub mode) or a stream
+//! consumer (queue mode), each on a dedicated connection, each reconnecting
+//! by itself and counting what it could not deliver.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubStream};
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, RedisError};
+use switchboard_core::backplane::Inbound;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::link::{self, backoff};
+
+/// A pub/sub payload starting with this byte is a liveness probe, not an
+/// envelope (envelopes start with their version, never 0).
+pub(crate) const PROBE: u8 = 0;
+/// Consumer group name of every node's stream.
+const GROUP: &str = "switchboard";
+/// How long one blocking stream read waits.
+const BLOCK: Duration = Duration::from_millis(500);
+
+/// Subscribes to the node's channel and the broadcast channel.
+pub(crate) async fn subscribe(shared: &Shared) -> Result<PubSubStream, RedisError> {
+    let mut ps = shared.link.client.get_async_pubsub().await?;
+    ps.subscribe(shared.keys.channel(shared.node())).await?;
+    ps.subscribe(shared.keys.broadcast()).await?;
+    Ok(ps.into_on_message())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Pub/sub mode: forwards messages to the node until `stop`. A subscription
+/// that stops delivering the node's own probes is treated as dead, so a
+/// half-open connection cannot leave the node connected but deaf.
+pub(crate) async fn subscriber(
+    shared: Arc<Shared>,
+    first: PubSubStream,
+    inbound: Inbound,
+    stop: CancellationToken,
+) {
+    let mut stream = Some(first);
+    let check = shared.heartbeat_interval();
+    loop {
+        let mut s = match stream.take() {
+            Some(s) => s,
+            None => {
+                let mut wait = Duration::from_millis(50);
+                loop {
+                    if stop.is_cancelled() {
+                        return;
+                    }
+                    match subscribe(&shared).await {
+                        Ok(s) => {
+                            shared.link.reconnects.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!("redis subscription re-established");
+                            break s;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "redis resubscribe failed");
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = backoff(&mut wait) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        shared.last_probe.store(now_ms(), Ordering::Relaxed);
+        shared.receiving.store(true, Ordering::Release);
+        let mut ticker = tokio::time::interval(check);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                msg = s.next() => match msg {
+                    Some(m) => {
+                        let payload = m.get_payload_bytes();
+                        if payload.first() == Some(&PROBE) {
+                            shared.last_probe.store(now_ms(), Ordering::Relaxed);
+                            continue;
+                        }
+                        shared.stats.received.fetch_add(1, Ordering::Relaxed);
+                        if inbound.send(Bytes::copy_from_slice(payload)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => {
+                        tracing::warn!("redis subscription lost");
+                        break;
+                    }
+                },
+                _ = ticker.tick() => {
+                    let silent = now_ms().saturating_sub(shared.last_probe.load(Ordering::Relaxed));
+                    if silent > 3 * check.as_millis() as u64 {
+                        tracing::warn!(silent_ms = silent, "redis subscription delivers nothing; resubscribing");
+                        break;
+                    }
+                }
+            }
+        }
+        shared.receiving.store(false, Ordering::Release);
+    }
+}
+
+/// Recently seen envelope ids, to drop the duplicates at-least-once delivery brings.
+struct Seen {
+    set: HashSet<(String, u64)>,
+    order: VecDeque<(String, u64)>,
+    cap: usize,
+}
+
+impl Seen {
+    fn new(cap: usize) -> Self {
+        Self {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// Records an id; false if it was seen already.
+    fn insert(&mut self, origin: &str, id: u64) -> bool {
+        let key = (origin.to_owned(), id);
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() >= self.cap
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.set.insert(key.clone());
+        self.order.push_back(key);
+        true
+    }
+}
+
+async fn consumer_connection(shared: &Shared) -> Result<MultiplexedConnection, RedisError> {
+    let cfg = link::connection_config().set_response_timeout(Some(BLOCK + link::RESPONSE_TIMEOUT));
+    let mut conn = shared
+        .link
+        .client
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await?;
+    let created: Result<(), RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(shared.keys.queue(shared.node()))
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    match created {
+        Ok(()) => {}
+        Err(e) if e.code() == Some("BUSYGROUP") => {}
+        Err(e) => return Err(e),
+    }
+    Ok(conn)
+}
+
+/// Queue mode: reads the node's stream through its consumer group, hands
+/// entries to the node, and acknowledges them once the node has handled them.
+pub(crate) async fn consumer(
+    shared: Arc<Shared>,
+    inbound: Inbound,
+    mut handled: watch::Receiver<u64>,
+    stop: CancellationToken,
+) {
+    let key = shared.keys.queue(shared.node());
+    let me = shared.node().to_string();
+    let mut seen = Seen::new(100_000);
+    let mut sent_total = 0u64;
+    let mut first_round = true;
+    let mut wait = Duration::from_millis(50);
+    'connect: loop {
+        let mut conn = match consumer_connection(&shared).await {
+            Ok(c) => c,
+            Err(e) => {
+                shared.receiving.store(false, Ordering::Release);
+                tracing::debug!(error = %e, "redis stream consumer cannot connect");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = backoff(&mut wait) => continue 'connect,
+                }
+            }
+        };
+        wait = Duration::from_millis(50);
+        shared.receiving.store(true, Ordering::Release);
+        // Entries delivered to this consumer before a crash or a lost
+        // connection, and not acknowledged, come first ("0"); then new ones.
+        let mut cursor = "0";
+        loop {
+            let mut opts = StreamReadOptions::default()
+                .group(GROUP, &me)
+                .count(shared.cfg.concurrency);
+            if cursor == ">" {
+                opts = opts.block(BLOCK.as_millis() as usize);
+            }
+            let (keys, cursors) = ([&key], [cursor]);
+            let read: Result<StreamReadReply, RedisError> = tokio::select! {
+                () = stop.cancelled() => return,
+                r = conn.xread_options(&keys, &cursors, &opts) => r,
+            };
+            let reply = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis stream read failed");
+                    shared.receiving.store(false, Ordering::Release);
+                    if e.code() == Some("NOGROUP") {
+                        // The stream expired or was removed: recreate it.
+                        continue 'connect;
+                    }
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = backoff(&mut wait) => continue 'connect,
+                    }
+                }
+            };
+            let entries: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+            if entries.is_empty() {
+                if cursor == "0" {
+                    cursor = ">";
+                    continue;
+                }
+                first_round = false;
+                continue;
+            }
+            if first_round {
+                // A backlog from this node's previous life: give reconnecting
+                // clients a moment to come back before delivering it.
+                first_round = false;
+                tracing::info!(entries = entries.len(), grace = ?shared.cfg.backlog_grace, "delivering the backlog after the grace period");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(shared.cfg.backlog_grace) => {}
+                }
+            }
+            let oldest = shared
+                .redis_now_ms()
+                .saturating_sub(shared.cfg.queue_age.as_millis() as u64);
+            let mut ids = Vec::with_capacity(entries.len());
+            for entry in entries {
+                let stamp: u64 = entry
+                    .id
+                    .split('-')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                let bytes: Option<Vec<u8>> = entry.get("e");
+                ids.push(entry.id);
+                let Some(bytes) = bytes else { continue };
+                if stamp < oldest {
+                    shared.stats.expired.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if let Some((origin, id)) = switchboard_core::envelope::peek_id(&bytes)
+                    && !seen.insert(origin, id)
+                {
+                    shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                shared.stats.received.fetch_add(1, Ordering::Relaxed);
+                if inbound.send(Bytes::from(bytes)).await.is_err() {
+                    return;
+                }
+                sent_total += 1;
+            }
+            // Acknowledge only what the node has fully handled.
+            let target = sent_total;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = handled.wait_for(|h| *h >= target) => {}
+            }
+            let acked: Result<u64, RedisError> = conn.xack(&key, GROUP, &ids).await;
+            if let Err(e) = acked {
+                tracing::warn!(error = %e, "redis stream ack failed");
+                continue 'connect;
+            }
+        }
+    }
+}
