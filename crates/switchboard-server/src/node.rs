@@ -46,6 +46,37 @@ pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane
     })
 }
 
+/// `GET /stats`: the node's counters as JSON.
+fn stats(hub: &Hub) -> ([(switchboard::http::HeaderName, &'static str); 1], String) {
+    let s = hub.stats();
+    let b = s.backplane;
+    let body = serde_json::json!({
+        "node": hub.node_id().as_str(),
+        "conns_open": s.conns_open,
+        "conns_opened": s.conns_opened,
+        "conns_closed": s.conns_closed,
+        "conns_rejected": s.conns_rejected,
+        "frames_in": s.frames_in,
+        "frames_queued": s.frames_queued,
+        "frames_dropped": s.frames_dropped,
+        "slow_consumers_closed": s.slow_consumers_closed,
+        "bad_envelopes": s.bad_envelopes,
+        "backplane": {
+            "published": b.published,
+            "publish_dropped": b.publish_dropped,
+            "received": b.received,
+            "receive_dropped": b.receive_dropped,
+            "duplicates": b.duplicates,
+            "expired": b.expired,
+            "reconnects": b.reconnects,
+        },
+    });
+    (
+        [(switchboard::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
 /// `GET /ready`: 200 while the node can reach its cluster, 503 with the reason otherwise.
 async fn ready(hub: Hub) -> (switchboard::http::StatusCode, String) {
     match hub.cluster_status() {
@@ -80,13 +111,21 @@ pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow:
             .await
             .with_context(|| format!("binding the WebSocket listener on {addr}"))?;
         ws = Some(l.local_addr()?);
-        let router = switchboard::axum::router(hub.clone(), &cfg.ws_path).route(
-            "/ready",
-            axum::routing::get({
-                let hub = hub.clone();
-                move || ready(hub.clone())
-            }),
-        );
+        let router = switchboard::axum::router(hub.clone(), &cfg.ws_path)
+            .route(
+                "/ready",
+                axum::routing::get({
+                    let hub = hub.clone();
+                    move || ready(hub.clone())
+                }),
+            )
+            .route(
+                "/stats",
+                axum::routing::get({
+                    let hub = hub.clone();
+                    move || std::future::ready(stats(&hub))
+                }),
+            );
         server = server.http(l, router);
     }
     let mut tcp = None;

@@ -82,8 +82,8 @@ impl InProcess {
     }
 
     /// Boxed, for the conformance suite.
-    pub async fn boxed(mode: Mode) -> Box<dyn Cluster> {
-        Box::new(Self::start(mode).await.expect("cluster starts"))
+    pub async fn boxed(mode: Mode) -> Option<Box<dyn Cluster>> {
+        Some(Box::new(Self::start(mode).await.expect("cluster starts")))
     }
 }
 
@@ -200,7 +200,7 @@ pub struct Process {
 
 impl Process {
     /// One process per argument list, for the conformance suite.
-    pub async fn boxed(bin: &str, nodes: &[&[&str]]) -> Box<dyn Cluster> {
+    pub async fn boxed(bin: &str, nodes: &[&[&str]]) -> Option<Box<dyn Cluster>> {
         let mut started = Vec::new();
         for args in nodes {
             started.push(
@@ -209,7 +209,35 @@ impl Process {
                     .expect("node starts"),
             );
         }
-        Box::new(Process { nodes: started })
+        Some(Box::new(Process { nodes: started }))
+    }
+
+    /// `n` processes on the shared Redis in `mode` (`pubsub` or `queue`),
+    /// under a prefix of their own; `None` to skip when Redis is missing
+    /// outside CI. `extra` is appended to the cluster URL's query.
+    pub async fn redis(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
+        let url = crate::services::redis_url()?;
+        let cluster = format!(
+            "{url}?mode={mode}&prefix={}{extra}",
+            crate::services::unique_prefix(mode)
+        );
+        Some(Box::new(
+            Self::start_cluster(bin, n, &cluster)
+                .await
+                .expect("nodes start"),
+        ))
+    }
+
+    /// `n` processes with `--cluster URL`, named n0, n1, ...
+    pub async fn start_cluster(bin: &str, n: usize, cluster: &str) -> Result<Process> {
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let id = format!("n{i}");
+            nodes.push(
+                ProcessNode::spawn(bin.as_ref(), &["--node-id", &id, "--cluster", cluster]).await?,
+            );
+        }
+        Ok(Process { nodes })
     }
 }
 
