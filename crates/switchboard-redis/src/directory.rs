@@ -166,12 +166,14 @@ impl Directory {
         Ok(covered)
     }
 
-    /// Applies reported changes until `stop`.
+    /// Applies reported changes until `stop`. `ttl` is the node's liveness
+    /// TTL, renewed with every rebuild (a restarted Redis forgot it too).
     pub(crate) async fn run(
         &self,
         link: Arc<Link>,
         node: NodeId,
         local: Arc<dyn LocalView>,
+        ttl: std::time::Duration,
         stop: CancellationToken,
     ) {
         let Some(mut rx) = self.rx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
@@ -187,6 +189,12 @@ impl Directory {
             if self.synced.load(Ordering::Acquire) != generation
                 || self.dirty.swap(false, Ordering::AcqRel)
             {
+                if let Err(e) =
+                    crate::liveness::beat(&mut conn, &self.keys, node.as_str(), ttl).await
+                {
+                    link.failed(generation, &e);
+                    continue;
+                }
                 match self.rebuild(&mut conn, &node, &*local).await {
                     Ok(covered) => {
                         skip_until = covered;

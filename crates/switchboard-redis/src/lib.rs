@@ -67,6 +67,7 @@ struct Stats {
     published: AtomicU64,
     publish_dropped: AtomicU64,
     received: AtomicU64,
+    receive_dropped: AtomicU64,
     duplicates: AtomicU64,
     expired: AtomicU64,
 }
@@ -88,6 +89,8 @@ pub(crate) struct Shared {
     last_probe: AtomicU64,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// Identifies this process's sequence numbers on pub/sub channels.
+    epoch: u64,
 }
 
 impl Shared {
@@ -152,6 +155,7 @@ impl RedisBackplane {
                 last_probe: AtomicU64::new(0),
                 tasks: TaskTracker::new(),
                 stop: CancellationToken::new(),
+                epoch: rand::random(),
             }),
         })
     }
@@ -255,7 +259,13 @@ impl Backplane for RedisBackplane {
         s.tasks.spawn({
             let shared = s.clone();
             let (node, local, stop) = (ctx.node.clone(), ctx.local.clone(), stop.clone());
-            async move { shared.dir.run(shared.link.clone(), node, local, stop).await }
+            async move {
+                let ttl = shared.cfg.node_ttl;
+                shared
+                    .dir
+                    .run(shared.link.clone(), node, local, ttl, stop)
+                    .await
+            }
         });
         if let Some(rx) = s.out_rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
             s.tasks.spawn(publish::run(s.clone(), rx, stop.clone()));
@@ -273,10 +283,13 @@ impl Backplane for RedisBackplane {
                 ));
             }
             Mode::Queue => {
+                let backlog = receive::prepare_queue(s).await.map_err(unreachable)?;
+                s.receiving.store(true, Ordering::Release);
                 s.tasks.spawn(receive::consumer(
                     s.clone(),
                     ctx.inbound,
                     ctx.handled,
+                    backlog,
                     stop.clone(),
                 ));
             }
@@ -406,7 +419,7 @@ impl Backplane for RedisBackplane {
             published: g(&s.published),
             publish_dropped: g(&s.publish_dropped),
             received: g(&s.received),
-            receive_dropped: 0,
+            receive_dropped: g(&s.receive_dropped),
             duplicates: g(&s.duplicates),
             expired: g(&s.expired),
             reconnects: self.shared.link.reconnects.load(Ordering::Relaxed),

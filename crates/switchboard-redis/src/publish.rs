@@ -44,11 +44,15 @@ enum Dests {
     Nodes(BTreeSet<String>),
 }
 
+/// Per-channel sequence numbers of this process's pub/sub messages.
+pub(crate) type Sequences = HashMap<String, u64>;
+
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Outgoing>,
     stop: CancellationToken,
 ) {
+    let mut seqs = Sequences::new();
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
@@ -56,7 +60,7 @@ pub(crate) async fn run(
             n = rx.recv_many(&mut batch, BATCH) => if n == 0 { return },
         }
         loop {
-            match send(&shared, &batch, &stop).await {
+            match send(&shared, &batch, &mut seqs, &stop).await {
                 Ok(sent) => {
                     shared.stats.published.fetch_add(sent, Ordering::Relaxed);
                     break;
@@ -82,7 +86,12 @@ pub(crate) async fn run(
 
 /// Sends one batch; returns the number of messages sent, or on failure the
 /// number that were to be sent.
-async fn send(shared: &Shared, batch: &[Outgoing], stop: &CancellationToken) -> Result<u64, u64> {
+async fn send(
+    shared: &Shared,
+    batch: &[Outgoing],
+    seqs: &mut Sequences,
+    stop: &CancellationToken,
+) -> Result<u64, u64> {
     let Some((mut conn, generation)) = shared.link.current() else {
         // Down: in queue mode wait; in pub/sub mode this batch is lost.
         if shared.cfg.mode == Mode::Queue {
@@ -190,7 +199,7 @@ async fn send(shared: &Shared, batch: &[Outgoing], stop: &CancellationToken) -> 
                     Dests::Nodes(nodes)
                 }
             };
-            messages += add(&mut pipe, shared, live, keep, me, dests, &o.envelope);
+            messages += add(&mut pipe, shared, seqs, live, keep, me, dests, &o.envelope);
         }
     }
     if messages == 0 {
@@ -206,9 +215,11 @@ async fn send(shared: &Shared, batch: &[Outgoing], stop: &CancellationToken) -> 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn add(
     pipe: &mut Pipeline,
     shared: &Shared,
+    seqs: &mut Sequences,
     live: &crate::liveness::Liveness,
     keep: std::time::Duration,
     me: &str,
@@ -218,7 +229,7 @@ fn add(
     let keys = &shared.keys;
     match (shared.cfg.mode, dests) {
         (Mode::PubSub, Dests::Broadcast) => {
-            pipe.publish(keys.broadcast(), env.as_ref()).ignore();
+            publish(pipe, shared, seqs, keys.broadcast(), env);
             1
         }
         (Mode::Queue, Dests::Broadcast) => {
@@ -237,7 +248,7 @@ fn add(
             {
                 n += match mode {
                     Mode::PubSub => {
-                        pipe.publish(keys.channel(node), env.as_ref()).ignore();
+                        publish(pipe, shared, seqs, keys.channel(node), env);
                         1
                     }
                     Mode::Queue => xadd(pipe, shared, node, env),
@@ -246,6 +257,25 @@ fn add(
             n
         }
     }
+}
+
+/// PUBLISH with the sequenced header (see `receive::SEQUENCED`). A number is
+/// used even if the pipeline later fails: the receiver then sees the gap.
+fn publish(
+    pipe: &mut Pipeline,
+    shared: &Shared,
+    seqs: &mut Sequences,
+    channel: String,
+    env: &Bytes,
+) {
+    let seq = seqs.entry(channel.clone()).or_insert(0);
+    *seq += 1;
+    let mut payload = Vec::with_capacity(crate::receive::HEADER + env.len());
+    payload.push(crate::receive::SEQUENCED);
+    payload.extend_from_slice(&shared.epoch.to_be_bytes());
+    payload.extend_from_slice(&seq.to_be_bytes());
+    payload.extend_from_slice(env);
+    pipe.publish(channel, payload).ignore();
 }
 
 fn xadd(pipe: &mut Pipeline, shared: &Shared, node: &str, env: &Bytes) -> u64 {

@@ -19,9 +19,38 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::link::{self, backoff};
 
-/// A pub/sub payload starting with this byte is a liveness probe, not an
-/// envelope (envelopes start with their version, never 0).
+/// A pub/sub payload starting with this byte is a liveness probe.
 pub(crate) const PROBE: u8 = 0;
+/// A pub/sub payload starting with this byte is a sequenced envelope: the
+/// sender's epoch (u64 BE), its sequence number on this channel (u64 BE), then
+/// the envelope. Receivers count the numbers they never saw as lost.
+pub(crate) const SEQUENCED: u8 = 2;
+pub(crate) const HEADER: usize = 17;
+
+/// Counts what a subscriber missed, per sender and channel.
+#[derive(Default)]
+struct Gaps {
+    last: std::collections::HashMap<(String, bool), (u64, u64)>,
+}
+
+impl Gaps {
+    /// Records `seq` of `epoch` from `origin`; returns how many were skipped.
+    fn record(&mut self, origin: &str, broadcast: bool, epoch: u64, seq: u64) -> u64 {
+        let entry = self
+            .last
+            .entry((origin.to_owned(), broadcast))
+            .or_insert((epoch, seq.saturating_sub(1)));
+        let missed = if entry.0 == epoch && seq > entry.1 {
+            seq - entry.1 - 1
+        } else {
+            0
+        };
+        if entry.0 != epoch || seq > entry.1 {
+            *entry = (epoch, seq);
+        }
+        missed
+    }
+}
 /// Consumer group name of every node's stream.
 const GROUP: &str = "switchboard";
 /// How long one blocking stream read waits.
@@ -52,6 +81,8 @@ pub(crate) async fn subscriber(
 ) {
     let mut stream = Some(first);
     let check = shared.heartbeat_interval();
+    let broadcast_channel = shared.keys.broadcast();
+    let mut gaps = Gaps::default();
     loop {
         let mut s = match stream.take() {
             Some(s) => s,
@@ -87,17 +118,36 @@ pub(crate) async fn subscriber(
                 msg = s.next() => match msg {
                     Some(m) => {
                         let payload = m.get_payload_bytes();
-                        if payload.first() == Some(&PROBE) {
-                            shared.last_probe.store(now_ms(), Ordering::Relaxed);
-                            continue;
-                        }
-                        shared.stats.received.fetch_add(1, Ordering::Relaxed);
-                        if inbound.send(Bytes::copy_from_slice(payload)).await.is_err() {
-                            return;
+                        match payload.first() {
+                            Some(&PROBE) => {
+                                shared.last_probe.store(now_ms(), Ordering::Relaxed);
+                                continue;
+                            }
+                            Some(&SEQUENCED) if payload.len() > HEADER => {
+                                let epoch = u64::from_be_bytes(payload[1..9].try_into().unwrap_or_default());
+                                let seq = u64::from_be_bytes(payload[9..17].try_into().unwrap_or_default());
+                                let envelope = &payload[HEADER..];
+                                if let Some((origin, _)) = switchboard_core::envelope::peek_id(envelope) {
+                                    let broadcast = m.get_channel_name() == broadcast_channel;
+                                    let missed = gaps.record(origin, broadcast, epoch, seq);
+                                    if missed > 0 {
+                                        tracing::warn!(%origin, missed, "pub/sub messages lost");
+                                        shared.stats.receive_dropped.fetch_add(missed, Ordering::Relaxed);
+                                    }
+                                }
+                                shared.stats.received.fetch_add(1, Ordering::Relaxed);
+                                if inbound.send(Bytes::copy_from_slice(envelope)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            _ => {
+                                tracing::warn!("malformed pub/sub message dropped");
+                            }
                         }
                     }
                     None => {
                         tracing::warn!("redis subscription lost");
+                        fail_link(&shared);
                         break;
                     }
                 },
@@ -111,6 +161,18 @@ pub(crate) async fn subscriber(
             }
         }
         shared.receiving.store(false, Ordering::Release);
+    }
+}
+
+/// Tells the shared connection's supervisor that Redis went away, so that the
+/// directory is rebuilt at once rather than at the next failing command.
+fn fail_link(shared: &Shared) {
+    if let Some((_, generation)) = shared.link.current() {
+        let e = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "a dedicated redis connection was lost",
+        ));
+        shared.link.failed(generation, &e);
     }
 }
 
@@ -170,19 +232,38 @@ async fn consumer_connection(shared: &Shared) -> Result<MultiplexedConnection, R
     Ok(conn)
 }
 
+/// A stream entry id `MS-SEQ` as a comparable pair.
+pub(crate) fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// Queue mode, at join: creates the node's stream and group if needed and
+/// returns the id of the last entry already in it (its possible backlog).
+pub(crate) async fn prepare_queue(shared: &Shared) -> Result<Option<(u64, u64)>, RedisError> {
+    let mut conn = consumer_connection(shared).await?;
+    let last: redis::streams::StreamRangeReply = conn
+        .xrevrange_count(shared.keys.queue(shared.node()), "+", "-", 1)
+        .await?;
+    Ok(last.ids.first().map(|e| parse_id(&e.id)))
+}
+
 /// Queue mode: reads the node's stream through its consumer group, hands
 /// entries to the node, and acknowledges them once the node has handled them.
 pub(crate) async fn consumer(
     shared: Arc<Shared>,
     inbound: Inbound,
     mut handled: watch::Receiver<u64>,
+    backlog_until: Option<(u64, u64)>,
     stop: CancellationToken,
 ) {
     let key = shared.keys.queue(shared.node());
     let me = shared.node().to_string();
     let mut seen = Seen::new(100_000);
     let mut sent_total = 0u64;
-    let mut first_round = true;
+    // Entries up to this id were in the stream before this process joined: a
+    // backlog from its previous life, held back for the grace period once.
+    let mut backlog_until = backlog_until;
     let mut wait = Duration::from_millis(50);
     'connect: loop {
         let mut conn = match consumer_connection(&shared).await {
@@ -218,6 +299,9 @@ pub(crate) async fn consumer(
                 Err(e) => {
                     tracing::warn!(error = %e, "redis stream read failed");
                     shared.receiving.store(false, Ordering::Release);
+                    if link::is_link_error(&e) {
+                        fail_link(&shared);
+                    }
                     if e.code() == Some("NOGROUP") {
                         // The stream expired or was removed: recreate it.
                         continue 'connect;
@@ -230,17 +314,15 @@ pub(crate) async fn consumer(
             };
             let entries: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
             if entries.is_empty() {
-                if cursor == "0" {
-                    cursor = ">";
-                    continue;
-                }
-                first_round = false;
+                cursor = ">";
                 continue;
             }
-            if first_round {
-                // A backlog from this node's previous life: give reconnecting
+            let backlog =
+                backlog_until.is_some_and(|until| entries.iter().any(|e| parse_id(&e.id) <= until));
+            if backlog {
+                backlog_until = None;
+                // Left from this node's previous life: give reconnecting
                 // clients a moment to come back before delivering it.
-                first_round = false;
                 tracing::info!(entries = entries.len(), grace = ?shared.cfg.backlog_grace, "delivering the backlog after the grace period");
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -289,5 +371,35 @@ pub(crate) async fn consumer(
                 continue 'connect;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Gaps;
+
+    #[test]
+    fn gaps_count_skipped_numbers_per_sender_epoch_and_channel() {
+        let mut g = Gaps::default();
+        assert_eq!(g.record("a", false, 1, 1), 0);
+        assert_eq!(g.record("a", false, 1, 2), 0);
+        assert_eq!(g.record("a", false, 1, 5), 2);
+        assert_eq!(g.record("a", true, 1, 1), 0, "channels are counted apart");
+        assert_eq!(
+            g.record("a", false, 1, 4),
+            0,
+            "late or repeated numbers are not losses"
+        );
+        assert_eq!(
+            g.record("a", false, 2, 1),
+            0,
+            "a new epoch (restarted sender) starts over"
+        );
+        assert_eq!(
+            g.record("b", false, 9, 7),
+            0,
+            "first message seen from a sender is not a gap"
+        );
+        assert_eq!(g.record("b", false, 9, 9), 1);
     }
 }

@@ -1,0 +1,498 @@
+//! Redis modes under faults: a node killed, Redis restarted during traffic, a
+//! node restarted with a backlog, subscriptions killed; and routing that sends
+//! a push only to the nodes that need it. Real binaries, real Redis.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use switchboard_test::Client;
+use switchboard_test::client::Event;
+use switchboard_test::cluster::{Process, ProcessNode};
+use switchboard_test::services::{RedisServer, http_get, redis_url, unique_prefix};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+async fn stats(node: &ProcessNode) -> Value {
+    let (status, body) = http_get(node.ws.unwrap(), "/stats").await.unwrap();
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn wait_ready(node: &ProcessNode, within: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        if let Ok((200, _)) = http_get(node.ws.unwrap(), "/ready").await {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < within,
+            "node {} not ready within {within:?}",
+            node.node_id
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn kill9(node: &mut ProcessNode) {
+    let pid = node.pid();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_goes_offline_within_the_ttl() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("kill");
+    let cluster = format!("{url}?mode=pubsub&prefix={prefix}&ttl=1.5");
+    let mut p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
+    let mut asker = Client::ws(p.nodes[0].ws.unwrap(), "asker", None)
+        .await
+        .unwrap();
+    let _victim = Client::ws(p.nodes[1].ws.unwrap(), "victim", Some("vg"))
+        .await
+        .unwrap();
+    assert_eq!(
+        asker
+            .ask(json!({"op":"online","uid":"victim"}))
+            .await
+            .unwrap()["online"],
+        true
+    );
+    assert_eq!(
+        asker
+            .ask(json!({"op":"group_count","group":"vg"}))
+            .await
+            .unwrap()["count"],
+        1
+    );
+
+    kill9(&mut p.nodes[1]);
+    let killed = Instant::now();
+    loop {
+        let r = asker
+            .ask(json!({"op":"online","uid":"victim"}))
+            .await
+            .unwrap();
+        if r["online"] == false {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "ghost online user: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let offline_after = killed.elapsed();
+    assert_eq!(
+        asker
+            .ask(json!({"op":"group_count","group":"vg"}))
+            .await
+            .unwrap()["count"],
+        0
+    );
+    assert!(
+        offline_after <= Duration::from_millis(1500 + 300),
+        "offline after {offline_after:?}, bound is the 1.5 s TTL"
+    );
+
+    // A TTL later the survivors collect the dead node's entries.
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    loop {
+        let left: bool = redis::cmd("EXISTS")
+            .arg(format!("{prefix}:nc:n1"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if !left {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(8),
+            "dead node's entries never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "killed node: offline in every answer after {offline_after:?}; entries collected after {:?}",
+        killed.elapsed()
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+/// Sends numbered pushes from a client on node 0 to user `to` until stopped.
+fn traffic(
+    mut sender: Client,
+    to: &'static str,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<Client> {
+    tokio::spawn(async move {
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            sender
+                .send(json!({"op":"to_user","uid":to,"data":i.to_string()}))
+                .await
+                .unwrap();
+            i += 1;
+            sent.store(i, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        sender
+    })
+}
+
+struct Outcome {
+    got: Vec<u64>,
+    recovery: Duration,
+    /// Still connected, so that answers about it can be checked.
+    _receiver: Client,
+}
+
+/// Runs traffic, restarts Redis in the middle, and collects what arrived.
+async fn restart_during_traffic(
+    mode: &str,
+    durable: bool,
+) -> Option<(Outcome, u64, Process, RedisServer)> {
+    let mut rs = RedisServer::start(durable).unwrap()?;
+    let cluster = format!(
+        "{}?mode={mode}&prefix={}&ttl=3",
+        rs.url(),
+        unique_prefix("restart")
+    );
+    let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
+    let sender = Client::tcp(p.nodes[0].tcp.unwrap(), "sender", None)
+        .await
+        .unwrap();
+    let mut receiver = Client::ws(p.nodes[1].ws.unwrap(), "receiver", None)
+        .await
+        .unwrap();
+    let (stop, sent) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let task = traffic(sender, "receiver", stop.clone(), sent.clone());
+
+    let mut got = Vec::new();
+    let until = |d| Instant::now() + d;
+    // Traffic flows before the restart.
+    let t = until(Duration::from_millis(400));
+    while Instant::now() < t {
+        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
+            got.push(s.parse::<u64>().unwrap());
+        }
+    }
+    assert!(!got.is_empty(), "no traffic before the restart");
+    rs.restart().unwrap();
+    let restarted = Instant::now();
+    let sent_at_restart = sent.load(Ordering::Relaxed);
+    // Service resumes by itself: a push made after the restart arrives.
+    let recovery = loop {
+        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
+            let n = s.parse::<u64>().unwrap();
+            got.push(n);
+            if n > sent_at_restart {
+                break restarted.elapsed();
+            }
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(15),
+            "{mode}: no delivery after the Redis restart"
+        );
+    };
+    let t = until(Duration::from_millis(500));
+    while Instant::now() < t {
+        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
+            got.push(s.parse::<u64>().unwrap());
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _sender = task.await.unwrap();
+    let total = sent.load(Ordering::Relaxed);
+    // Drain what is still in flight.
+    while let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(1500)).await {
+        got.push(s.parse::<u64>().unwrap());
+    }
+    for n in &p.nodes {
+        wait_ready(n, Duration::from_secs(10)).await;
+    }
+    Some((
+        Outcome {
+            got,
+            recovery,
+            _receiver: receiver,
+        },
+        total,
+        p,
+        rs,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
+    let Some((out, sent, p, _rs)) = restart_during_traffic("pubsub", false).await else {
+        return;
+    };
+    let mut sorted = out.got.clone();
+    sorted.dedup();
+    assert_eq!(sorted.len(), out.got.len(), "duplicates in pub/sub mode");
+    assert!(out.got.windows(2).all(|w| w[0] < w[1]), "out of order");
+    let lost = sent - out.got.len() as u64;
+    let s0 = stats(&p.nodes[0]).await;
+    let s1 = stats(&p.nodes[1]).await;
+    let dropped = s0["backplane"]["publish_dropped"].as_u64().unwrap();
+    eprintln!(
+        "pubsub redis restart: recovered in {:?}; sent {sent}, received {}, lost {lost}, counted as dropped by the sender {dropped}; reconnects n0={} n1={}",
+        out.recovery,
+        out.got.len(),
+        s0["backplane"]["reconnects"],
+        s1["backplane"]["reconnects"]
+    );
+    assert!(
+        s1["backplane"]["reconnects"].as_u64().unwrap() >= 1,
+        "receiver never resubscribed"
+    );
+    // Losses are not silent: the sender saw its publishes fail, or the
+    // receiver saw gaps in the sequence numbers.
+    let gaps = s1["backplane"]["receive_dropped"].as_u64().unwrap();
+    eprintln!("pubsub redis restart: receiver counted {gaps} missing");
+    assert!(
+        lost <= dropped + gaps,
+        "lost {lost}, counted {dropped} + {gaps}"
+    );
+    // The directory was rebuilt: answers are right again.
+    let mut c = Client::ws(p.nodes[0].ws.unwrap(), "checker", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        c.ask(json!({"op":"online","uid":"receiver"}))
+            .await
+            .unwrap()["online"],
+        true
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_loses_nothing_across_a_redis_restart() {
+    let Some((out, sent, p, _rs)) = restart_during_traffic("queue", true).await else {
+        return;
+    };
+    let expected: Vec<u64> = (0..sent).collect();
+    let s1 = stats(&p.nodes[1]).await;
+    eprintln!(
+        "queue redis restart: recovered in {:?}; sent {sent}, received {}; duplicates dropped by n1 {}",
+        out.recovery,
+        out.got.len(),
+        s1["backplane"]["duplicates"]
+    );
+    assert_eq!(
+        out.got, expected,
+        "queue mode lost, duplicated or reordered pushes"
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_node_restarted_under_its_id_gets_its_backlog() {
+    let Some(url) = redis_url() else { return };
+    let cluster = format!(
+        "{url}?mode=queue&prefix={}&ttl=1.5&backlog_grace=2",
+        unique_prefix("backlog")
+    );
+    let mut p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
+    let mut sender = Client::tcp(p.nodes[0].tcp.unwrap(), "sender", None)
+        .await
+        .unwrap();
+    let _b = Client::ws(p.nodes[1].ws.unwrap(), "b", None).await.unwrap();
+
+    kill9(&mut p.nodes[1]);
+    let _ = p.nodes[1].child.wait().await;
+    for i in 0..5 {
+        sender
+            .send(json!({"op":"to_user","uid":"b","data":format!("while down {i}")}))
+            .await
+            .unwrap();
+    }
+    // Make sure node 0 has written them before node 1 comes back.
+    assert_eq!(
+        sender
+            .ask(json!({"op":"online","uid":"nobody"}))
+            .await
+            .unwrap()["online"],
+        false
+    );
+
+    let restarted = ProcessNode::spawn(BIN.as_ref(), &["--node-id", "n1", "--cluster", &cluster])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut b = Client::ws(restarted.ws.unwrap(), "b", None).await.unwrap();
+    for i in 0..5 {
+        assert_eq!(b.recv().await.unwrap(), format!("while down {i}"));
+    }
+    eprintln!(
+        "queue backlog: 5 of 5 delivered {:?} after the restart",
+        started.elapsed()
+    );
+    p.nodes[1] = restarted;
+    Box::new(p).shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_subscriptions_are_restored() {
+    let Some(rs) = RedisServer::start(false).unwrap() else {
+        return;
+    };
+    let cluster = format!(
+        "{}?mode=pubsub&prefix={}&ttl=1.5",
+        rs.url(),
+        unique_prefix("deaf")
+    );
+    let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
+    let mut a = Client::tcp(p.nodes[0].tcp.unwrap(), "a", None)
+        .await
+        .unwrap();
+    let mut b = Client::ws(p.nodes[1].ws.unwrap(), "b", None).await.unwrap();
+    let mut redis = redis::Client::open(rs.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "killed {killed} subscriptions");
+    let t = Instant::now();
+    let mut i = 0;
+    loop {
+        a.send(json!({"op":"to_user","uid":"b","data":format!("p{i}")}))
+            .await
+            .unwrap();
+        i += 1;
+        if let Ok(Event::Text(_)) = b.next_event(Duration::from_millis(100)).await {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "node stayed deaf after its subscription was killed"
+        );
+    }
+    eprintln!(
+        "killed subscriptions: deliveries resumed after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        stats(&p.nodes[1]).await["backplane"]["reconnects"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("route");
+    let cluster = format!("{url}?mode=pubsub&prefix={prefix}");
+    let p = Process::start_cluster(BIN, 3, &cluster).await.unwrap();
+
+    // Watch every channel of this cluster.
+    let mut watcher = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    watcher.psubscribe(format!("{prefix}:*")).await.unwrap();
+    let counts: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
+    let watch = tokio::spawn({
+        let counts = counts.clone();
+        async move {
+            let mut s = watcher.into_on_message();
+            while let Some(m) = s.next().await {
+                if m.get_payload_bytes().first() != Some(&0) {
+                    *counts
+                        .lock()
+                        .unwrap()
+                        .entry(m.get_channel_name().to_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+    });
+
+    let mut s = Client::tcp(p.nodes[0].tcp.unwrap(), "s", None)
+        .await
+        .unwrap();
+    let mut u1 = Client::ws(p.nodes[1].ws.unwrap(), "only1", Some("g"))
+        .await
+        .unwrap();
+    let mut u2 = Client::ws(p.nodes[2].ws.unwrap(), "two", Some("g"))
+        .await
+        .unwrap();
+    let target2 = u2.conn.clone();
+    for i in 0..10 {
+        s.send(json!({"op":"to_user","uid":"only1","data":format!("u{i}")}))
+            .await
+            .unwrap();
+        s.send(json!({"op":"to_group","group":"g","data":format!("g{i}")}))
+            .await
+            .unwrap();
+        s.send(json!({"op":"to_conn","conn":target2,"data":format!("c{i}")}))
+            .await
+            .unwrap();
+        s.send(json!({"op":"to_all","data":format!("a{i}")}))
+            .await
+            .unwrap();
+    }
+    // Each receiver gets its 30 frames; the sender its 10 broadcasts.
+    for _ in 0..30 {
+        u1.recv().await.unwrap();
+        u2.recv().await.unwrap();
+    }
+    for _ in 0..10 {
+        s.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watch.abort();
+    let counts = counts.lock().unwrap().clone();
+    let get = |c: &str| counts.get(&format!("{prefix}:{c}")).copied().unwrap_or(0);
+    eprintln!("messages per channel: {counts:?}");
+    assert_eq!(
+        get("ch:n0"),
+        0,
+        "the sender's node needs nothing from Redis"
+    );
+    assert_eq!(get("ch:n1"), 20, "n1: 10 to_user + 10 to_group");
+    assert_eq!(get("ch:n2"), 20, "n2: 10 to_group + 10 to_conn");
+    assert_eq!(get("bc"), 10, "to_all: one broadcast message per push");
+    Box::new(p).shutdown_all().await;
+}
+
+trait ShutdownAll {
+    async fn shutdown_all(self);
+}
+
+impl ShutdownAll for Box<Process> {
+    async fn shutdown_all(self) {
+        use switchboard_test::Cluster;
+        self.shutdown().await;
+    }
+}
