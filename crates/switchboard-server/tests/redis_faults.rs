@@ -486,6 +486,117 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
     Box::new(p).shutdown_all().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_queue_is_capped_then_removed() {
+    let Some(url) = redis_url() else { return };
+    let prefix = unique_prefix("cap");
+    let cluster = format!("{url}?mode=queue&prefix={prefix}&ttl=1&queue_cap=50&queue_age=2");
+    let mut p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
+    let mut sender = Client::tcp(p.nodes[0].tcp.unwrap(), "sender", None)
+        .await
+        .unwrap();
+    let _gone = Client::ws(p.nodes[1].ws.unwrap(), "gone", None)
+        .await
+        .unwrap();
+    kill9(&mut p.nodes[1]);
+    let killed = Instant::now();
+    for i in 0..400 {
+        sender
+            .send(json!({"op":"to_user","uid":"gone","data":i.to_string()}))
+            .await
+            .unwrap();
+    }
+    // Wait until node 0 has written all 400 to Redis.
+    loop {
+        if stats(&p.nodes[0]).await["backplane"]["published"]
+            .as_u64()
+            .unwrap()
+            >= 400
+        {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "pushes never written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let queue = format!("{prefix}:q:n1");
+    let len: u64 = redis::cmd("XLEN")
+        .arg(&queue)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    // Approximate trimming removes whole stream nodes (100 entries).
+    assert!(
+        (50..=50 + 100).contains(&len),
+        "queue of a dead node holds {len}"
+    );
+    // Dead for longer than the queue age: collected, queue and all.
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&queue)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        if !exists {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "dead node's queue never removed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "dead node's queue: {len} entries (cap 50), removed {:?} after the kill",
+        killed.elapsed()
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_redis() {
+    let Some(mut rs) = RedisServer::start(false).unwrap() else {
+        return;
+    };
+    let cluster = format!(
+        "{}?mode=pubsub&prefix={}&ttl=1.5",
+        rs.url(),
+        unique_prefix("ready")
+    );
+    let p = Process::start_cluster(BIN, 1, &cluster).await.unwrap();
+    let node = &p.nodes[0];
+    wait_ready(node, Duration::from_secs(5)).await;
+    rs.kill();
+    let t = Instant::now();
+    let reason = loop {
+        let (status, body) = http_get(node.ws.unwrap(), "/ready").await.unwrap();
+        if status == 503 {
+            break body;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "still ready with Redis gone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let noticed = t.elapsed();
+    assert!(reason.contains("redis"), "{reason}");
+    rs.restart().unwrap();
+    let back = wait_ready(node, Duration::from_secs(10)).await;
+    eprintln!(
+        "readiness: 503 ({}) {noticed:?} after Redis died, ready {back:?} after it returned",
+        reason.trim()
+    );
+    Box::new(p).shutdown_all().await;
+}
+
 trait ShutdownAll {
     async fn shutdown_all(self);
 }
