@@ -373,6 +373,36 @@ mod tests {
             }),
             Err(ConfigError::Cluster(_))
         ));
+        // Redis options: the URL's, overridden by flags; refused without Redis.
+        let cfg = ServeConfig::load(ServeArgs {
+            cluster: Some("redis://127.0.0.1:6379/1?mode=queue&prefix=fromurl&ttl=4".into()),
+            redis_prefix: Some("fromflag".into()),
+            redis_queue_age: Some("60".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        let ClusterUrl::Redis(r) = &cfg.cluster else {
+            panic!("not redis: {}", cfg.cluster)
+        };
+        assert_eq!(r.prefix, "fromflag");
+        assert_eq!(r.node_ttl, Duration::from_secs(4));
+        assert_eq!(r.queue_age, Duration::from_secs(60));
+        assert_eq!(r.mode, switchboard_redis::Mode::Queue);
+        assert_eq!(r.url, "redis://127.0.0.1:6379/1");
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                redis_prefix: Some("x".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::RedisOptionWithoutRedis("redis_prefix"))
+        ));
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                cluster: Some("redis://x?mode=fast".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::Redis(_))
+        ));
         assert!(matches!(
             ServeConfig::load(ServeArgs {
                 ws: Some("off".into()),
