@@ -31,7 +31,7 @@ pub struct ServeArgs {
     /// TCP framing: `line` or `length` [default: line]
     #[arg(long, env = "SWITCHBOARD_TCP_FRAMING")]
     pub tcp_framing: Option<Framing>,
-    /// Cluster backplane: `local`, or `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` [default: local]
+    /// Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), or `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` [default: local]
     #[arg(long, env = "SWITCHBOARD_CLUSTER")]
     pub cluster: Option<String>,
     /// Redis: key and channel prefix (overrides the URL's `prefix`) [default: sb]
@@ -106,6 +106,10 @@ struct FileConfig {
 pub enum ClusterUrl {
     /// One process, no peers.
     Local,
+    /// Several nodes in this one process, joined by an in-memory bus
+    /// (`memory:N`): a cluster without any external service, for trying the
+    /// cluster behaviour and for benchmarks.
+    Memory(usize),
     /// A shared Redis.
     Redis(switchboard_redis::RedisConfig),
 }
@@ -114,6 +118,7 @@ impl std::fmt::Display for ClusterUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ClusterUrl::Local => f.write_str("local"),
+            ClusterUrl::Memory(n) => write!(f, "in-process, {n} nodes"),
             ClusterUrl::Redis(c) => write!(f, "redis {}, prefix {:?}", c.mode, c.prefix),
         }
     }
@@ -124,6 +129,10 @@ impl std::str::FromStr for ClusterUrl {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "local" | "" => Ok(ClusterUrl::Local),
+            m if m.starts_with("memory:") => match m["memory:".len()..].parse::<usize>() {
+                Ok(n) if (1..=64).contains(&n) => Ok(ClusterUrl::Memory(n)),
+                _ => Err(ConfigError::Cluster(m.to_owned())),
+            },
             url if url.starts_with("redis://") || url.starts_with("rediss://") => Ok(
                 ClusterUrl::Redis(switchboard_redis::RedisConfig::from_url(url)?),
             ),
@@ -158,7 +167,7 @@ pub enum ConfigError {
     #[error(transparent)]
     NodeId(#[from] switchboard::core::id::IdError),
     /// Unknown cluster URL.
-    #[error("unsupported cluster {0:?}: use `local` or `redis://...`")]
+    #[error("unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process) or `redis://...`")]
     Cluster(String),
     /// Bad Redis options.
     #[error(transparent)]

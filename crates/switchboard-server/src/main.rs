@@ -43,9 +43,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Signal handlers are installed before the addresses are printed: whoever
     // reads them may signal at once, and must get a graceful stop.
     let signal = shutdown_signal()?;
-    let running = node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?;
+    let nodes = node::launch_all(&cfg).await?;
     #[allow(clippy::print_stdout)]
-    {
+    for running in &nodes {
         println!(
             "switchboard node {} ({} cluster)",
             running.hub.node_id(),
@@ -60,7 +60,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     signal.await;
     tracing::info!("signal received, stopping");
-    running.shutdown().await;
+    for running in nodes {
+        running.shutdown().await;
+    }
     Ok(())
 }
 

@@ -34,10 +34,12 @@ impl Running {
     }
 }
 
-/// Connects the backplane a cluster URL names.
+/// Connects the backplane a cluster URL names (for `memory:N`, a bus of its
+/// own: use [`launch_all`] to start the N nodes on one bus).
 pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane>> {
     Ok(match cluster {
         ClusterUrl::Local => Arc::new(Standalone),
+        ClusterUrl::Memory(_) => Arc::new(switchboard::core::MemoryBus::new().backplane()),
         ClusterUrl::Redis(cfg) => Arc::new(
             switchboard_redis::RedisBackplane::connect(cfg.clone())
                 .await
@@ -90,6 +92,37 @@ async fn ready(hub: Hub) -> (switchboard::http::StatusCode, String) {
             format!("{other:?}\n"),
         ),
     }
+}
+
+/// Starts every node `cfg` describes: one, or N for `memory:N` (node ids
+/// `ID0..`, ports counted up from the configured ones unless those are 0).
+pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
+    let ClusterUrl::Memory(n) = cfg.cluster else {
+        return Ok(vec![launch(cfg, backplane(&cfg.cluster).await?).await?]);
+    };
+    let bus = switchboard::core::MemoryBus::new();
+    let base = cfg.node_id.as_ref().map_or("n".to_owned(), |n| n.to_string());
+    let shift = |addr: &Option<String>, i: usize| -> anyhow::Result<Option<String>> {
+        Ok(match addr {
+            None => None,
+            Some(a) => {
+                let mut sa: SocketAddr = a.parse().with_context(|| format!("memory:N needs IP:PORT addresses, got {a}"))?;
+                if sa.port() != 0 {
+                    sa.set_port(sa.port() + i as u16);
+                }
+                Some(sa.to_string())
+            }
+        })
+    };
+    let mut nodes = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = cfg.clone();
+        c.node_id = Some(switchboard::NodeId::new(format!("{base}{i}"))?);
+        c.ws = shift(&cfg.ws, i)?;
+        c.tcp = shift(&cfg.tcp, i)?;
+        nodes.push(launch(&c, Arc::new(bus.backplane())).await?);
+    }
+    Ok(nodes)
 }
 
 /// Binds the listeners of `cfg` and serves the reference application on them
