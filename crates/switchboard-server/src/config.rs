@@ -167,7 +167,9 @@ pub enum ConfigError {
     #[error(transparent)]
     NodeId(#[from] switchboard::core::id::IdError),
     /// Unknown cluster URL.
-    #[error("unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process) or `redis://...`")]
+    #[error(
+        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process) or `redis://...`"
+    )]
     Cluster(String),
     /// Bad Redis options.
     #[error(transparent)]

@@ -3,6 +3,7 @@
 //! [`node::launch`] exactly as the binary does.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod node;
 

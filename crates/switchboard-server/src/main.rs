@@ -19,7 +19,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the reference application (bench/CONTRACT.md) over WebSocket and TCP.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Load-test a server that speaks bench/CONTRACT.md (this one or a peer).
+    Bench(switchboard_server::bench::BenchArgs),
+    /// Internal: one worker process of `bench`.
+    #[command(hide = true)]
+    BenchWorker,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,7 +39,15 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => rt.block_on(serve(*args)),
+        Command::Bench(args) => rt.block_on(switchboard_server::bench::run(args)),
+        Command::BenchWorker => {
+            // One thread: workers are many processes sharing two cores.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(switchboard_server::bench::worker::run())
+        }
     }
 }
 

@@ -101,12 +101,17 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
         return Ok(vec![launch(cfg, backplane(&cfg.cluster).await?).await?]);
     };
     let bus = switchboard::core::MemoryBus::new();
-    let base = cfg.node_id.as_ref().map_or("n".to_owned(), |n| n.to_string());
+    let base = cfg
+        .node_id
+        .as_ref()
+        .map_or("n".to_owned(), |n| n.to_string());
     let shift = |addr: &Option<String>, i: usize| -> anyhow::Result<Option<String>> {
         Ok(match addr {
             None => None,
             Some(a) => {
-                let mut sa: SocketAddr = a.parse().with_context(|| format!("memory:N needs IP:PORT addresses, got {a}"))?;
+                let mut sa: SocketAddr = a
+                    .parse()
+                    .with_context(|| format!("memory:N needs IP:PORT addresses, got {a}"))?;
                 if sa.port() != 0 {
                     sa.set_port(sa.port() + i as u16);
                 }
