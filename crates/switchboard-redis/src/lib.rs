@@ -7,7 +7,10 @@
 //!   each node that holds them (looked up in the directory), a push to one
 //!   connection only to its node, a push to everyone once on the broadcast
 //!   channel. At-most-once: while a node is disconnected it misses what is
-//!   published; publishes that fail are counted as dropped.
+//!   published; publishes that fail are counted as dropped, and receivers
+//!   count gaps in each sender's sequence numbers. For one TTL after a
+//!   reconnect, pushes to users and groups go to every node, since the
+//!   directory may be incomplete until every node has rebuilt its entries.
 //! - **queue** ([`Mode::Queue`]): a Redis Stream per node, read through a
 //!   consumer group and acknowledged after local delivery. At-least-once, with
 //!   duplicates dropped by envelope id. Sends that fail are retried until Redis
@@ -188,7 +191,11 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                     tracing::warn!(node = %me, "liveness had lapsed; rebuilding directory entries");
                     shared.dir.force_rebuild();
                 }
-                *shared.live.write().unwrap_or_else(|p| p.into_inner()) = beat.liveness;
+                shared
+                    .live
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .merge_newer(beat.liveness);
             }
             Err(e) => {
                 shared.link.failed(generation, &e);

@@ -31,6 +31,14 @@ pub(crate) struct Link {
     pub(crate) client: Client,
     state: watch::Sender<LinkState>,
     pub(crate) reconnects: AtomicU64,
+    /// When the connection was last re-established (ms since the epoch, 0 never).
+    reconnected_at: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Whether an error means the connection is gone (as opposed to a bad command).
@@ -67,7 +75,16 @@ impl Link {
             client,
             state,
             reconnects: AtomicU64::new(0),
+            reconnected_at: AtomicU64::new(0),
         })
+    }
+
+    /// Whether the connection was re-established less than `window` ago: Redis
+    /// may have restarted empty, and peers may not have rebuilt their
+    /// directory entries yet.
+    pub(crate) fn recently_reconnected(&self, window: Duration) -> bool {
+        let at = self.reconnected_at.load(Ordering::Relaxed);
+        at != 0 && now_ms().saturating_sub(at) < window.as_millis() as u64
     }
 
     /// The connection, if up, with its generation.
@@ -137,6 +154,7 @@ impl Link {
                 {
                     Ok(conn) => {
                         self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.reconnected_at.store(now_ms(), Ordering::Relaxed);
                         self.state.send_modify(|s| {
                             s.conn = Some(conn);
                             s.generation += 1;

@@ -46,6 +46,16 @@ impl Liveness {
         }
     }
 
+    /// Takes a newer read, keeping nodes it lacks until their last known
+    /// deadline: a restarted, empty Redis must not make peers look dead.
+    pub(crate) fn merge_newer(&mut self, newer: Liveness) {
+        let old = std::mem::take(&mut self.deadlines);
+        *self = newer;
+        for (node, deadline) in old {
+            self.deadlines.entry(node).or_insert(deadline);
+        }
+    }
+
     /// Liveness from a fresh read of the node set.
     pub(crate) fn from_read(now_ms: u64, list: Vec<(String, f64)>) -> Self {
         Liveness {

@@ -167,6 +167,13 @@ async fn send(
     };
     let mut pipe = redis::pipe();
     let mut messages = 0u64;
+    // Right after a reconnect the directory may be incomplete (a restarted,
+    // empty Redis until every holder has rebuilt its entries): in pub/sub mode
+    // a push to users or groups then goes to every node known alive, each on
+    // its own channel so that its sequence numbers still reveal losses. Queue
+    // mode relies on a durable Redis, whose directory survives.
+    let unsure =
+        shared.cfg.mode == Mode::PubSub && shared.link.recently_reconnected(shared.cfg.node_ttl);
     {
         let cached = shared.live.read().unwrap_or_else(|p| p.into_inner());
         let live = fresh.as_ref().unwrap_or(&cached);
@@ -178,6 +185,10 @@ async fn send(
                 Route::Interested(t) => {
                     let mut nodes: BTreeSet<String> =
                         t.conns().iter().map(|c| c.node().to_string()).collect();
+                    if unsure && (!t.included_users().is_empty() || !t.included_groups().is_empty())
+                    {
+                        nodes.extend(live.live().map(str::to_owned));
+                    }
                     for u in t.included_users() {
                         nodes.extend(
                             holders

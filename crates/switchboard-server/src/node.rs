@@ -63,6 +63,7 @@ fn stats(hub: &Hub) -> ([(switchboard::http::HeaderName, &'static str); 1], Stri
         "frames_dropped": s.frames_dropped,
         "slow_consumers_closed": s.slow_consumers_closed,
         "bad_envelopes": s.bad_envelopes,
+        "runtime_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
         "backplane": {
             "published": b.published,
             "publish_dropped": b.publish_dropped,

@@ -7,13 +7,18 @@
 //! applies: close the connection (default) or drop the frame.
 //!
 //! A std mutex and not a tokio one: it is held for a few instructions and never
-//! across an `.await`.
+//! across an `.await`. The writer is woken through an `AtomicWaker` and a flag,
+//! not a `Notify`: one consumer, and waking it must cost as little as possible
+//! since a fan-out wakes thousands of them.
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 
+use futures_util::task::AtomicWaker;
 use switchboard_core::Frame;
-use tokio::sync::Notify;
 
 use crate::config::SlowConsumer;
 use crate::handler::CloseReason;
@@ -49,7 +54,9 @@ pub(crate) struct Caps {
 #[derive(Debug)]
 pub(crate) struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
+    /// Set when there is something for the writer to look at.
+    signal: AtomicBool,
+    waker: AtomicWaker,
     caps: Caps,
 }
 
@@ -57,9 +64,15 @@ impl Outbox {
     pub(crate) fn new(caps: Caps) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
+            signal: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             caps,
         }
+    }
+
+    fn wake(&self) {
+        self.signal.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -82,7 +95,7 @@ impl Outbox {
                 SlowConsumer::Close => {
                     s.closing = Some(CloseReason::SlowConsumer);
                     drop(s);
-                    self.notify.notify_one();
+                    self.wake();
                     Queued::Overflowed
                 }
             };
@@ -94,7 +107,7 @@ impl Outbox {
         // The writer drains everything each time it wakes, so only the push that
         // makes the queue non-empty needs to wake it.
         if was_empty {
-            self.notify.notify_one();
+            self.wake();
         }
         Queued::Yes
     }
@@ -108,7 +121,7 @@ impl Outbox {
         }
         s.closing = Some(reason);
         drop(s);
-        self.notify.notify_one();
+        self.wake();
         true
     }
 
@@ -127,9 +140,21 @@ impl Outbox {
         self.lock().closing.clone()
     }
 
-    /// Waits until frames are queued or a close is requested.
-    pub(crate) async fn wait(&self) {
-        self.notify.notified().await;
+    /// Waits until frames are queued or a close is requested. Only the
+    /// connection's own task waits (one waker).
+    pub(crate) fn wait(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            if self.signal.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake between the check and the registration set the flag.
+            if self.signal.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     /// Waits until a close is requested (used to abort a stalled write).
@@ -138,7 +163,7 @@ impl Outbox {
             if let Some(r) = self.closing() {
                 return r;
             }
-            self.notify.notified().await;
+            self.wait().await;
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use switchboard_core::Frame;
 use switchboard_core::framing::{self, Decoder, Framing, FramingError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::conn::{self, Incoming, Wire};
@@ -86,14 +86,24 @@ impl Wire for TcpWire {
         loop {
             match self.decoder.decode(&mut self.rbuf) {
                 Ok(Some(msg)) => return Incoming::Frame(inbound_frame(msg)),
+                // Nothing buffered: an idle connection should not hold a read
+                // buffer (most connections are idle most of the time).
+                Ok(None) if self.rbuf.is_empty() && self.rbuf.capacity() > 0 => {
+                    self.rbuf = BytesMut::new()
+                }
                 Ok(None) => {}
                 Err(FramingError::TooLong { .. }) => return Incoming::Closed(CloseReason::TooBig),
                 Err(e) => return Incoming::Closed(CloseReason::Protocol(e.to_string())),
             }
+            // Wait for data before taking a buffer for it: an idle
+            // connection holds none.
+            if let Err(e) = self.stream.readable().await {
+                return Incoming::Closed(CloseReason::Io(e.to_string()));
+            }
             if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
                 self.rbuf.reserve(READ_CHUNK);
             }
-            match self.stream.read_buf(&mut self.rbuf).await {
+            match self.stream.try_read_buf(&mut self.rbuf) {
                 Ok(0) => {
                     return Incoming::Closed(CloseReason::Client {
                         code: None,
@@ -101,6 +111,7 @@ impl Wire for TcpWire {
                     });
                 }
                 Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Incoming::Closed(CloseReason::Io(e.to_string())),
             }
         }
@@ -218,17 +229,13 @@ pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: 
         return;
     }
     let outbox = hub.open(&conn, accept);
+    // A task of its own: the long-lived task is exactly the connection's
+    // driver, without the handshake's state.
     match limits.tcp_ping.clone() {
         Some(ping) => {
-            conn::run(
-                hub,
-                conn,
-                outbox,
-                PingingWire { inner: wire, ping },
-                Transport::Tcp,
-            )
-            .await
+            let wire = PingingWire { inner: wire, ping };
+            hub.spawn_conn(conn::run(hub.clone(), conn, outbox, wire, Transport::Tcp));
         }
-        None => conn::run(hub, conn, outbox, wire, Transport::Tcp).await,
+        None => hub.spawn_conn(conn::run(hub.clone(), conn, outbox, wire, Transport::Tcp)),
     }
 }

@@ -8,8 +8,12 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper_util::rt::TokioIo;
+use std::io::IoSlice;
 use switchboard_core::{Frame, FrameKind};
+
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -24,7 +28,7 @@ use crate::stats::Counters;
 /// Bytes of the per-connection read buffer. tungstenite allocates it eagerly,
 /// so it is kept small: most messages of a push system are small, and larger
 /// ones are read in several steps.
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 256;
 /// Queued writes are buffered up to this size before a write to the socket,
 /// so a batch of frames leaves in one system call.
 const WRITE_BUFFER: usize = 64 * 1024;
@@ -137,16 +141,50 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
     hub.spawn_conn(async move {
         let hub = task_hub;
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                let outbox = hub.open(&conn, accept);
-                conn::run(hub, conn, outbox, WsWire { ws }, Transport::WebSocket).await;
-            }
+            // A plain TCP connection (the standalone server, axum::serve):
+            // take the socket back so that writes can bypass tungstenite.
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+                    // Copy the (normally empty) leftover and let hyper's whole
+                    // read buffer go now, not when the connection ends.
+                    let leftover = read_buf.to_vec();
+                    drop(read_buf);
+                    let ws = WebSocketStream::from_partially_read(
+                        io.into_inner(),
+                        leftover,
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    let outbox = hub.open(&conn, accept);
+                    // A task of its own: the connection's long-lived task is
+                    // exactly its driver, without this handshake's state.
+                    let driver = conn::run(
+                        hub.clone(),
+                        conn,
+                        outbox,
+                        FastWire::new(ws),
+                        Transport::WebSocket,
+                    );
+                    hub.spawn_conn(driver);
+                }
+                // Any other transport (TLS, a custom listener): tungstenite alone.
+                // Boxed: the rare path must not size every connection's task.
+                Err(upgraded) => {
+                    Box::pin(async move {
+                        let ws = WebSocketStream::from_raw_socket(
+                            TokioIo::new(upgraded),
+                            Role::Server,
+                            Some(config),
+                        )
+                        .await;
+                        let outbox = hub.open(&conn, accept);
+                        conn::run(hub, conn, outbox, WsWire { ws }, Transport::WebSocket).await;
+                    })
+                    .await;
+                }
+            },
             Err(error) => {
                 Counters::add(&hub.counters().rejected, 1);
                 tracing::debug!(%error, "websocket upgrade failed");
@@ -167,6 +205,197 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
 
 struct WsWire<S> {
     ws: WebSocketStream<S>,
+}
+
+fn map_message(m: Option<Result<Message, WsError>>) -> Incoming {
+    match m {
+        None => Incoming::Closed(CloseReason::Client {
+            code: None,
+            reason: String::new(),
+        }),
+        Some(Ok(Message::Text(t))) => match Frame::text_bytes(Bytes::from(t)) {
+            Ok(f) => Incoming::Frame(f),
+            Err(_) => Incoming::Closed(CloseReason::InvalidUtf8),
+        },
+        Some(Ok(Message::Binary(b))) => Incoming::Frame(Frame::binary(b)),
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Alive,
+        Some(Ok(Message::Close(cf))) => Incoming::Closed(CloseReason::Client {
+            code: cf.as_ref().map(|c| c.code.into()),
+            reason: cf.map(|c| c.reason.to_string()).unwrap_or_default(),
+        }),
+        Some(Err(e)) => Incoming::Closed(io_reason(e)),
+    }
+}
+
+/// Frames written per `writev` (each a header and a payload slice).
+const WRITEV_FRAMES: usize = 16;
+
+/// Writes an unmasked server frame header for `frame`; returns its length.
+fn ws_header(frame: &Frame, out: &mut [u8; 10]) -> usize {
+    out[0] = match frame.kind() {
+        FrameKind::Text => 0x81,
+        FrameKind::Binary => 0x82,
+    };
+    let len = frame.len();
+    if len < 126 {
+        out[1] = len as u8;
+        2
+    } else if len <= u16::MAX as usize {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// A WebSocket over a plain TCP socket. tungstenite reads (frames, control
+/// frames, UTF-8, limits) and writes control frames; data frames are written
+/// here directly: a small header and the shared payload per frame, a whole
+/// batch per `writev`, no copy. Reads are attempted only when the socket is
+/// readable or tungstenite may hold frames already read, because each read
+/// attempt costs tungstenite a pass over its read buffer.
+struct FastWire {
+    ws: WebSocketStream<TcpStream>,
+    /// tungstenite may hold complete frames that the socket will not announce.
+    buffered: bool,
+}
+
+impl FastWire {
+    fn new(ws: WebSocketStream<TcpStream>) -> Self {
+        Self { ws, buffered: true }
+    }
+}
+
+impl Wire for FastWire {
+    async fn recv(&mut self) -> Incoming {
+        loop {
+            if self.buffered {
+                match self.ws.next().now_or_never() {
+                    Some(m) => {
+                        if matches!(m, Some(Ok(Message::Ping(_)))) {
+                            // Send the pong tungstenite queued, if it can go now.
+                            let _ = self.ws.flush().now_or_never();
+                        }
+                        return map_message(m);
+                    }
+                    None => self.buffered = false,
+                }
+            }
+            if let Err(e) = self.ws.get_ref().readable().await {
+                return Incoming::Closed(CloseReason::Io(e.to_string()));
+            }
+            self.buffered = true;
+        }
+    }
+
+    async fn send_batch(&mut self, batch: &mut VecDeque<Frame>) -> Result<u32, CloseReason> {
+        // Control frames tungstenite queued (pongs) go first, whole.
+        self.ws.flush().await.map_err(io_reason)?;
+        // Bytes of the first frame (header included) already written.
+        let mut offset = 0;
+        while !batch.is_empty() {
+            match write_some(self.ws.get_ref(), batch, &mut offset) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.ws
+                        .get_ref()
+                        .writable()
+                        .await
+                        .map_err(|e| CloseReason::Io(e.to_string()))?;
+                }
+                Err(e) => return Err(CloseReason::Io(e.to_string())),
+            }
+        }
+        Ok(0)
+    }
+
+    async fn ping(&mut self) -> Result<(), CloseReason> {
+        self.ws
+            .send(Message::Ping(Bytes::new()))
+            .await
+            .map_err(io_reason)
+    }
+
+    async fn close(&mut self, reason: &CloseReason) {
+        close_ws(&mut self.ws, reason).await;
+    }
+}
+
+/// One `writev` of up to [`WRITEV_FRAMES`] frames from the front of `batch`,
+/// skipping `offset` bytes already written of the first. Removes the frames
+/// written whole and leaves `offset` at the progress into the next one.
+/// Synchronous, so its scratch arrays live on the stack of this call only and
+/// not in every connection's task.
+fn write_some(
+    stream: &TcpStream,
+    batch: &mut VecDeque<Frame>,
+    offset: &mut usize,
+) -> std::io::Result<()> {
+    let n = batch.len().min(WRITEV_FRAMES);
+    let mut headers = [[0u8; 10]; WRITEV_FRAMES];
+    let mut lens = [0usize; WRITEV_FRAMES];
+    for (i, frame) in batch.iter().take(n).enumerate() {
+        lens[i] = ws_header(frame, &mut headers[i]);
+    }
+    let mut slices = [IoSlice::new(&[]); WRITEV_FRAMES * 2];
+    for (i, frame) in batch.iter().take(n).enumerate() {
+        slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
+        slices[2 * i + 1] = IoSlice::new(frame.data());
+    }
+    let mut rest: &mut [IoSlice<'_>] = &mut slices[..2 * n];
+    IoSlice::advance_slices(&mut rest, *offset);
+    let written = stream.try_write_vectored(rest)?;
+    if written == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            "connection closed while writing",
+        ));
+    }
+    // Account the progress frame by frame.
+    let mut progress = *offset + written;
+    let mut done = 0;
+    for len in lens
+        .iter()
+        .take(n)
+        .zip(batch.iter())
+        .map(|(h, f)| h + f.len())
+    {
+        if progress < len {
+            break;
+        }
+        progress -= len;
+        done += 1;
+    }
+    batch.drain(..done);
+    *offset = progress;
+    Ok(())
+}
+
+async fn close_ws<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+    reason: &CloseReason,
+) {
+    match reason {
+        // tungstenite queued the reply to the client's close frame: send it.
+        CloseReason::Client { .. } => {
+            let _ = ws.flush().await;
+        }
+        CloseReason::Io(_) => {}
+        _ => {
+            let frame = CloseFrame {
+                code: reason.ws_code().into(),
+                reason: Utf8Bytes::from(reason.to_string()),
+            };
+            if ws.close(Some(frame)).await.is_ok() {
+                // Wait for the client's close frame (the caller bounds this),
+                // so the client sees a clean close rather than a reset.
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        }
+    }
 }
 
 fn io_reason(e: WsError) -> CloseReason {
@@ -208,27 +437,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     async fn recv(&mut self) -> Incoming {
-        match self.ws.next().await {
-            None => Incoming::Closed(CloseReason::Client {
-                code: None,
-                reason: String::new(),
-            }),
-            Some(Ok(Message::Text(t))) => {
-                // tungstenite validated the text already; the check in
-                // `text_bytes` cannot fail here.
-                match Frame::text_bytes(Bytes::from(t)) {
-                    Ok(f) => Incoming::Frame(f),
-                    Err(_) => Incoming::Closed(CloseReason::InvalidUtf8),
-                }
-            }
-            Some(Ok(Message::Binary(b))) => Incoming::Frame(Frame::binary(b)),
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Alive,
-            Some(Ok(Message::Close(cf))) => Incoming::Closed(CloseReason::Client {
-                code: cf.as_ref().map(|c| c.code.into()),
-                reason: cf.map(|c| c.reason.to_string()).unwrap_or_default(),
-            }),
-            Some(Err(e)) => Incoming::Closed(io_reason(e)),
-        }
+        map_message(self.ws.next().await)
     }
 
     async fn send_batch(&mut self, batch: &mut VecDeque<Frame>) -> Result<u32, CloseReason> {
@@ -247,23 +456,6 @@ where
     }
 
     async fn close(&mut self, reason: &CloseReason) {
-        match reason {
-            // tungstenite queued the reply to the client's close frame: send it.
-            CloseReason::Client { .. } => {
-                let _ = self.ws.flush().await;
-            }
-            CloseReason::Io(_) => {}
-            _ => {
-                let frame = CloseFrame {
-                    code: reason.ws_code().into(),
-                    reason: Utf8Bytes::from(reason.to_string()),
-                };
-                if self.ws.close(Some(frame)).await.is_ok() {
-                    // Wait for the client's close frame (the caller bounds this),
-                    // so the client sees a clean close rather than a reset.
-                    while let Some(Ok(_)) = self.ws.next().await {}
-                }
-            }
-        }
+        close_ws(&mut self.ws, reason).await;
     }
 }
