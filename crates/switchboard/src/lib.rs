@@ -40,6 +40,8 @@
 //! of one process with [`core::MemoryBus`]; other crates provide brokers.
 
 pub mod axum;
+#[doc(hidden)]
+pub mod bench_support;
 pub mod config;
 mod conn;
 pub mod error;
