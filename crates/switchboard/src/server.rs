@@ -100,6 +100,22 @@ impl Server {
     }
 }
 
+/// The next accepted connection, or `None` once `stop` is cancelled.
+async fn next_conn(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => accept_failed(e).await,
+            },
+        }
+    }
+}
+
 /// Backs off after an accept error (out of file descriptors, most often), so
 /// the loop does not spin while nothing can be accepted.
 async fn accept_failed(error: io::Error) {
@@ -108,14 +124,7 @@ async fn accept_failed(error: io::Error) {
 }
 
 async fn accept_http(hub: Hub, listener: TcpListener, router: Router, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => { accept_failed(e).await; continue; }
-            },
-        };
+    while let Some((stream, peer)) = next_conn(&listener, &stop).await {
         let _ = stream.set_nodelay(true);
         let svc = router
             .clone()
@@ -149,14 +158,7 @@ async fn accept_http(hub: Hub, listener: TcpListener, router: Router, stop: Canc
 }
 
 async fn accept_tcp(hub: Hub, listener: TcpListener, opts: TcpOptions, stop: CancellationToken) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => { accept_failed(e).await; continue; }
-            },
-        };
+    while let Some((stream, peer)) = next_conn(&listener, &stop).await {
         hub.spawn_conn(tcp::handle(hub.clone(), stream, peer, opts));
     }
 }

@@ -313,10 +313,7 @@ impl Wire for FastWire {
     }
 
     async fn ping(&mut self) -> Result<(), CloseReason> {
-        self.ws
-            .send(Message::Ping(Bytes::new()))
-            .await
-            .map_err(io_reason)
+        ping_ws(&mut self.ws).await
     }
 
     async fn close(&mut self, reason: &CloseReason) {
@@ -372,6 +369,14 @@ fn write_some(
     batch.drain(..done);
     *offset = progress;
     Ok(())
+}
+
+async fn ping_ws<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocketStream<S>,
+) -> Result<(), CloseReason> {
+    ws.send(Message::Ping(Bytes::new()))
+        .await
+        .map_err(io_reason)
 }
 
 async fn close_ws<S: AsyncRead + AsyncWrite + Unpin>(
@@ -449,10 +454,7 @@ where
     }
 
     async fn ping(&mut self) -> Result<(), CloseReason> {
-        self.ws
-            .send(Message::Ping(Bytes::new()))
-            .await
-            .map_err(io_reason)
+        ping_ws(&mut self.ws).await
     }
 
     async fn close(&mut self, reason: &CloseReason) {
