@@ -18,8 +18,10 @@ use crate::registry::Registry;
 use crate::stats::Counters;
 
 /// Envelopes from peers waiting to be dispatched. Beyond this the backplane
-/// drops and counts (at-most-once backplanes) or waits (queue backplanes).
-pub(crate) const INBOUND_CAPACITY: usize = 8192;
+/// drops and counts (the in-memory bus) or waits (Redis, which then buffers).
+/// Sized for a burst of 1,000 senders × 100 pushes between two nodes (about
+/// 8 MB of envelopes at most): 8,192 was seen to overflow under such a burst.
+pub(crate) const INBOUND_CAPACITY: usize = 64 * 1024;
 
 /// Builds a [`Hub`]: configure everything, then [`HubBuilder::start`].
 #[must_use]
