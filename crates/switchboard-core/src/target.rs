@@ -139,6 +139,16 @@ impl Target {
         terms > 1
     }
 
+    /// Whether every recipient the target can name is on `node`: only
+    /// connections, all of that node. Checked on every push, so it allocates
+    /// nothing.
+    pub fn only_on(&self, node: &NodeId) -> bool {
+        !self.all
+            && self.users.is_empty()
+            && self.groups.is_empty()
+            && self.conns.iter().all(|c| c.node() == node)
+    }
+
     /// When the target names only connections, the nodes that hold them; `None`
     /// when users, groups or everyone are included, since any node may hold those.
     pub fn conn_nodes(&self) -> Option<Vec<&NodeId>> {
@@ -173,5 +183,10 @@ mod tests {
         let nodes: Vec<&str> = t.conn_nodes().unwrap().iter().map(|n| n.as_str()).collect();
         assert_eq!(nodes, ["a", "b"]);
         assert!(Target::user("u").conn_nodes().is_none());
+        let b = NodeId::new("b").unwrap();
+        assert!(Target::conn(c("b", 1)).and_conn(c("b", 2)).only_on(&b));
+        assert!(!t.only_on(&b), "a connection on another node");
+        assert!(!Target::all().only_on(&b));
+        assert!(!Target::conn(c("b", 1)).and_user("u").only_on(&b));
     }
 }

@@ -245,10 +245,7 @@ impl Hub {
         if self.inner.backplane.is_standalone() {
             return false;
         }
-        match target.conn_nodes() {
-            Some(nodes) => nodes.iter().any(|n| **n != self.inner.node),
-            None => true,
-        }
+        !target.only_on(&self.inner.node)
     }
 
     fn envelope(&self, body: Body) -> Bytes {
