@@ -4,6 +4,11 @@
 //! route to a connection without a directory lookup (the "distributed fd"). Its
 //! text form `NODE.SEQ` round-trips through `Display`/`FromStr`, which is what
 //! applications hand to browsers and to other services.
+//!
+//! Connections held by a gateway use GatewayWorker's client id instead: the
+//! gateway's node id is the 12 hex digits of its inner address (IPv4 and port)
+//! and the sequence is its 32-bit connection id, so the text form is the
+//! 20 hex digits PHP business workers already know (`7f000001326400000001`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,8 +26,11 @@ pub enum IdError {
     /// A node id is 1 to 64 bytes of `A-Z a-z 0-9 _ -`.
     #[error("invalid node id {0:?}: use 1 to 64 characters of A-Z a-z 0-9 _ -")]
     InvalidNode(String),
-    /// A connection id is `NODE.SEQ` with SEQ in lowercase hex.
-    #[error("invalid connection id {0:?}: expected NODE.SEQ (SEQ in hex)")]
+    /// A connection id is `NODE.SEQ` with SEQ in lowercase hex, or a
+    /// 20-hex-digit gateway client id.
+    #[error(
+        "invalid connection id {0:?}: expected NODE.SEQ (SEQ in hex) or a 20-hex-digit client id"
+    )]
     InvalidConn(String),
 }
 
@@ -57,6 +65,29 @@ impl NodeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The node id of a gateway whose inner (worker-facing) address is
+    /// `ip:port`: 12 lowercase hex digits, as in GatewayWorker client ids.
+    pub fn gateway(ip: std::net::Ipv4Addr, port: u16) -> Self {
+        Self(Arc::from(format!("{:08x}{port:04x}", u32::from(ip))))
+    }
+
+    /// The inner address of a gateway node, if this is a gateway node id.
+    pub fn gateway_addr(&self) -> Option<std::net::SocketAddrV4> {
+        if !is_lower_hex(&self.0, GATEWAY_NODE_LEN) {
+            return None;
+        }
+        let ip = u32::from_str_radix(&self.0[..8], 16).ok()?;
+        let port = u16::from_str_radix(&self.0[8..], 16).ok()?;
+        Some(std::net::SocketAddrV4::new(ip.into(), port))
+    }
+}
+
+/// Length of a gateway node id: 8 hex digits of IPv4 and 4 of port.
+const GATEWAY_NODE_LEN: usize = 12;
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 impl fmt::Display for NodeId {
@@ -117,11 +148,20 @@ impl ConnId {
     pub fn seq(&self) -> u64 {
         self.seq
     }
+
+    /// Whether the text form is a GatewayWorker client id (20 hex digits).
+    fn is_client_id(&self) -> bool {
+        self.seq <= u64::from(u32::MAX) && self.node.gateway_addr().is_some()
+    }
 }
 
 impl fmt::Display for ConnId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{:x}", self.node, self.seq)
+        if self.is_client_id() {
+            write!(f, "{}{:08x}", self.node, self.seq)
+        } else {
+            write!(f, "{}.{:x}", self.node, self.seq)
+        }
     }
 }
 
@@ -135,6 +175,11 @@ impl FromStr for ConnId {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || IdError::InvalidConn(s.to_owned());
+        if is_lower_hex(s, GATEWAY_NODE_LEN + 8) {
+            let seq = u64::from_str_radix(&s[GATEWAY_NODE_LEN..], 16).map_err(|_| bad())?;
+            let node = NodeId(Arc::from(&s[..GATEWAY_NODE_LEN]));
+            return Ok(Self { node, seq });
+        }
         let (node, seq) = s.rsplit_once('.').ok_or_else(bad)?;
         // Only the canonical form (lowercase hex, no leading zeros, no sign) is
         // accepted, so that text and value map one to one.
@@ -147,7 +192,12 @@ impl FromStr for ConnId {
         }
         let seq = u64::from_str_radix(seq, 16).map_err(|_| bad())?;
         let node = NodeId::new(node).map_err(|_| bad())?;
-        Ok(Self { node, seq })
+        let id = Self { node, seq };
+        // A gateway connection has exactly one text form, the client id.
+        if id.is_client_id() {
+            return Err(bad());
+        }
+        Ok(id)
     }
 }
 
@@ -253,6 +303,25 @@ mod tests {
             assert!(bad.parse::<ConnId>().is_err(), "{bad} accepted");
         }
         assert_eq!("n1.0".parse::<ConnId>().unwrap().seq(), 0);
+    }
+
+    #[test]
+    fn gateway_conn_ids_are_client_ids() {
+        // 127.0.0.1, inner port 12900, connection 1 (GatewayWorker's Context::addressToClientId).
+        let gw = NodeId::gateway(std::net::Ipv4Addr::LOCALHOST, 12900);
+        assert_eq!(gw.as_str(), "7f0000013264");
+        assert_eq!(gw.gateway_addr(), Some("127.0.0.1:12900".parse().unwrap()));
+        let c = ConnId::new(gw.clone(), 1);
+        assert_eq!(c.to_string(), "7f000001326400000001");
+        assert_eq!("7f000001326400000001".parse::<ConnId>().unwrap(), c);
+        // One text form per value: the dotted form of a client id is refused.
+        assert!("7f0000013264.1".parse::<ConnId>().is_err());
+        assert!("7F000001326400000001".parse::<ConnId>().is_err());
+        assert!("7f00000132640000001".parse::<ConnId>().is_err());
+        // Beyond 32 bits the dotted form is the only one.
+        let big = ConnId::new(gw, 1 << 40);
+        assert_eq!(big.to_string().parse::<ConnId>().unwrap(), big);
+        assert_eq!(NodeId::new("n1").unwrap().gateway_addr(), None);
     }
 
     proptest! {
