@@ -45,6 +45,20 @@ pub struct ConnectInfo {
 }
 
 impl ConnectInfo {
+    /// What is known of a connection that arrived elsewhere (a gateway), for
+    /// [`Hub::handle_connect`]: set the other fields as known.
+    pub fn new(conn: ConnId, transport: Transport) -> Self {
+        Self {
+            conn,
+            transport,
+            peer: None,
+            path: String::new(),
+            query: String::new(),
+            headers: http::HeaderMap::new(),
+            hello: None,
+        }
+    }
+
     /// The first value of a query-string parameter, percent-decoded.
     pub fn query_param(&self, name: &str) -> Option<Cow<'_, str>> {
         form_urlencoded::parse(self.query.as_bytes())
@@ -94,6 +108,26 @@ impl Accept {
         self.greeting.push(frame);
         self
     }
+
+    /// The user to bind, if any.
+    pub fn user(&self) -> Option<&UserId> {
+        self.user.as_ref()
+    }
+
+    /// The groups to join.
+    pub fn groups(&self) -> &[GroupId] {
+        &self.groups
+    }
+
+    /// The initial session.
+    pub fn initial_session(&self) -> &Session {
+        &self.session
+    }
+
+    /// The frames sent first.
+    pub fn greeting(&self) -> &[Frame] {
+        &self.greeting
+    }
 }
 
 /// Refusing a connection.
@@ -125,6 +159,21 @@ impl Reject {
     pub fn reply(mut self, frame: Frame) -> Self {
         self.reply = Some(frame);
         self
+    }
+
+    /// The HTTP status of the refusal.
+    pub fn http_status(&self) -> http::StatusCode {
+        self.status
+    }
+
+    /// Why the connection was refused.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The frame written before closing, if any.
+    pub fn reply_frame(&self) -> Option<&Frame> {
+        self.reply.as_ref()
     }
 }
 

@@ -33,6 +33,7 @@ pub struct HubBuilder {
     shutdown_timeout: Duration,
     backplane: Arc<dyn Backplane>,
     handler: Arc<dyn Handler>,
+    first_conn_seq: Option<u64>,
 }
 
 impl std::fmt::Debug for HubBuilder {
@@ -53,6 +54,7 @@ impl HubBuilder {
             shutdown_timeout: Duration::from_secs(10),
             backplane: Arc::new(Standalone),
             handler: Arc::new(NoopHandler),
+            first_conn_seq: None,
         }
     }
 
@@ -104,6 +106,21 @@ impl HubBuilder {
         self
     }
 
+    /// A shared application.
+    pub fn handler_arc(mut self, handler: Arc<dyn Handler>) -> Self {
+        self.handler = handler;
+        self
+    }
+
+    /// The sequence number of the first accepted connection (default: the
+    /// start time in microseconds, so a restarted node does not reuse ids).
+    /// Gateways start at 1, like GatewayWorker, whose connection ids are
+    /// 32-bit.
+    pub fn first_conn_seq(mut self, seq: u64) -> Self {
+        self.first_conn_seq = Some(seq);
+        self
+    }
+
     /// Joins the cluster and starts the hub's background tasks. Must be called
     /// inside a tokio runtime.
     pub async fn start(self) -> Result<Hub, BuildError> {
@@ -125,7 +142,7 @@ impl HubBuilder {
                 handler: self.handler,
                 pending: Mutex::new(HashMap::new()),
                 next_envelope: AtomicU64::new(start),
-                next_seq: AtomicU64::new(start),
+                next_seq: AtomicU64::new(self.first_conn_seq.unwrap_or(start)),
                 counters: Counters::default(),
                 conns: TaskTracker::new(),
                 tasks: TaskTracker::new(),

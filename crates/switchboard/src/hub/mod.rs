@@ -360,6 +360,30 @@ impl Hub {
         self.inner.conns.spawn(fut);
     }
 
+    /// Walks this node's own connections: an `Opened` change for each, then
+    /// its `Bound`, `Joined` and `Session` changes. A gateway answers
+    /// GatewayWorker's listing queries (`CMD_SELECT`, group lists) from it.
+    pub fn for_each_local(&self, f: &mut dyn FnMut(switchboard_core::MembershipChange)) {
+        self.registry().replay(f);
+    }
+
+    /// Runs the application's [`Handler::on_connect`] for a connection held
+    /// elsewhere: a gateway worker receives its clients' events this way and
+    /// turns the decision into commands for the gateway.
+    pub async fn handle_connect(&self, info: &crate::ConnectInfo) -> crate::Decision {
+        self.inner.handler.on_connect(self, info).await
+    }
+
+    /// Runs [`Handler::on_message`] for a connection held elsewhere.
+    pub async fn handle_message(&self, conn: &ConnId, frame: switchboard_core::Frame) {
+        self.inner.handler.on_message(self, conn, frame).await;
+    }
+
+    /// Runs [`Handler::on_close`] for a connection held elsewhere.
+    pub async fn handle_close(&self, conn: &ConnId, reason: &CloseReason) {
+        self.inner.handler.on_close(self, conn, reason).await;
+    }
+
     /// Shuts the node down: refuses new connections, closes every connection
     /// with "going away" (1001) after flushing what is queued, waits for them at
     /// most the shutdown timeout, then leaves the cluster.
