@@ -3,6 +3,7 @@
 //! - [`cluster`]: start a cluster of reference-app nodes in a given mode
 //!   (in-process, or as processes of the real binary) behind one [`Cluster`] trait.
 //! - [`client`]: WebSocket and TCP clients speaking `bench/CONTRACT.md`.
+//! - [`http`]: a small HTTP client for the nodes' plain endpoints.
 //! - [`conformance`]: the checks every mode must pass, and the
 //!   [`conformance_suite!`] macro that turns them into tests for one mode.
 
@@ -11,6 +12,7 @@
 pub mod client;
 pub mod cluster;
 pub mod conformance;
+pub mod http;
 pub mod services;
 
 pub use client::{Client, Kind};
