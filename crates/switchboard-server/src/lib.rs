@@ -5,6 +5,7 @@
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod console;
 pub mod node;
 
 pub use app::ReferenceApp;

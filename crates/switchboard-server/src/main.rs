@@ -1,5 +1,7 @@
 //! `switchboard`: serve the reference application.
 
+use std::net::SocketAddr;
+
 use clap::{Parser, Subcommand};
 use switchboard_server::config::{ServeArgs, ServeConfig};
 use switchboard_server::node;
@@ -57,18 +59,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // reads them may signal at once, and must get a graceful stop.
     let signal = shutdown_signal()?;
     let nodes = node::launch_all(&cfg).await?;
-    #[allow(clippy::print_stdout)]
     for running in &nodes {
-        println!(
-            "switchboard node {} ({} cluster)",
-            running.hub.node_id(),
-            cfg.cluster
-        );
+        let id = running.hub.node_id().to_string();
+        print_node(&id, &cfg.cluster.to_string(), running.ws, &cfg.ws_path);
         if let Some(a) = running.ws {
-            println!("  websocket  ws://{a}{}", cfg.ws_path);
+            print_address("console", &format!("http://{a}/"));
         }
         if let Some(a) = running.tcp {
-            println!("  tcp        tcp://{a} ({} framing)", cfg.tcp_framing);
+            print_address("tcp", &format!("tcp://{a} ({} framing)", cfg.tcp_framing));
         }
     }
     signal.await;
@@ -77,6 +75,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         running.shutdown().await;
     }
     Ok(())
+}
+
+/// The heading of a node in the start-up output, and its WebSocket address.
+/// Tests and scripts read these lines to learn the ports.
+fn print_node(id: &str, cluster: &str, ws: Option<SocketAddr>, ws_path: &str) {
+    #[allow(clippy::print_stdout)]
+    {
+        println!("switchboard node {id} ({cluster} cluster)");
+    }
+    if let Some(a) = ws {
+        print_address("websocket", &format!("ws://{a}{ws_path}"));
+    }
+}
+
+/// One indented `name  address` line of the start-up output.
+#[allow(clippy::print_stdout)]
+fn print_address(name: &str, address: &str) {
+    println!("  {name:<10} {address}");
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are registered when this is

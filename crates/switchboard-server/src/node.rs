@@ -164,7 +164,12 @@ pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow:
                     let hub = hub.clone();
                     move || std::future::ready(stats(&hub))
                 }),
-            );
+            )
+            // A browser pointed at the node gets a console connected to it.
+            .merge(crate::console::router(
+                &crate::console::node_config(hub.node_id(), &cfg.ws_path),
+                Some(&cfg.ws_path),
+            ));
         server = server.http(l, router);
     }
     let mut tcp = None;
