@@ -6,6 +6,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod console;
+pub mod demo;
 pub mod node;
 
 pub use app::ReferenceApp;

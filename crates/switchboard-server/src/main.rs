@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
 use switchboard_server::config::{ServeArgs, ServeConfig};
+use switchboard_server::demo::{self, DemoArgs};
 use switchboard_server::node;
 use tracing_subscriber::EnvFilter;
 
@@ -22,6 +23,8 @@ struct Cli {
 enum Command {
     /// Serve the reference application (bench/CONTRACT.md) over WebSocket and TCP.
     Serve(Box<ServeArgs>),
+    /// Two nodes on loopback and a web page to try them from (http://127.0.0.1:8080).
+    Demo(DemoArgs),
     /// Load-test a server that speaks bench/CONTRACT.md (this one or a peer).
     Bench(switchboard_server::bench::BenchArgs),
     /// Internal: one worker process of `bench`.
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(*args)),
+        Command::Demo(args) => rt.block_on(run_demo(args)),
         Command::Bench(args) => rt.block_on(switchboard_server::bench::run(args)),
         Command::BenchWorker => {
             // One thread: workers are many processes sharing two cores.
@@ -74,6 +78,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for running in nodes {
         running.shutdown().await;
     }
+    Ok(())
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
+    let demo = demo::start(&args).await?;
+    for e in &demo.topology.endpoints {
+        print_node(&e.node, &demo.topology.cluster, Some(e.ws), &e.path);
+    }
+    let page = format!("http://{}/", demo.page);
+    #[allow(clippy::print_stdout)]
+    {
+        println!("switchboard demo");
+    }
+    // Last: whoever reads the output knows every address once it sees this line.
+    print_address("page", &page);
+    tracing::info!(%page, "demo ready: open the page in a browser; Ctrl-C stops");
+    signal.await;
+    tracing::info!("signal received, stopping");
+    demo.shutdown().await;
     Ok(())
 }
 

@@ -1,9 +1,13 @@
-//! The web console: the page every node serves at `/`.
+//! The web console and `switchboard demo`: the page every node serves at `/`,
+//! and the demo's two nodes behind one page.
 
 #![allow(clippy::unwrap_used)]
 
 use serde_json::{Value, json};
-use switchboard_test::{Client, Cluster, InProcess, Mode, http};
+use switchboard_test::cluster::DemoProcess;
+use switchboard_test::{Client, Cluster, InProcess, Mode, STEP, http};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
 fn json_of(r: &http::Response) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
@@ -70,4 +74,86 @@ async fn a_websocket_path_at_the_root_keeps_the_root() {
     let config = json_of(&http::get(ws, "/config.json").await.unwrap());
     assert_eq!(config["endpoints"][0]["path"], "/");
     Box::new(cluster).shutdown().await;
+}
+
+#[tokio::test]
+async fn demo_serves_the_page_and_two_nodes_of_one_cluster() {
+    let demo = DemoProcess::spawn(BIN.as_ref(), &[]).await.unwrap();
+    assert_eq!(demo.banner.nodes.len(), 2, "{:?}", demo.banner);
+    let page = demo.page();
+    assert!(page.ip().is_loopback());
+
+    let index = http::get(page, "/").await.unwrap();
+    assert_eq!(index.status, 200);
+    assert!(index.text().contains("console.js"));
+    assert_eq!(http::get(page, "/nope").await.unwrap().status, 404);
+    // The page is told where both nodes are.
+    let config = json_of(&http::get(page, "/config.json").await.unwrap());
+    let ports: Vec<_> = config["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ports,
+        [demo.ws(0).port() as u64, demo.ws(1).port() as u64],
+        "{config}"
+    );
+    assert_ne!(demo.ws(0), demo.ws(1));
+
+    // Each endpoint is its own node, and a push crosses between them.
+    let mut alice = Client::ws(demo.ws(0), "alice", Some("lobby"))
+        .await
+        .unwrap();
+    let mut bob = Client::ws(demo.ws(1), "bob", Some("lobby")).await.unwrap();
+    assert_eq!(alice.node, demo.banner.nodes[0].id);
+    assert_eq!(bob.node, demo.banner.nodes[1].id);
+    assert_ne!(alice.node, bob.node);
+    let data = json!({"from": "alice", "node": alice.node, "text": "hi bob"}).to_string();
+    alice
+        .send(json!({"op": "to_user", "uid": "bob", "data": data}))
+        .await
+        .unwrap();
+    assert_eq!(bob.recv().await.unwrap(), data);
+    assert_eq!(
+        bob.ask(json!({"op": "group_count", "group": "lobby"}))
+            .await
+            .unwrap()["count"],
+        2
+    );
+    assert_eq!(
+        alice
+            .ask(json!({"op": "online", "uid": "bob"}))
+            .await
+            .unwrap()["online"],
+        true
+    );
+
+    // SIGTERM stops it like `serve`: clients told "going away", exit 0.
+    // Each client hangs up once told, as a browser would answer the close.
+    drop(bob);
+    let told = async move {
+        let code = alice.expect_closed(STEP).await;
+        drop(alice);
+        code
+    };
+    let (status, code) = tokio::join!(demo.terminate(), told);
+    let status = status.unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(code.unwrap(), Some(1001));
+}
+
+#[tokio::test]
+async fn demo_on_a_busy_port_is_a_clear_error() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = tokio::process::Command::new(BIN)
+        .args(["demo", "--port", &port])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("binding the demo page"), "{err}");
 }

@@ -247,6 +247,44 @@ pub async fn read_banner(child: &mut Child, last: impl Fn(&str) -> bool) -> Resu
     Ok(banner)
 }
 
+/// `switchboard demo` running as a process: its nodes and its page.
+#[derive(Debug)]
+pub struct DemoProcess {
+    pub child: Child,
+    pub banner: Banner,
+}
+
+impl DemoProcess {
+    /// Starts `bin demo --port 0` (plus `args`) and reads the addresses it prints.
+    pub async fn spawn(bin: &Path, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .args(["demo", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let banner = read_banner(&mut child, |line| line.trim_start().starts_with("page ")).await?;
+        Ok(Self { child, banner })
+    }
+
+    /// The page's address.
+    pub fn page(&self) -> SocketAddr {
+        self.banner.page.expect("the demo prints its page")
+    }
+
+    /// WebSocket address of node `i`.
+    pub fn ws(&self, i: usize) -> SocketAddr {
+        self.banner.nodes[i].ws.expect("the demo prints its nodes")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        terminate(&mut self.child).await
+    }
+}
+
 /// Nodes running as processes of the real binary.
 #[derive(Debug)]
 pub struct Process {
