@@ -1,13 +1,28 @@
 //! The web console and `switchboard demo`: the page every node serves at `/`,
-//! and the demo's two nodes behind one page.
+//! the demo's two nodes behind one page, and the page itself in a headless
+//! Chromium, sending from a pane on one node to a user on the other.
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
+use switchboard_test::browser::Browser;
 use switchboard_test::cluster::DemoProcess;
 use switchboard_test::{Client, Cluster, InProcess, Mode, STEP, http};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// `target/artifacts`: beside the binary's profile directory, so it follows
+/// `CARGO_TARGET_DIR`.
+fn artifacts() -> PathBuf {
+    let target = Path::new(BIN)
+        .parent()
+        .and_then(Path::parent)
+        .expect("the binary is in target/PROFILE/");
+    target.join("artifacts")
+}
 
 fn json_of(r: &http::Response) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
@@ -156,4 +171,121 @@ async fn demo_on_a_busy_port_is_a_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("binding the demo page"), "{err}");
+}
+
+/// The CSS selector of pane `i`.
+fn pane(i: usize) -> String {
+    format!(r#"[data-pane="{i}"]"#)
+}
+
+#[tokio::test]
+async fn in_a_browser_a_message_from_node_one_reaches_a_user_on_node_two() {
+    let artifacts = artifacts();
+    std::fs::create_dir_all(&artifacts).unwrap();
+    // No screenshot of an earlier run may pass for this one's.
+    for old in ["demo.png", "demo-phone.png", "demo-failure.png"] {
+        let _ = std::fs::remove_file(artifacts.join(old));
+    }
+    let Some(browser) = Browser::start(&artifacts.join("chromedriver.log"), 1280, 900)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let demo = DemoProcess::spawn(BIN.as_ref(), &[]).await.unwrap();
+    let outcome = use_the_page(&browser, &demo, &artifacts).await;
+    if outcome.is_err() {
+        // What the page showed when it went wrong, for the CI artefacts.
+        let _ = browser
+            .screenshot(&artifacts.join("demo-failure.png"))
+            .await;
+    }
+    browser.quit().await;
+    let status = demo.terminate().await.unwrap();
+    outcome.unwrap();
+    assert!(status.success(), "{status}");
+}
+
+async fn use_the_page(browser: &Browser, demo: &DemoProcess, artifacts: &Path) -> Result<()> {
+    browser.goto(&format!("http://{}/", demo.page())).await?;
+    browser
+        .wait_for_text("#panes", "node 2", STEP)
+        .await
+        .context("the page did not build its panes")?;
+
+    for (i, uid) in [(0, "alice"), (1, "bob")] {
+        browser.fill(&format!("{} .uid", pane(i)), uid).await?;
+        browser
+            .fill(&format!("{} .group", pane(i)), "lobby")
+            .await?;
+        browser.click(&format!("{} .connect", pane(i))).await?;
+    }
+    for i in 0..2 {
+        let id = &demo.banner.nodes[i].id;
+        let log = format!("{} .log", pane(i));
+        browser
+            .wait_for_text(&log, &format!("connected to node {id}"), STEP)
+            .await?;
+        let shown = browser.text(&format!("{} .node", pane(i))).await?;
+        ensure!(shown == *id, "pane {i} shows node {shown:?}, not {id:?}");
+    }
+
+    // Cluster-wide answers, asked of either node.
+    browser.fill(&format!("{} .who", pane(0)), "bob").await?;
+    browser.click(&format!("{} .online", pane(0))).await?;
+    browser
+        .wait_for_text(&format!("{} .log", pane(0)), "bob is online", STEP)
+        .await?;
+    browser
+        .fill(&format!("{} .which", pane(1)), "lobby")
+        .await?;
+    browser.click(&format!("{} .count", pane(1))).await?;
+    browser
+        .wait_for_text(
+            &format!("{} .log", pane(1)),
+            "group lobby: 2 connections",
+            STEP,
+        )
+        .await?;
+
+    // Markup in a message is text, never HTML.
+    let text = r#"hello bob <b>from</b> node one & "friends" <img src=x onerror=alert(1)>"#;
+    browser.fill(&format!("{} .to", pane(0)), "bob").await?;
+    browser.fill(&format!("{} .text", pane(0)), text).await?;
+    browser.click(&format!("{} .send", pane(0))).await?;
+    let got = browser
+        .wait_for_text(&format!("{} .log .msg", pane(1)), text, STEP)
+        .await
+        .context("the message did not reach the pane on node 2")?;
+    let (n0, n1) = (&demo.banner.nodes[0].id, &demo.banner.nodes[1].id);
+    ensure!(got.contains(&format!("alice on {n0}")), "sender: {got:?}");
+    ensure!(
+        got.contains(&format!("via {n1}")),
+        "receiving node: {got:?}"
+    );
+    ensure!(browser.count(".log b, .log img").await? == 0, "markup ran");
+    ensure!(
+        browser.count(&format!("{} .log .msg", pane(0))).await? == 0,
+        "a message to bob reached alice"
+    );
+    browser.screenshot(&artifacts.join("demo.png")).await?;
+
+    // Side by side on a wide screen, stacked on a phone, never wider than it.
+    let layout = "const [a, b] = [...document.querySelectorAll('.pane')]\
+        .map(p => p.getBoundingClientRect());\
+        const d = document.documentElement;\
+        return {side: Math.abs(a.top - b.top) < 1, stacked: b.top >= a.bottom,\
+        overflow: d.scrollWidth > d.clientWidth};";
+    let wide = browser.execute(layout, json!([])).await?;
+    ensure!(wide["side"] == true, "wide layout: {wide}");
+    browser.resize(390, 844).await?;
+    let narrow = browser.execute(layout, json!([])).await?;
+    ensure!(
+        narrow["stacked"] == true && narrow["overflow"] == false,
+        "phone layout: {narrow}"
+    );
+    browser
+        .screenshot(&artifacts.join("demo-phone.png"))
+        .await?;
+    Ok(())
 }

@@ -37,9 +37,9 @@ pub fn require(service: &str, reachable: bool) -> Result<bool> {
         return Ok(true);
     }
     if in_ci() {
-        bail!("{service} is unreachable and CI=true: this is a failure, not a skip");
+        bail!("{service} is not available and CI=true: this is a failure, not a skip");
     }
-    eprintln!("SKIPPED: {service} is unreachable (set CI=true to make this a failure)");
+    eprintln!("SKIPPED: {service} is not available (set CI=true to make this a failure)");
     Ok(false)
 }
 
