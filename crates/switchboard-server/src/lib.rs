@@ -5,6 +5,8 @@
 pub mod app;
 pub mod bench;
 pub mod config;
+pub mod console;
+pub mod demo;
 pub mod node;
 
 pub use app::ReferenceApp;

@@ -1,7 +1,10 @@
 //! `switchboard`: serve the reference application.
 
+use std::net::SocketAddr;
+
 use clap::{Parser, Subcommand};
 use switchboard_server::config::{ServeArgs, ServeConfig};
+use switchboard_server::demo::{self, DemoArgs};
 use switchboard_server::node;
 use tracing_subscriber::EnvFilter;
 
@@ -20,6 +23,8 @@ struct Cli {
 enum Command {
     /// Serve the reference application (bench/CONTRACT.md) over WebSocket and TCP.
     Serve(Box<ServeArgs>),
+    /// Two nodes on loopback and a web page to try them from (http://127.0.0.1:8080).
+    Demo(DemoArgs),
     /// Load-test a server that speaks bench/CONTRACT.md (this one or a peer).
     Bench(switchboard_server::bench::BenchArgs),
     /// Internal: one worker process of `bench`.
@@ -40,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(*args)),
+        Command::Demo(args) => rt.block_on(run_demo(args)),
         Command::Bench(args) => rt.block_on(switchboard_server::bench::run(args)),
         Command::BenchWorker => {
             // One thread: workers are many processes sharing two cores.
@@ -57,18 +63,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // reads them may signal at once, and must get a graceful stop.
     let signal = shutdown_signal()?;
     let nodes = node::launch_all(&cfg).await?;
-    #[allow(clippy::print_stdout)]
     for running in &nodes {
-        println!(
-            "switchboard node {} ({} cluster)",
-            running.hub.node_id(),
-            cfg.cluster
-        );
+        let id = running.hub.node_id().to_string();
+        print_node(&id, &cfg.cluster.to_string(), running.ws, &cfg.ws_path);
         if let Some(a) = running.ws {
-            println!("  websocket  ws://{a}{}", cfg.ws_path);
+            print_address("console", &format!("http://{a}/"));
         }
         if let Some(a) = running.tcp {
-            println!("  tcp        tcp://{a} ({} framing)", cfg.tcp_framing);
+            print_address("tcp", &format!("tcp://{a} ({} framing)", cfg.tcp_framing));
         }
     }
     signal.await;
@@ -77,6 +79,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         running.shutdown().await;
     }
     Ok(())
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
+    let demo = demo::start(&args).await?;
+    for e in &demo.topology.endpoints {
+        print_node(&e.node, &demo.topology.cluster, Some(e.ws), &e.path);
+    }
+    let page = format!("http://{}/", demo.page);
+    #[allow(clippy::print_stdout)]
+    {
+        println!("switchboard demo");
+    }
+    // Last: whoever reads the output knows every address once it sees this line.
+    print_address("page", &page);
+    tracing::info!(%page, "demo ready: open the page in a browser; Ctrl-C stops");
+    signal.await;
+    tracing::info!("signal received, stopping");
+    demo.shutdown().await;
+    Ok(())
+}
+
+/// The heading of a node in the start-up output, and its WebSocket address.
+/// Tests and scripts read these lines to learn the ports.
+fn print_node(id: &str, cluster: &str, ws: Option<SocketAddr>, ws_path: &str) {
+    #[allow(clippy::print_stdout)]
+    {
+        println!("switchboard node {id} ({cluster} cluster)");
+    }
+    if let Some(a) = ws {
+        print_address("websocket", &format!("ws://{a}{ws_path}"));
+    }
+}
+
+/// One indented `name  address` line of the start-up output.
+#[allow(clippy::print_stdout)]
+fn print_address(name: &str, address: &str) {
+    println!("  {name:<10} {address}");
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are registered when this is

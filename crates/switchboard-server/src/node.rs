@@ -114,7 +114,11 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
                     .parse()
                     .with_context(|| format!("memory:N needs IP:PORT addresses, got {a}"))?;
                 if sa.port() != 0 {
-                    sa.set_port(sa.port() + i as u16);
+                    let port = u16::try_from(i)
+                        .ok()
+                        .and_then(|i| sa.port().checked_add(i))
+                        .with_context(|| format!("memory:{n}: no port {i} above {sa}"))?;
+                    sa.set_port(port);
                 }
                 Some(sa.to_string())
             }
@@ -164,7 +168,12 @@ pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow:
                     let hub = hub.clone();
                     move || std::future::ready(stats(&hub))
                 }),
-            );
+            )
+            // A browser pointed at the node gets a console connected to it.
+            .merge(crate::console::router(
+                &crate::console::node_config(hub.node_id(), &cfg.ws_path),
+                Some(&cfg.ws_path),
+            ));
         server = server.http(l, router);
     }
     let mut tcp = None;

@@ -142,36 +142,13 @@ impl ProcessNode {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut node_id, mut ws, mut tcp) = (String::new(), None, None);
-        let parse = |s: &str, scheme: &str| -> Option<SocketAddr> {
-            let rest = s.split(scheme).nth(1)?;
-            rest.split(['/', ' ']).next()?.parse().ok()
-        };
-        let read = async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(rest) = line.strip_prefix("switchboard node ") {
-                    node_id = rest.split(' ').next().unwrap_or_default().to_owned();
-                } else if line.contains("ws://") {
-                    ws = parse(&line, "ws://");
-                } else if line.contains("tcp://") {
-                    tcp = parse(&line, "tcp://");
-                    break;
-                }
-            }
-            anyhow::Ok(())
-        };
-        tokio::time::timeout(crate::STEP, read)
-            .await
-            .context("node did not start")??;
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let banner = read_banner(&mut child, |line| line.contains("tcp://")).await?;
+        let node = banner.nodes.into_iter().next().unwrap_or_default();
         Ok(Self {
             child,
-            node_id,
-            ws,
-            tcp,
+            node_id: node.id,
+            ws: node.ws,
+            tcp: node.tcp,
         })
     }
 
@@ -182,13 +159,129 @@ impl ProcessNode {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
-        let pid = self.pid();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
-        anyhow::ensure!(status.success(), "kill failed");
-        Ok(tokio::time::timeout(crate::STEP, self.child.wait()).await??)
+        terminate(&mut self.child).await
+    }
+}
+
+/// Sends SIGTERM to `child` and waits for its exit status.
+pub async fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
+    let pid = child.id().context("the process has already been reaped")?;
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "kill failed");
+    Ok(tokio::time::timeout(crate::STEP, child.wait()).await??)
+}
+
+/// A node as the binary's start-up output describes it.
+#[derive(Debug, Clone, Default)]
+pub struct PrintedNode {
+    pub id: String,
+    pub ws: Option<SocketAddr>,
+    /// The console page on the WebSocket port.
+    pub console: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+}
+
+/// What the binary prints when it starts: a `switchboard node ID (...)` line
+/// per node, each followed by indented `NAME  URL` lines; the demo ends with
+/// a `page` line.
+#[derive(Debug, Clone, Default)]
+pub struct Banner {
+    pub nodes: Vec<PrintedNode>,
+    pub page: Option<SocketAddr>,
+}
+
+impl Banner {
+    fn read_line(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("switchboard node ") {
+            self.nodes.push(PrintedNode {
+                id: rest.split(' ').next().unwrap_or_default().to_owned(),
+                ..PrintedNode::default()
+            });
+            return;
+        }
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(url)) = (words.next(), words.next()) else {
+            return;
+        };
+        // `ws://127.0.0.1:9001/ws` -> 127.0.0.1:9001
+        let Some(addr) = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|a| a.parse().ok())
+        else {
+            return;
+        };
+        let node = self.nodes.last_mut();
+        match (name, node) {
+            ("page", _) => self.page = Some(addr),
+            ("websocket", Some(n)) => n.ws = Some(addr),
+            ("console", Some(n)) => n.console = Some(addr),
+            ("tcp", Some(n)) => n.tcp = Some(addr),
+            _ => {}
+        }
+    }
+}
+
+/// Reads `child`'s start-up output up to the first line for which `last`
+/// holds, then keeps draining it so the child never blocks on a full pipe.
+pub async fn read_banner(child: &mut Child, last: impl Fn(&str) -> bool) -> Result<Banner> {
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut banner = Banner::default();
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            banner.read_line(&line);
+            if last(&line) {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the output ended before the addresses: {banner:?}")
+    };
+    tokio::time::timeout(crate::STEP, read)
+        .await
+        .context("the process did not print its addresses")??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(banner)
+}
+
+/// `switchboard demo` running as a process: its nodes and its page.
+#[derive(Debug)]
+pub struct DemoProcess {
+    pub child: Child,
+    pub banner: Banner,
+}
+
+impl DemoProcess {
+    /// Starts `bin demo --port 0` (plus `args`) and reads the addresses it prints.
+    pub async fn spawn(bin: &Path, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(bin)
+            .args(["demo", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", bin.display()))?;
+        let banner = read_banner(&mut child, |line| line.trim_start().starts_with("page ")).await?;
+        Ok(Self { child, banner })
+    }
+
+    /// The page's address.
+    pub fn page(&self) -> SocketAddr {
+        self.banner.page.expect("the demo prints its page")
+    }
+
+    /// WebSocket address of node `i`.
+    pub fn ws(&self, i: usize) -> SocketAddr {
+        self.banner.nodes[i].ws.expect("the demo prints its nodes")
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
+        terminate(&mut self.child).await
     }
 }
 

@@ -3,14 +3,18 @@
 //! - [`cluster`]: start a cluster of reference-app nodes in a given mode
 //!   (in-process, or as processes of the real binary) behind one [`Cluster`] trait.
 //! - [`client`]: WebSocket and TCP clients speaking `bench/CONTRACT.md`.
+//! - [`http`]: a small HTTP client for the nodes' plain endpoints.
+//! - [`browser`]: headless Chromium through chromedriver, for the web pages.
 //! - [`conformance`]: the checks every mode must pass, and the
 //!   [`conformance_suite!`] macro that turns them into tests for one mode.
 
 #![allow(missing_docs, unreachable_pub, clippy::unwrap_used)]
 
+pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod conformance;
+pub mod http;
 pub mod services;
 
 pub use client::{Client, Kind};

@@ -37,9 +37,9 @@ pub fn require(service: &str, reachable: bool) -> Result<bool> {
         return Ok(true);
     }
     if in_ci() {
-        bail!("{service} is unreachable and CI=true: this is a failure, not a skip");
+        bail!("{service} is not available and CI=true: this is a failure, not a skip");
     }
-    eprintln!("SKIPPED: {service} is unreachable (set CI=true to make this a failure)");
+    eprintln!("SKIPPED: {service} is not available (set CI=true to make this a failure)");
     Ok(false)
 }
 
@@ -67,7 +67,8 @@ pub fn unique_prefix(tag: &str) -> String {
     )
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port free a moment ago (bind, read, release).
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -161,24 +162,10 @@ impl Drop for RedisServer {
     }
 }
 
-/// A minimal HTTP GET (for `/ready` and `/stats`): status and body.
+/// A GET (for `/ready` and `/stats`): status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut resp = String::new();
-    tokio::time::timeout(crate::STEP, s.read_to_string(&mut resp)).await??;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status")?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let r = crate::http::get(addr, path).await?;
+    Ok((r.status.as_u16(), r.text()))
 }
 
 #[cfg(test)]
