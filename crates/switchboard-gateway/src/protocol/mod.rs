@@ -4,3 +4,4 @@
 //! worker runtimes add the sockets.
 
 pub mod cmd;
+pub mod php;
