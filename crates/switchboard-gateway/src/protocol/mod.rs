@@ -2,6 +2,18 @@
 //!
 //! Everything here is a pure function over bytes; the register, gateway and
 //! worker runtimes add the sockets.
+//!
+//! - [`frame`]: GatewayProtocol frames (a 28-byte header, `ext_data`, body)
+//!   on worker links and query sockets; [`cmd`] names their commands.
+//! - [`php`]: PHP's `serialize`/`unserialize`, `json_encode`/`json_decode` and
+//!   `array_replace_recursive`, which bodies, sessions and replies rely on.
+//! - [`client_id`] and [`auth`]: client ids and link authorization bodies.
 
+pub mod auth;
+pub mod client_id;
 pub mod cmd;
+pub mod frame;
 pub mod php;
+
+pub use client_id::ClientId;
+pub use frame::{DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, HEAD_LEN, Header, ProtocolError};

@@ -22,6 +22,7 @@ use bytes::Bytes;
 
 pub use array::{Array, array_replace_recursive};
 pub use de::{MAX_DEPTH, unserialize, unserialize_prefix};
+pub(crate) use json::encode_str as encode_json_str;
 pub use json::{JsonError, json_decode, json_encode, to_json};
 pub use ser::{serialize, to_bytes};
 
