@@ -3,6 +3,8 @@
 //! Everything here is a pure function over bytes; the register, gateway and
 //! worker runtimes add the sockets.
 //!
+//! - [`register`]: newline-terminated JSON between gateways/workers and the
+//!   register.
 //! - [`frame`]: GatewayProtocol frames (a 28-byte header, `ext_data`, body)
 //!   on worker links and query sockets; [`cmd`] names their commands.
 //! - [`php`]: PHP's `serialize`/`unserialize`, `json_encode`/`json_decode` and
@@ -14,6 +16,7 @@ pub mod client_id;
 pub mod cmd;
 pub mod frame;
 pub mod php;
+pub mod register;
 
 pub use client_id::ClientId;
 pub use frame::{DEFAULT_MAX_FRAME_LEN, Frame, FrameDecoder, HEAD_LEN, Header, ProtocolError};
