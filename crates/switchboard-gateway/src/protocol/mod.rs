@@ -7,6 +7,8 @@
 //!   register.
 //! - [`frame`]: GatewayProtocol frames (a 28-byte header, `ext_data`, body)
 //!   on worker links and query sockets; [`cmd`] names their commands.
+//! - [`query`]: the `u32` length + PHP `serialize()` replies a gateway sends on
+//!   query sockets, and the JSON `ext_data` of commands that carry lists.
 //! - [`php`]: PHP's `serialize`/`unserialize`, `json_encode`/`json_decode` and
 //!   `array_replace_recursive`, which bodies, sessions and replies rely on.
 //! - [`client_id`] and [`auth`]: client ids and link authorization bodies.
@@ -16,6 +18,7 @@ pub mod client_id;
 pub mod cmd;
 pub mod frame;
 pub mod php;
+pub mod query;
 pub mod register;
 
 pub use client_id::ClientId;
