@@ -6,8 +6,8 @@
 //! `-4 < exp < precision`, otherwise `d.dddE+x`. `serialize` and `json_encode`
 //! use `serialize_precision = -1`, the shortest digits that read back to the
 //! same double, with a layout threshold of 17; string casts use `precision = 14`
-//! digits. Rust's `{:e}` formatting produces the same digits: both the shortest
-//! round-trip form and correctly rounded fixed precision are unique.
+//! digits. Rust's `{:e}` formatting produces the same digits, once ties
+//! between two shortest forms are broken the way `zend_dtoa` breaks them.
 
 use std::io::Write;
 
@@ -32,7 +32,7 @@ pub(crate) fn write(out: &mut Vec<u8>, v: f64, precision: Precision, exp_char: u
         return;
     }
     let (sci, threshold) = match precision {
-        Precision::Shortest => (format!("{:e}", v.abs()), 17),
+        Precision::Shortest => (shortest(v.abs()), 17),
         Precision::Digits(p) => {
             let p = p.max(1);
             (format!("{:.*e}", p - 1, v.abs()), p as i32)
@@ -84,6 +84,25 @@ pub(crate) fn write(out: &mut Vec<u8>, v: f64, precision: Precision, exp_char: u
     }
 }
 
+/// The shortest digits that read back to `a`, the nearest of them to `a` and
+/// ties to even, as `zend_dtoa` mode 0 picks them. Rust's shortest form has
+/// the right length but may round a tie the other way (1956803448537645.25
+/// gives `…45.3`, PHP `…45.2`); the correctly rounded form of that length is
+/// the nearest one by construction, so it wins whenever it reads back.
+fn shortest(a: f64) -> String {
+    let short = format!("{a:e}");
+    let digits = short
+        .split('e')
+        .next()
+        .map_or(1, |m| m.bytes().filter(u8::is_ascii_digit).count());
+    let exact = format!("{:.*e}", digits.saturating_sub(1), a);
+    if exact.parse::<f64>() == Ok(a) {
+        exact
+    } else {
+        short
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +134,8 @@ mod tests {
             (f64::MAX, "1.7976931348623157E+308"),
             (100.0, "100"),
             (12345.678, "12345.678"),
+            // Exactly halfway between two 17-digit decimals: PHP rounds to even.
+            (1_956_803_448_537_645.0 + 0.25, "1956803448537645.2"),
             (f64::INFINITY, "INF"),
             (f64::NEG_INFINITY, "-INF"),
             (f64::NAN, "NAN"),
