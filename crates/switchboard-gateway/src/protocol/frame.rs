@@ -17,7 +17,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::php::{self, PhpError, Value};
-use super::{ClientId, auth, cmd};
+use super::{ClientId, auth, cmd, stream};
 
 /// Length of the fixed header.
 pub const HEAD_LEN: usize = 28;
@@ -314,13 +314,7 @@ impl Decoder for FrameDecoder {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
-        match self.decode(src)? {
-            Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() => Ok(None),
-            None => Err(ProtocolError::Truncated {
-                buffered: src.len(),
-            }),
-        }
+        stream::decode_eof(self, src, |buffered| ProtocolError::Truncated { buffered })
     }
 }
 

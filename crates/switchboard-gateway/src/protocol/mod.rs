@@ -23,6 +23,7 @@ pub mod php;
 pub mod query;
 pub mod register;
 pub mod session;
+mod stream;
 pub mod websocket;
 
 pub use client_id::ClientId;

@@ -9,10 +9,11 @@
 //! `json_decode` does.
 
 use bytes::{Bytes, BytesMut};
-use switchboard_core::framing::{self, Framing, FramingError};
+use switchboard_core::framing::{self, Framing};
 use tokio_util::codec::{Decoder, Encoder};
 
 use super::php::{self, Array, Key, Value};
+use super::stream;
 
 /// The longest line accepted by default: workerman's `maxPackageSize`, 10 MiB.
 pub const DEFAULT_MAX_LINE_LEN: usize = 10 * 1024 * 1024;
@@ -216,11 +217,10 @@ impl Decoder for LineDecoder {
     type Error = LineError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, LineError> {
-        let line = self.lines.decode(src).map_err(|e| match e {
-            FramingError::TooLong { len, max } => LineError::TooLong { len, max },
-            // Decoding reports nothing else today; keep whatever comes later.
-            other => LineError::Io(std::io::Error::other(other)),
-        })?;
+        let line = self
+            .lines
+            .decode(src)
+            .map_err(|e| stream::framing_error(e, |len, max| LineError::TooLong { len, max }))?;
         // The line framing strips one `\r`; PHP strips them all.
         Ok(line.map(|mut line| {
             let keep = line.iter().rposition(|&b| b != b'\r').map_or(0, |i| i + 1);
@@ -230,13 +230,7 @@ impl Decoder for LineDecoder {
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, LineError> {
-        match self.decode(src)? {
-            Some(line) => Ok(Some(line)),
-            None if src.is_empty() => Ok(None),
-            None => Err(LineError::Truncated {
-                buffered: src.len(),
-            }),
-        }
+        stream::decode_eof(self, src, |buffered| LineError::Truncated { buffered })
     }
 }
 

@@ -83,17 +83,20 @@ impl<'a> Parser<'a> {
         &input[start..self.pos]
     }
 
+    /// One or more ASCII digits (`[0-9]+`).
+    fn some_digits(&mut self) -> Result<&'a [u8], PhpError> {
+        let at = self.pos;
+        match self.digits() {
+            [] if at == self.input.len() => Err(PhpError::UnexpectedEnd),
+            [] => Err(PhpError::Syntax { offset: at }),
+            digits => Ok(digits),
+        }
+    }
+
     /// An unsigned count or length (`[0-9]+`); overflow is an error, as in PHP.
     fn count(&mut self) -> Result<usize, PhpError> {
         let at = self.pos;
-        let digits = self.digits();
-        if digits.is_empty() {
-            return Err(match self.input.get(at) {
-                None => PhpError::UnexpectedEnd,
-                Some(_) => PhpError::Syntax { offset: at },
-            });
-        }
-        digits
+        self.some_digits()?
             .iter()
             .try_fold(0usize, |n, d| {
                 n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
@@ -158,15 +161,7 @@ impl<'a> Parser<'a> {
 
     /// `[0-9]+` as a saturating `u64`.
     fn magnitude(&mut self) -> Result<u64, PhpError> {
-        let at = self.pos;
-        let digits = self.digits();
-        if digits.is_empty() {
-            return Err(match self.input.get(at) {
-                None => PhpError::UnexpectedEnd,
-                Some(_) => PhpError::Syntax { offset: at },
-            });
-        }
-        Ok(digits.iter().fold(0u64, |n, d| {
+        Ok(self.some_digits()?.iter().fold(0u64, |n, d| {
             n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
         }))
     }

@@ -125,6 +125,11 @@ pub(crate) fn encode_str(out: &mut Vec<u8>, s: &str) {
 /// PHP's `json_decode($json, true)`: objects become arrays in member order,
 /// numeric member names become integer keys, a repeated name keeps its first
 /// position and takes the last value, integers beyond `i64` become floats.
+///
+/// One known difference: the number `-0` reads as the float `-0.0` where PHP
+/// reads the integer `0`, because serde_json does not say whether a number
+/// had a fraction. Nesting deeper than serde_json's 128 levels is refused
+/// (PHP allows 512).
 pub fn json_decode(json: &[u8]) -> Result<Value, JsonError> {
     serde_json::from_slice::<PhpJson>(json)
         .map(|v| v.0)

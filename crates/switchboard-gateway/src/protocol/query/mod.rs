@@ -8,10 +8,11 @@
 mod ext;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use switchboard_core::framing::{self, Framing, FramingError};
+use switchboard_core::framing::{self, Framing};
 use tokio_util::codec::Decoder;
 
 use super::php::{self, PhpError, Value};
+use super::stream;
 
 pub use ext::{Condition, ExtError, Id, IdList, Select, SendToAll, SendToGroup};
 
@@ -98,24 +99,17 @@ impl Decoder for ReplyDecoder {
     type Error = ReplyError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Value>, ReplyError> {
-        let payload = self.lengths.decode(src).map_err(|e| match e {
-            FramingError::TooLong { len, max } => ReplyError::TooLong { len, max },
-            // Decoding reports nothing else today; keep whatever comes later.
-            other => ReplyError::Io(std::io::Error::other(other)),
-        })?;
+        let payload = self
+            .lengths
+            .decode(src)
+            .map_err(|e| stream::framing_error(e, |len, max| ReplyError::TooLong { len, max }))?;
         payload
             .map(|p| php::unserialize(&p).map_err(ReplyError::Php))
             .transpose()
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Value>, ReplyError> {
-        match self.decode(src)? {
-            Some(v) => Ok(Some(v)),
-            None if src.is_empty() => Ok(None),
-            None => Err(ReplyError::Truncated {
-                buffered: src.len(),
-            }),
-        }
+        stream::decode_eof(self, src, |buffered| ReplyError::Truncated { buffered })
     }
 }
 
