@@ -115,15 +115,52 @@ impl Frame {
         ext_data: impl Into<Bytes>,
         body: &Value,
     ) -> Self {
-        let mut frame = Self::to_gateway(cmd, connection_id, ext_data, Bytes::new());
-        match body.scalar_to_bytes() {
-            Some(s) => frame.body = s,
-            None => {
-                frame.header.flag &= !cmd::FLAG_BODY_IS_SCALAR;
-                frame.body = Bytes::from(php::to_bytes(body));
-            }
+        let header = Header {
+            connection_id,
+            ..Header::to_gateway(cmd)
+        };
+        Self::from_value(header, ext_data, body)
+    }
+
+    /// An event about one client from a gateway to a worker, as
+    /// `Gateway::sendToWorker` builds it: the header stored for the client at
+    /// connect time with `cmd` set, the client's session as `ext_data`, and a
+    /// string body (flag [`cmd::FLAG_BODY_IS_SCALAR`]). For
+    /// `CMD_ON_WEBSOCKET_CONNECT`, whose body is an array, use [`Frame::from_value`].
+    pub fn to_worker(
+        cmd: u8,
+        client: Header,
+        session: impl Into<Bytes>,
+        body: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            header: Header {
+                cmd,
+                flag: client.flag | cmd::FLAG_BODY_IS_SCALAR,
+                ..client
+            },
+            ext_data: session.into(),
+            body: body.into(),
         }
-        frame
+    }
+
+    /// A frame whose body is any PHP value, encoded as
+    /// `GatewayProtocol::encode` does: a scalar as its string form with
+    /// [`cmd::FLAG_BODY_IS_SCALAR`] set, null and arrays as `serialize()` output
+    /// with it clear. The header's other flag bits are kept.
+    pub fn from_value(header: Header, ext_data: impl Into<Bytes>, body: &Value) -> Self {
+        let (flag, body) = match body.scalar_to_bytes() {
+            Some(s) => (header.flag | cmd::FLAG_BODY_IS_SCALAR, s),
+            None => (
+                header.flag & !cmd::FLAG_BODY_IS_SCALAR,
+                Bytes::from(php::to_bytes(body)),
+            ),
+        };
+        Self {
+            header: Header { flag, ..header },
+            ext_data: ext_data.into(),
+            body,
+        }
     }
 
     /// The first frame of a worker link: `CMD_WORKER_CONNECT` with the worker's
@@ -410,6 +447,47 @@ mod tests {
         );
         let kick = Frame::to_gateway_value(cmd::KICK, 3, "", &Value::Null);
         assert_eq!((kick.header.flag, &kick.body[..]), (0, &b"N;"[..]));
+    }
+
+    #[test]
+    fn events_to_workers() {
+        // plain.json: CMD_ON_CONNECT for alice, then her CMD_ON_MESSAGE with a session.
+        let client = Header {
+            local_ip: 0x7f00_0001,
+            local_port: 12900,
+            client_ip: 0x7f00_0001,
+            client_port: 60772,
+            connection_id: 1,
+            gateway_port: 13002,
+            ..Header::default()
+        };
+        let connect = Frame::to_worker(cmd::ON_CONNECT, client, "", "");
+        let hex = wire(std::slice::from_ref(&connect))
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        assert_eq!(
+            hex,
+            "0000001c017f00000132647f000001ed64000000010132ca00000000"
+        );
+        let msg = Frame::to_worker(cmd::ON_MESSAGE, client, "a:0:{}", "hi");
+        assert_eq!(
+            (msg.header.flag, msg.client_id().to_string().as_str()),
+            (1, "7f000001326400000001")
+        );
+        let data: php::Array = [("get", php::Array::new())].into_iter().collect();
+        let ws = Frame::from_value(
+            Header {
+                cmd: cmd::ON_WEBSOCKET_CONNECT,
+                ..client
+            },
+            "",
+            &Value::Array(data),
+        );
+        assert_eq!(
+            (ws.header.flag, &ws.body[..]),
+            (0, &br#"a:1:{s:3:"get";a:0:{}}"#[..])
+        );
     }
 
     #[test]
