@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 secs="${1:-60}"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
-for target in framing envelope; do
+for target in framing envelope gateway_frame php_unserialize register_line; do
   cargo fuzz run "$target" --sanitizer none -- -max_total_time="$secs"
 done

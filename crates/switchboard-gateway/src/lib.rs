@@ -1,0 +1,31 @@
+//! GatewayWorker interoperability for switchboard.
+//!
+//! [GatewayWorker](https://github.com/walkor/GatewayWorker) clusters are made of
+//! a register, gateways holding the client connections, and business workers
+//! running the application. [`protocol`] speaks their three wire protocols as
+//! pure functions over bytes, with no sockets: the register's JSON lines, the
+//! 28-byte-header frames between gateways and workers, and the length-prefixed
+//! PHP `serialize()` replies to queries.
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use switchboard_gateway::protocol::{cmd, php, ClientId, Frame, FrameDecoder};
+//! use tokio_util::codec::Decoder;
+//!
+//! // A worker asks a gateway to send "hi" to the client on connection 7.
+//! let frame = Frame::to_gateway(cmd::SEND_TO_ONE, 7, "", "hi");
+//! let mut wire = BytesMut::new();
+//! frame.encode(&mut wire);
+//!
+//! // The gateway decodes it, however the bytes were split by TCP.
+//! let got = FrameDecoder::default().decode(&mut wire)?.expect("one whole frame");
+//! assert_eq!(got, frame);
+//! assert_eq!(got.body_value()?, php::Value::from("hi"));
+//!
+//! // Client ids name a connection on a gateway, as PHP prints them.
+//! let id: ClientId = "7f000001326400000001".parse()?;
+//! assert_eq!(id.address(), "127.0.0.1:12900");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod protocol;
