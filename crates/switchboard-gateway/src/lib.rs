@@ -7,6 +7,14 @@
 //! 28-byte-header frames between gateways and workers, and the length-prefixed
 //! PHP `serialize()` replies to queries.
 //!
+//! Around it, the roles, each a thin async shell: [`register`] (where the
+//! others meet), [`Gateway`] (a node holding client sockets, forwarding their
+//! events to workers), [`Worker`] (runs the application's
+//! [`Handler`](switchboard::Handler) through an ordinary
+//! [`Hub`](switchboard::Hub)), and [`Pusher`] (pushes and queries from any
+//! process). Switchboard processes also speak a few extensions ([`ext`]) to
+//! each other; PHP processes see only GatewayWorker's protocol.
+//!
 //! ```
 //! use bytes::BytesMut;
 //! use switchboard_gateway::protocol::{cmd, php, ClientId, Frame, FrameDecoder};
@@ -28,4 +36,15 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod client;
+pub mod ext;
+pub mod gateway;
 pub mod protocol;
+pub mod register;
+mod register_link;
+mod session;
+pub mod worker;
+
+pub use client::{PushError, Pusher};
+pub use gateway::{Gateway, GatewayConfig, GatewayStats};
+pub use worker::{Worker, WorkerConfig, WorkerStats};

@@ -100,8 +100,11 @@ impl Server {
     }
 }
 
-/// The next accepted connection, or `None` once `stop` is cancelled.
-async fn next_conn(
+/// The next accepted connection, or `None` once `stop` is cancelled. After
+/// an accept error (out of file descriptors, most often) it backs off rather
+/// than spin. For servers of other protocols beside a hub (a gateway's inner
+/// port, a register).
+pub async fn next_conn(
     listener: &TcpListener,
     stop: &CancellationToken,
 ) -> Option<(tokio::net::TcpStream, SocketAddr)> {

@@ -1,0 +1,626 @@
+//! The worker hub's cluster: every gateway is a peer node, reached through
+//! GatewayWorker commands.
+//!
+//! The hub hands this backplane the same envelopes it hands Redis or
+//! RabbitMQ. Pushes become one command per gateway (`SEND_TO_UID`,
+//! `SEND_TO_GROUP`, `SEND_TO_ALL`) or per connection (`SEND_TO_ONE`), with
+//! the frame encoded once and shared; a target no single command expresses
+//! (a union with exclusions) is resolved with `CMD_SELECT` first, so it is
+//! still delivered once to each recipient. Operations on a connection become
+//! its gateway's command followed by a query on the same link, whose answer
+//! both confirms the gateway applied it and says whether the connection
+//! exists. Queries are asked of every gateway the register names, and a
+//! gateway that does not answer is reported missing.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use bytes::{Bytes, BytesMut};
+use switchboard::async_trait;
+use switchboard::core::backplane::{
+    BackplaneStats, Handoff, Inbound, JoinContext, JoinError, Status,
+};
+use switchboard::core::query::{LocalAnswer, LocalTotals};
+use switchboard::core::{
+    Backplane, Body, ConnId, Dest, Envelope, Frame, NodeId, Op, OpResult, Query, Session, Target,
+};
+
+use super::link::{self, Link};
+use super::{Shared, body_flag};
+use crate::protocol::cmd;
+use crate::protocol::php::Value;
+use crate::protocol::query::{Condition, Id, IdList, Select, SendToAll, SendToGroup};
+
+/// The backplane of a worker's hub.
+pub(crate) struct Links {
+    shared: Weak<Shared>,
+    inbound: OnceLock<Inbound>,
+    published: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Links {
+    pub(crate) fn new(shared: Weak<Shared>) -> Self {
+        Self {
+            shared,
+            inbound: OnceLock::new(),
+            published: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn count(&self, h: Handoff) -> Handoff {
+        self.published
+            .fetch_add(u64::from(h.sent), Ordering::Relaxed);
+        self.dropped
+            .fetch_add(u64::from(h.dropped), Ordering::Relaxed);
+        h
+    }
+}
+
+/// What one command to every gateway costs: sent to the live links,
+/// dropped for the gateways the register names that are not linked.
+fn to_all(shared: &Shared, bytes: &Bytes) -> Handoff {
+    let mut h = Handoff::default();
+    let links = shared.all_links();
+    for l in &links {
+        if l.send(bytes.clone()) {
+            h.sent += 1;
+        } else {
+            h.dropped += 1;
+        }
+    }
+    let known = shared.known_gateways();
+    h.dropped += known
+        .iter()
+        .filter(|n| !links.iter().any(|l| &l.node == *n))
+        .count() as u32;
+    h
+}
+
+fn ids<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<Id> {
+    names.into_iter().map(Id::from).collect()
+}
+
+/// `CMD_SEND_TO_GROUP`'s ext_data for the target's groups.
+fn group_ext(target: &Target, exclude: Option<Vec<u32>>) -> Bytes {
+    let groups = ids(target.included_groups().iter().map(|g| g.as_str()));
+    Bytes::from(SendToGroup { groups, exclude }.encode())
+}
+
+fn select(fields: &[&str], conditions: Vec<Condition>) -> Bytes {
+    let fields = fields.iter().map(|f| (*f).to_owned()).collect();
+    Bytes::from(Select { fields, conditions }.encode())
+}
+
+fn send_cmd(c: u8, ext_data: Bytes, frame: &Frame) -> Bytes {
+    link::one(c, 0, body_flag(frame), ext_data, frame.data().clone())
+}
+
+#[async_trait]
+impl Backplane for Links {
+    async fn join(&self, ctx: JoinContext) -> Result<(), JoinError> {
+        let _ = self.inbound.set(ctx.inbound);
+        Ok(())
+    }
+
+    fn publish(&self, dest: Dest<'_>, envelope: Bytes) -> Handoff {
+        let Some(shared) = self.shared.upgrade() else {
+            return self.count(Handoff {
+                sent: 0,
+                dropped: 1,
+            });
+        };
+        let Ok(env) = Envelope::decode(&envelope) else {
+            return self.count(Handoff {
+                sent: 0,
+                dropped: 1,
+            });
+        };
+        let h = match env.body {
+            Body::Push { target, frame } => push(&shared, &target, &frame),
+            Body::Close { target, .. } => close(&shared, target),
+            Body::Request { op } => {
+                let nodes = match dest {
+                    Dest::Node(n) => vec![n.clone()],
+                    _ => shared.known_gateways(),
+                };
+                let mut h = Handoff::default();
+                for node in nodes {
+                    let Some(l) = shared.link(&node) else {
+                        h.dropped += 1;
+                        continue;
+                    };
+                    h.sent += 1;
+                    let inbound = self.inbound.get().cloned();
+                    let op = op.clone();
+                    let id = env.id;
+                    shared.tasks.spawn(async move {
+                        let result = run_op(&l, op).await;
+                        let reply = Envelope {
+                            origin: l.node.clone(),
+                            id,
+                            body: Body::Reply { result },
+                        }
+                        .encode();
+                        if let Some(inbound) = inbound {
+                            let _ = inbound.try_send(reply);
+                        }
+                    });
+                }
+                h
+            }
+            _ => Handoff::default(),
+        };
+        self.count(h)
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.shared
+            .upgrade()
+            .map(|s| s.known_gateways())
+            .unwrap_or_default()
+    }
+
+    fn status(&self) -> Status {
+        match self.shared.upgrade() {
+            Some(s) if !s.all_links().is_empty() => Status::Ready,
+            _ => Status::Connecting {
+                reason: "no gateway linked".into(),
+            },
+        }
+    }
+
+    fn stats(&self) -> BackplaneStats {
+        let link_dropped: u64 = self
+            .shared
+            .upgrade()
+            .map(|s| {
+                s.all_links()
+                    .iter()
+                    .map(|l| l.dropped.load(Ordering::Relaxed))
+                    .sum()
+            })
+            .unwrap_or(0);
+        BackplaneStats {
+            published: self.published.load(Ordering::Relaxed),
+            publish_dropped: self.dropped.load(Ordering::Relaxed) + link_dropped,
+            ..BackplaneStats::default()
+        }
+    }
+
+    async fn leave(&self) {}
+}
+
+/// One push, as the fewest GatewayWorker commands that deliver it exactly.
+fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
+    let only_conns = !target.is_all()
+        && target.included_users().is_empty()
+        && target.included_groups().is_empty()
+        && target.excluded_users().is_empty();
+    if only_conns {
+        let mut h = Handoff::default();
+        let except: BTreeSet<&ConnId> = target.excluded_conns().iter().collect();
+        for c in target.conns().iter().filter(|c| !except.contains(c)) {
+            match shared.link(c.node()) {
+                Some(l)
+                    if l.send(link::one(
+                        cmd::SEND_TO_ONE,
+                        c.seq() as u32,
+                        body_flag(frame),
+                        Bytes::new(),
+                        frame.data().clone(),
+                    )) =>
+                {
+                    h.sent += 1
+                }
+                _ => h.dropped += 1,
+            }
+        }
+        return h;
+    }
+    let plain_users = !target.is_all()
+        && target.conns().is_empty()
+        && target.included_groups().is_empty()
+        && target.excluded_users().is_empty()
+        && target.excluded_conns().is_empty();
+    if plain_users {
+        let uids = IdList(ids(target.included_users().iter().map(|u| u.as_str())));
+        return to_all(
+            shared,
+            &send_cmd(cmd::SEND_TO_UID, Bytes::from(uids.encode()), frame),
+        );
+    }
+    let groups_except_conns = !target.is_all()
+        && target.conns().is_empty()
+        && target.included_users().is_empty()
+        && target.excluded_users().is_empty();
+    let all_except_conns = target.is_all() && target.excluded_users().is_empty();
+    if groups_except_conns || all_except_conns {
+        if target.excluded_conns().is_empty() {
+            let bytes = if all_except_conns {
+                send_cmd(cmd::SEND_TO_ALL, Bytes::new(), frame)
+            } else {
+                send_cmd(cmd::SEND_TO_GROUP, group_ext(target, None), frame)
+            };
+            return to_all(shared, &bytes);
+        }
+        // Each gateway gets only its own connections in the exclusion map.
+        let mut h = Handoff::default();
+        for l in shared.all_links() {
+            let mine: Vec<u32> = target
+                .excluded_conns()
+                .iter()
+                .filter(|c| c.node() == &l.node)
+                .map(|c| c.seq() as u32)
+                .collect();
+            let bytes = if all_except_conns {
+                let ext = Bytes::from(SendToAll::Exclude(mine).encode());
+                send_cmd(cmd::SEND_TO_ALL, ext, frame)
+            } else {
+                send_cmd(cmd::SEND_TO_GROUP, group_ext(target, Some(mine)), frame)
+            };
+            if l.send(bytes) {
+                h.sent += 1;
+            } else {
+                h.dropped += 1;
+            }
+        }
+        return h;
+    }
+    // A union no single command expresses: resolve it, then send once.
+    let mut h = Handoff::default();
+    for l in shared.all_links() {
+        h.sent += 1;
+        let target = target.clone();
+        let frame = frame.clone();
+        shared.tasks.spawn(async move {
+            if let Some(conns) = resolve(&l, &target).await {
+                if conns.is_empty() {
+                    return;
+                }
+                let ids = conns.iter().map(|c| c.seq() as u32).collect();
+                let ext = Bytes::from(SendToAll::Connections(ids).encode());
+                l.send(send_cmd(cmd::SEND_TO_ALL, ext, &frame));
+            }
+        });
+    }
+    h
+}
+
+/// Closes the connections a target selects.
+fn close(shared: &Arc<Shared>, target: Target) -> Handoff {
+    let kick = |l: &Link, c: &ConnId| {
+        l.send(link::one(
+            cmd::KICK,
+            c.seq() as u32,
+            0,
+            Bytes::new(),
+            Bytes::from(crate::protocol::php::to_bytes(&Value::Null)),
+        ))
+    };
+    let mut h = Handoff::default();
+    for l in shared.all_links() {
+        h.sent += 1;
+        let target = target.clone();
+        shared.tasks.spawn(async move {
+            if let Some(conns) = resolve(&l, &target).await {
+                for c in &conns {
+                    kick(&l, c);
+                }
+            }
+        });
+    }
+    h
+}
+
+/// The connections of one gateway a target selects, from one `CMD_SELECT`.
+async fn resolve(l: &Link, target: &Target) -> Option<Vec<ConnId>> {
+    let mut conds = Vec::new();
+    if !target.is_all() {
+        let mine: Vec<u32> = target
+            .conns()
+            .iter()
+            .filter(|c| c.node() == &l.node)
+            .map(|c| c.seq() as u32)
+            .collect();
+        if !mine.is_empty() {
+            conds.push(Condition::ConnectionIds(mine));
+        }
+        if !target.included_users().is_empty() {
+            conds.push(Condition::Uids(ids(target
+                .included_users()
+                .iter()
+                .map(|u| u.as_str()))));
+        }
+        if !target.included_groups().is_empty() {
+            conds.push(Condition::Groups(ids(target
+                .included_groups()
+                .iter()
+                .map(|g| g.as_str()))));
+        }
+        if conds.is_empty() {
+            return Some(Vec::new());
+        }
+    }
+    let ext = select(&["uid"], conds);
+    let rows = l.query(link::plain(cmd::SELECT, 0, ext)).await.ok()?;
+    let Value::Array(rows) = rows else {
+        return None;
+    };
+    let except_users: BTreeSet<&str> = target.excluded_users().iter().map(|u| u.as_str()).collect();
+    let except_conns: BTreeSet<&ConnId> = target.excluded_conns().iter().collect();
+    let mut out = Vec::new();
+    for (k, row) in rows.iter() {
+        let Some(id) = key_int(k) else { continue };
+        let conn = ConnId::new(l.node.clone(), id);
+        if except_conns.contains(&conn) {
+            continue;
+        }
+        let uid = match row {
+            Value::Array(r) => r.get(&str_key("uid")).and_then(text),
+            _ => None,
+        };
+        if uid.as_deref().is_some_and(|u| except_users.contains(u)) {
+            continue;
+        }
+        out.push(conn);
+    }
+    Some(out)
+}
+
+fn str_key(s: &'static str) -> crate::protocol::php::Key {
+    crate::protocol::php::Key::Str(Bytes::from_static(s.as_bytes()))
+}
+
+fn key_int(k: &crate::protocol::php::Key) -> Option<u64> {
+    match k {
+        crate::protocol::php::Key::Int(i) => u64::try_from(*i).ok(),
+        crate::protocol::php::Key::Str(s) => std::str::from_utf8(s).ok()?.parse().ok(),
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        Value::Bool(b) => Some(i64::from(*b)),
+        Value::Str(s) => std::str::from_utf8(s).ok()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Str(s) => Some(String::from_utf8_lossy(s).into_owned()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Connection ids listed as the values of a PHP list.
+fn id_values(l: &Link, v: &Value) -> Vec<ConnId> {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|(_, v)| int(v))
+            .filter_map(|i| u64::try_from(i).ok())
+            .map(|i| ConnId::new(l.node.clone(), i))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Connection ids listed as the keys of a PHP array.
+fn id_keys(l: &Link, v: &Value) -> Vec<ConnId> {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|(k, _)| key_int(k))
+            .map(|i| ConnId::new(l.node.clone(), i))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A command on a connection, confirmed: `CMD_IS_ONLINE` after it on the
+/// same link answers once the gateway has applied it.
+async fn confirmed(l: &Link, mut frames: BytesMut, conn: &ConnId) -> OpResult {
+    let id = conn.seq() as u32;
+    link::frame(
+        &mut frames,
+        cmd::IS_ONLINE,
+        id,
+        cmd::FLAG_BODY_IS_SCALAR,
+        Bytes::new(),
+        Bytes::new(),
+    );
+    match l.query(frames.freeze()).await {
+        Ok(v) if int(&v) == Some(1) => OpResult::Done,
+        Ok(_) => OpResult::NoSuchConn,
+        Err(_) => OpResult::Failed("gateway link lost".into()),
+    }
+}
+
+fn command(c: u8, conn: &ConnId, ext_data: Bytes) -> BytesMut {
+    let mut b = BytesMut::new();
+    link::frame(
+        &mut b,
+        c,
+        conn.seq() as u32,
+        cmd::FLAG_BODY_IS_SCALAR,
+        ext_data,
+        Bytes::new(),
+    );
+    b
+}
+
+fn str_bytes(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+async fn session_of(l: &Link, conn: &ConnId) -> Result<Option<Session>, OpResult> {
+    match l
+        .query(link::plain(
+            cmd::GET_SESSION_BY_CLIENT_ID,
+            conn.seq() as u32,
+            Bytes::new(),
+        ))
+        .await
+    {
+        Ok(Value::Null) => Ok(None),
+        Ok(v) => Ok(Some(crate::session::from_php(&v))),
+        Err(_) => Err(OpResult::Failed("gateway link lost".into())),
+    }
+}
+
+fn set_session(conn: &ConnId, s: &Session) -> BytesMut {
+    let php = crate::session::to_php(s.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    command(cmd::SET_SESSION, conn, php)
+}
+
+/// Carries out a hub operation on one gateway.
+async fn run_op(l: &Link, op: Op) -> OpResult {
+    match op {
+        Op::Bind { conn, user } => {
+            confirmed(
+                l,
+                command(cmd::BIND_UID, &conn, str_bytes(user.as_str())),
+                &conn,
+            )
+            .await
+        }
+        Op::Unbind { conn } => {
+            confirmed(l, command(cmd::UNBIND_UID, &conn, Bytes::new()), &conn).await
+        }
+        Op::Join { conn, group } => {
+            confirmed(
+                l,
+                command(cmd::JOIN_GROUP, &conn, str_bytes(group.as_str())),
+                &conn,
+            )
+            .await
+        }
+        Op::Leave { conn, group } => {
+            confirmed(
+                l,
+                command(cmd::LEAVE_GROUP, &conn, str_bytes(group.as_str())),
+                &conn,
+            )
+            .await
+        }
+        Op::SessionGet { conn } => match session_of(l, &conn).await {
+            Ok(Some(s)) => OpResult::Session(s),
+            Ok(None) => OpResult::NoSuchConn,
+            Err(e) => e,
+        },
+        Op::SessionReplace { conn, session } => {
+            confirmed(l, set_session(&conn, &session), &conn).await
+        }
+        Op::SessionUpdate { conn, changes } => {
+            if changes.iter().all(|(_, v)| v.is_some()) {
+                let php = crate::session::to_php(
+                    changes
+                        .iter()
+                        .filter_map(|(k, v)| v.as_deref().map(|v| (k.as_str(), v))),
+                );
+                return confirmed(l, command(cmd::UPDATE_SESSION, &conn, php), &conn).await;
+            }
+            // Removing keys has no merge command: read, change, write.
+            let mut s = match session_of(l, &conn).await {
+                Ok(Some(s)) => s,
+                Ok(None) => return OpResult::NoSuchConn,
+                Err(e) => return e,
+            };
+            for (k, v) in changes {
+                match v {
+                    Some(v) => s.insert(k, v),
+                    None => s.remove(&k),
+                };
+            }
+            confirmed(l, set_session(&conn, &s), &conn).await
+        }
+        Op::Query(q) => match answer(l, q).await {
+            Some(a) => OpResult::Answer(a),
+            None => OpResult::Failed("gateway link lost".into()),
+        },
+        _ => OpResult::Failed("unsupported operation".into()),
+    }
+}
+
+/// Answers a query for one gateway's clients.
+async fn answer(l: &Link, q: Query) -> Option<LocalAnswer> {
+    let ask = |c: u8, conn: u32, ext: Bytes| l.query(link::plain(c, conn, ext));
+    Some(match q {
+        Query::ConnExists(c) => {
+            let v = ask(cmd::IS_ONLINE, c.seq() as u32, Bytes::new())
+                .await
+                .ok()?;
+            LocalAnswer::Bool(int(&v) == Some(1))
+        }
+        Query::UserOnline(u) => {
+            let v = ask(cmd::GET_CLIENT_ID_BY_UID, 0, str_bytes(u.as_str()))
+                .await
+                .ok()?;
+            LocalAnswer::Bool(!id_values(l, &v).is_empty())
+        }
+        Query::UserConns(u) => {
+            let v = ask(cmd::GET_CLIENT_ID_BY_UID, 0, str_bytes(u.as_str()))
+                .await
+                .ok()?;
+            LocalAnswer::Conns(id_values(l, &v))
+        }
+        Query::ConnUser(c) => {
+            let ext = select(
+                &["uid"],
+                vec![Condition::ConnectionIds(vec![c.seq() as u32])],
+            );
+            let v = ask(cmd::SELECT, 0, ext).await.ok()?;
+            let uid = match &v {
+                Value::Array(rows) => rows.iter().find_map(|(_, row)| match row {
+                    Value::Array(r) => r.get(&str_key("uid")).and_then(text),
+                    _ => None,
+                }),
+                _ => None,
+            };
+            LocalAnswer::User(uid.map(Into::into))
+        }
+        Query::GroupMembers(g) => {
+            let v = ask(cmd::GET_CLIENT_SESSIONS_BY_GROUP, 0, str_bytes(g.as_str()))
+                .await
+                .ok()?;
+            LocalAnswer::Conns(id_keys(l, &v))
+        }
+        Query::GroupCount(g) => {
+            if g.as_str().is_empty() {
+                return Some(LocalAnswer::Count(0));
+            }
+            let v = ask(cmd::GET_CLIENT_COUNT_BY_GROUP, 0, str_bytes(g.as_str()))
+                .await
+                .ok()?;
+            LocalAnswer::Count(int(&v).unwrap_or(0).max(0) as u64)
+        }
+        Query::Totals => {
+            let ext = select(&["uid", "groups"], Vec::new());
+            let v = ask(cmd::SELECT, 0, ext).await.ok()?;
+            let mut t = LocalTotals::default();
+            let (mut users, mut groups) = (BTreeSet::new(), BTreeSet::new());
+            if let Value::Array(rows) = v {
+                for (_, row) in rows.iter() {
+                    t.conns += 1;
+                    let Value::Array(r) = row else { continue };
+                    if let Some(u) = r.get(&str_key("uid")).and_then(text) {
+                        users.insert(u);
+                    }
+                    if let Some(Value::Array(gs)) = r.get(&str_key("groups")) {
+                        groups.extend(gs.iter().filter_map(|(_, g)| text(g)));
+                    }
+                }
+            }
+            t.users = users.into_iter().map(Into::into).collect();
+            t.groups = groups.into_iter().map(Into::into).collect();
+            LocalAnswer::Totals(t)
+        }
+        _ => return None,
+    })
+}

@@ -1,0 +1,755 @@
+//! The worker role: runs the application for clients held by gateways.
+//!
+//! A worker learns the gateways from the register, keeps one link to each,
+//! and runs the application's [`Handler`] for every client event that arrives,
+//! one client's events in order, different clients concurrently. The
+//! application talks to a [`Hub`] like in every other mode; the hub's cluster
+//! backplane ([`backplane::Links`]) turns pushes, membership operations and
+//! queries into GatewayWorker commands.
+//!
+//! Stopping a worker is safe for clients: it asks every switchboard gateway to
+//! route nothing more to it, handles what is already on its way, and only then
+//! closes its links. The gateways hold the next events until another worker
+//! (or this one, restarted) attaches.
+
+mod backplane;
+mod link;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use switchboard::core::{ConnId, NodeId};
+use switchboard::{CloseReason, ConnectInfo, Decision, Handler, Hub, Transport};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ext::{self, Verdict, WireFrame};
+use crate::protocol::cmd;
+use crate::protocol::frame::Frame as GwFrame;
+use crate::protocol::php::{self, Value};
+use link::{Incoming, Link, LinkDecoder};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// The register's address.
+    pub register: String,
+    /// Shared secret (empty: none).
+    pub secret: String,
+    /// This worker's key, unique among the workers of one host
+    /// (GatewayWorker: `name:index`).
+    pub key: String,
+    /// How long cluster queries and remote operations wait.
+    pub query_timeout: Duration,
+    /// How long a stopping worker waits for gateways to confirm and for
+    /// in-flight events to be handled.
+    pub drain_timeout: Duration,
+    /// Events queued per client before the client is cut off.
+    pub mailbox: usize,
+    /// Largest frame accepted from a gateway.
+    pub max_frame: usize,
+}
+
+impl WorkerConfig {
+    /// A worker registering at `register`.
+    pub fn new(register: impl Into<String>) -> Self {
+        Self {
+            register: register.into(),
+            secret: String::new(),
+            key: format!("switchboard:{}", std::process::id()),
+            query_timeout: Duration::from_secs(2),
+            drain_timeout: Duration::from_secs(10),
+            mailbox: 1024,
+            max_frame: 10 << 20,
+        }
+    }
+
+    /// The shared secret.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = secret.into();
+        self
+    }
+
+    /// The worker key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = key.into();
+        self
+    }
+}
+
+/// A client event for the client's task.
+enum ConnEvent {
+    /// A switchboard gateway's connection request.
+    Request(ext::ConnectRequest),
+    /// GatewayWorker's `CMD_ON_CONNECT`: wait for the WebSocket details or
+    /// the first message.
+    Opened {
+        peer: Option<std::net::SocketAddr>,
+    },
+    /// `CMD_ON_WEBSOCKET_CONNECT` with its PHP body.
+    WebSocket(Bytes),
+    Message(switchboard::Frame),
+    Close,
+}
+
+/// Counters of a worker.
+#[derive(Debug, Default, Clone, Copy)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Gateways linked now.
+    pub links: u64,
+    /// Client events received.
+    pub events: u64,
+    /// Clients cut off because their events piled up faster than handled.
+    pub overflowed: u64,
+}
+
+pub(crate) struct Shared {
+    cfg: WorkerConfig,
+    hub: std::sync::OnceLock<Hub>,
+    links: Mutex<HashMap<NodeId, Arc<Link>>>,
+    addresses: watch::Receiver<Vec<String>>,
+    clients: Mutex<HashMap<ConnId, mpsc::Sender<ConnEvent>>>,
+    /// Events received and not yet handled.
+    in_flight: AtomicUsize,
+    events: AtomicU64,
+    overflowed: AtomicU64,
+    tasks: TaskTracker,
+    /// Stops the register link and link reconnects.
+    stop: CancellationToken,
+    /// Closes the links themselves, after draining.
+    close_links: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running worker.
+#[derive(Clone)]
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts a worker running `handler`: connects to the register and to
+    /// every gateway it names, and keeps doing so until [`Worker::shutdown`].
+    pub async fn start(
+        cfg: WorkerConfig,
+        handler: Arc<dyn Handler>,
+    ) -> Result<Self, switchboard::BuildError> {
+        let (addr_tx, addr_rx) = watch::channel(Vec::new());
+        let shared = Arc::new(Shared {
+            cfg,
+            hub: std::sync::OnceLock::new(),
+            links: Mutex::new(HashMap::new()),
+            addresses: addr_rx,
+            clients: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
+            events: AtomicU64::new(0),
+            overflowed: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            close_links: CancellationToken::new(),
+        });
+        let node = NodeId::new(format!(
+            "w-{}",
+            NodeId::random().as_str().trim_start_matches("n-")
+        ))
+        .unwrap_or_else(|_| NodeId::random());
+        let hub = Hub::builder()
+            .node_id(node)
+            .query_timeout(shared.cfg.query_timeout)
+            .backplane(backplane::Links::new(Arc::downgrade(&shared)))
+            .handler_arc(handler)
+            .start()
+            .await?;
+        let _ = shared.hub.set(hub);
+        shared.tasks.spawn(crate::register_link::worker(
+            shared.cfg.register.clone(),
+            shared.cfg.secret.clone(),
+            addr_tx,
+            shared.stop.clone(),
+        ));
+        shared.tasks.spawn(supervise(shared.clone()));
+        Ok(Self { shared })
+    }
+
+    /// The worker's hub, the one its application uses.
+    pub fn hub(&self) -> &Hub {
+        self.shared.hub()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WorkerStats {
+        WorkerStats {
+            links: lock(&self.shared.links).len() as u64,
+            events: self.shared.events.load(Ordering::Relaxed),
+            overflowed: self.shared.overflowed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Gateways linked now.
+    pub fn gateways(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = lock(&self.shared.links).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Stops without losing a client event: asks every switchboard gateway to
+    /// route nothing more here, waits for their confirmation, handles every
+    /// event already received, flushes what the application sent, then
+    /// closes the links. Bounded by the drain timeout.
+    pub async fn shutdown(&self) {
+        let s = &self.shared;
+        s.stop.cancel();
+        let deadline = tokio::time::Instant::now() + s.cfg.drain_timeout;
+        let links: Vec<Arc<Link>> = lock(&s.links).values().cloned().collect();
+        for l in &links {
+            if l.negotiated.load(Ordering::Relaxed) {
+                l.send(link::plain(ext::DRAIN, 0, Bytes::new()));
+            }
+        }
+        for l in &links {
+            if !l.negotiated.load(Ordering::Relaxed) {
+                continue;
+            }
+            let confirmed = l.drained_notify.notified();
+            if l.drained.load(Ordering::Relaxed) || l.is_closed() {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, confirmed).await.is_err() {
+                tracing::warn!(gateway = %l.node, "gateway did not confirm the drain in time");
+            }
+        }
+        while s.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Every client task is idle now: dropping their mailboxes ends them,
+        // and with them their hold on the links.
+        lock(&s.clients).clear();
+        s.close_links.cancel();
+        s.tasks.close();
+        let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), s.tasks.wait()).await;
+        s.hub().shutdown().await;
+    }
+}
+
+impl Shared {
+    fn hub(&self) -> &Hub {
+        // Set in `Worker::start` before any task that reads it is spawned.
+        self.hub
+            .get()
+            .unwrap_or_else(|| unreachable!("hub set at start"))
+    }
+
+    fn link(&self, node: &NodeId) -> Option<Arc<Link>> {
+        lock(&self.links).get(node).cloned()
+    }
+
+    fn all_links(&self) -> Vec<Arc<Link>> {
+        lock(&self.links).values().cloned().collect()
+    }
+
+    /// Gateways named by the register's last broadcast.
+    fn known_gateways(&self) -> Vec<NodeId> {
+        self.addresses
+            .borrow()
+            .iter()
+            .filter_map(|a| node_of(a))
+            .collect()
+    }
+}
+
+/// The node id of a gateway address `a.b.c.d:port`.
+fn node_of(address: &str) -> Option<NodeId> {
+    match address.parse::<std::net::SocketAddr>().ok()? {
+        std::net::SocketAddr::V4(a) => Some(NodeId::gateway(*a.ip(), a.port())),
+        std::net::SocketAddr::V6(_) => None,
+    }
+}
+
+/// Links every gateway the register names, as GatewayWorker does: a link is
+/// kept while it lives even if its address leaves the list; only reconnects
+/// stop.
+async fn supervise(shared: Arc<Shared>) {
+    let mut addresses = shared.addresses.clone();
+    let mut linking: HashMap<String, CancellationToken> = HashMap::new();
+    loop {
+        let list = addresses.borrow_and_update().clone();
+        for a in &list {
+            if !linking.contains_key(a) && node_of(a).is_some() {
+                let token = shared.stop.child_token();
+                linking.insert(a.clone(), token.clone());
+                shared
+                    .tasks
+                    .spawn(keep_link(shared.clone(), a.clone(), token));
+            }
+        }
+        linking.retain(|a, token| {
+            let keep = list.contains(a);
+            if !keep {
+                // Stop reconnecting; a live link stays until it closes.
+                token.cancel();
+            }
+            keep
+        });
+        tokio::select! {
+            () = shared.stop.cancelled() => return,
+            r = addresses.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Keeps one gateway linked, reconnecting every second until `retry` is
+/// cancelled.
+async fn keep_link(shared: Arc<Shared>, address: String, retry: CancellationToken) {
+    let Some(node) = node_of(&address) else {
+        return;
+    };
+    loop {
+        match TcpStream::connect(&address).await {
+            Ok(stream) => {
+                run_link(&shared, &node, stream).await;
+                tracing::warn!(gateway = %address, "link closed");
+            }
+            Err(error) => tracing::debug!(gateway = %address, %error, "cannot reach gateway"),
+        }
+        if shared.close_links.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            () = retry.cancelled() => return,
+            () = tokio::time::sleep(crate::register_link::RETRY) => {}
+        }
+    }
+}
+
+async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (read, mut write) = stream.into_split();
+    let hello = serde_json::json!({
+        "worker_key": shared.cfg.key,
+        "secret_key": shared.cfg.secret,
+        ext::ANNOUNCE_KEY: ext::REVISION,
+    });
+    let first = link::one(
+        cmd::WORKER_CONNECT,
+        0,
+        cmd::FLAG_BODY_IS_SCALAR,
+        Bytes::new(),
+        Bytes::from(hello.to_string()),
+    );
+    if write.write_all(&first).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<Bytes>(link::LINK_QUEUE);
+    let link = Arc::new(Link::new(node.clone(), tx));
+    lock(&shared.links).insert(node.clone(), link.clone());
+    tracing::info!(gateway = %node, "linked");
+    let done = CancellationToken::new();
+    let writer = {
+        let done = done.clone();
+        let closing = shared.close_links.clone();
+        async move {
+            let mut batch = Vec::with_capacity(256);
+            let mut buf = bytes::BytesMut::new();
+            loop {
+                let last = tokio::select! {
+                    n = rx.recv_many(&mut batch, 256) => if n == 0 { break } else { false },
+                    // Closing: write what is queued, then stop.
+                    () = closing.cancelled() => {
+                        while let Ok(b) = rx.try_recv() {
+                            batch.push(b);
+                        }
+                        true
+                    }
+                };
+                for b in batch.drain(..) {
+                    buf.extend_from_slice(&b);
+                }
+                if write.write_all(&buf).await.is_err() || last {
+                    break;
+                }
+                buf.clear();
+            }
+            done.cancel();
+            let _ = write.shutdown().await;
+        }
+    };
+    let writer = shared.tasks.spawn(writer);
+    let mut incoming = FramedRead::new(read, LinkDecoder::new(shared.cfg.max_frame));
+    loop {
+        let item = tokio::select! {
+            () = shared.close_links.cancelled() => break,
+            () = done.cancelled() => break,
+            i = incoming.next() => i,
+        };
+        match item {
+            Some(Ok(Incoming::Reply(v))) => link.reply(v),
+            Some(Ok(Incoming::Frame(f))) => on_frame(shared, &link, f).await,
+            Some(Err(error)) => {
+                tracing::warn!(gateway = %node, %error, "bad data from gateway: closing the link");
+                break;
+            }
+            None => break,
+        }
+    }
+    {
+        let mut links = lock(&shared.links);
+        if links.get(node).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+            links.remove(node);
+        }
+    }
+    // Dropping the last sender ends the writer once it has written the rest.
+    drop(link);
+    let _ = writer.await;
+}
+
+/// How long a client's full mailbox may hold up its gateway link before the
+/// client is cut off.
+const MAILBOX_WAIT: Duration = Duration::from_secs(5);
+
+async fn on_frame(shared: &Arc<Shared>, link: &Arc<Link>, f: GwFrame) {
+    let conn = ConnId::new(link.node.clone(), u64::from(f.header.connection_id));
+    let event = match f.header.cmd {
+        ext::HELLO => {
+            link.negotiated.store(true, Ordering::Relaxed);
+            return;
+        }
+        ext::DRAINED => {
+            link.drained.store(true, Ordering::Relaxed);
+            link.drained_notify.notify_waiters();
+            return;
+        }
+        cmd::PING => return,
+        ext::CONNECT => match ext::decode::<ext::ConnectRequest>(&f.body) {
+            Ok(r) => ConnEvent::Request(r),
+            Err(error) => {
+                tracing::warn!(%conn, %error, "bad connection request from gateway");
+                return;
+            }
+        },
+        cmd::ON_CONNECT => ConnEvent::Opened {
+            peer: (f.header.client_ip != 0).then(|| {
+                std::net::SocketAddr::from((
+                    std::net::Ipv4Addr::from(f.header.client_ip),
+                    f.header.client_port,
+                ))
+            }),
+        },
+        cmd::ON_WEBSOCKET_CONNECT => ConnEvent::WebSocket(f.body),
+        cmd::ON_MESSAGE => {
+            ConnEvent::Message(ext::to_frame(f.header.flag & ext::FLAG_BINARY != 0, f.body))
+        }
+        cmd::ON_CLOSE => ConnEvent::Close,
+        other => {
+            tracing::warn!(gateway = %link.node, cmd = other, "unexpected command from gateway: ignored");
+            return;
+        }
+    };
+    shared.events.fetch_add(1, Ordering::Relaxed);
+    let opening = matches!(event, ConnEvent::Request(_) | ConnEvent::Opened { .. });
+    let tx = mailbox(shared, link, &conn, opening);
+    shared.in_flight.fetch_add(1, Ordering::AcqRel);
+    let event = match tx.try_send(event) {
+        Ok(()) => return,
+        Err(mpsc::error::TrySendError::Full(e)) => e,
+        Err(mpsc::error::TrySendError::Closed(e)) => e,
+    };
+    // A burst (events held while no worker was attached) may outrun the
+    // client's handler: wait for room, which holds back this link, but not
+    // forever for one client.
+    if tokio::time::timeout(MAILBOX_WAIT, tx.send(event))
+        .await
+        .is_ok_and(|r| r.is_ok())
+    {
+        return;
+    }
+    shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    shared.overflowed.fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(%conn, "a client's events are not handled in time: cutting the client off");
+    link.send(link::plain(cmd::DESTROY, conn.seq() as u32, Bytes::new()));
+    lock(&shared.clients).remove(&conn);
+}
+
+/// The mailbox of a client, created with its task on first sight.
+fn mailbox(
+    shared: &Arc<Shared>,
+    link: &Arc<Link>,
+    conn: &ConnId,
+    opening: bool,
+) -> mpsc::Sender<ConnEvent> {
+    let mut clients = lock(&shared.clients);
+    match clients.get(conn) {
+        Some(tx) => tx.clone(),
+        // A client never seen open here moved from a stopped worker: it is
+        // handled as already accepted.
+        None => {
+            let (tx, rx) = mpsc::channel(shared.cfg.mailbox);
+            clients.insert(conn.clone(), tx.clone());
+            shared.tasks.spawn(client(
+                shared.clone(),
+                link.clone(),
+                conn.clone(),
+                rx,
+                !opening,
+            ));
+            tx
+        }
+    }
+}
+
+/// Runs one client's events in order. `accepted`: the client was accepted
+/// under another worker (it moved here when that one stopped).
+async fn client(
+    shared: Arc<Shared>,
+    link: Arc<Link>,
+    conn: ConnId,
+    mut rx: mpsc::Receiver<ConnEvent>,
+    mut accepted: bool,
+) {
+    let hub = shared.hub().clone();
+    let mut peer = None;
+    let mut waiting_hello = false;
+    while let Some(event) = rx.recv().await {
+        match event {
+            ConnEvent::Request(r) => {
+                let info = info_from_request(&conn, r);
+                let decision = hub.handle_connect(&info).await;
+                accepted = matches!(decision, Decision::Accept(_));
+                let verdict = verdict(&decision);
+                link.send(link::one(
+                    ext::VERDICT,
+                    conn.seq() as u32,
+                    cmd::FLAG_BODY_IS_SCALAR,
+                    Bytes::new(),
+                    ext::encode(&verdict),
+                ));
+            }
+            ConnEvent::Opened { peer: p } => {
+                peer = p;
+                waiting_hello = true;
+            }
+            ConnEvent::WebSocket(body) => {
+                waiting_hello = false;
+                let mut info = info_from_websocket(&conn, &body);
+                info.peer = peer;
+                accepted = apply(&link, &conn, hub.handle_connect(&info).await);
+            }
+            ConnEvent::Message(frame) if waiting_hello => {
+                waiting_hello = false;
+                let mut info = ConnectInfo::new(conn.clone(), Transport::Tcp);
+                info.peer = peer;
+                info.hello = Some(frame);
+                accepted = apply(&link, &conn, hub.handle_connect(&info).await);
+            }
+            ConnEvent::Message(frame) => {
+                if accepted {
+                    hub.handle_message(&conn, frame).await;
+                }
+            }
+            ConnEvent::Close => {
+                if accepted {
+                    let reason = CloseReason::Client {
+                        code: None,
+                        reason: String::new(),
+                    };
+                    hub.handle_close(&conn, &reason).await;
+                }
+                shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+                break;
+            }
+        }
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+    lock(&shared.clients).remove(&conn);
+    // Events left in the mailbox were counted in flight.
+    rx.close();
+    while rx.try_recv().is_ok() {
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn verdict(d: &Decision) -> Verdict {
+    match d {
+        Decision::Accept(a) => Verdict::Accept {
+            user: a.user().map(|u| u.as_str().to_owned()),
+            groups: a.groups().iter().map(|g| g.as_str().to_owned()).collect(),
+            session: a
+                .initial_session()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            greeting: a.greeting().iter().map(WireFrame::from).collect(),
+        },
+        Decision::Reject(r) => Verdict::Reject {
+            status: r.http_status().as_u16(),
+            reason: r.reason().to_owned(),
+            reply: r.reply_frame().map(WireFrame::from),
+        },
+    }
+}
+
+fn body_flag(f: &switchboard::Frame) -> u8 {
+    if f.kind() == switchboard::core::FrameKind::Binary {
+        cmd::FLAG_BODY_IS_SCALAR | ext::FLAG_BINARY
+    } else {
+        cmd::FLAG_BODY_IS_SCALAR
+    }
+}
+
+/// Carries out a decision through GatewayWorker commands (a gateway without
+/// the extensions): bind, join, session, greeting; or the refusal's reply
+/// and a kick. Returns whether the client was accepted.
+fn apply(link: &Link, conn: &ConnId, d: Decision) -> bool {
+    let id = conn.seq() as u32;
+    let mut out = bytes::BytesMut::new();
+    let accepted = match &d {
+        Decision::Accept(a) => {
+            if let Some(u) = a.user() {
+                link::frame(
+                    &mut out,
+                    cmd::BIND_UID,
+                    id,
+                    cmd::FLAG_BODY_IS_SCALAR,
+                    Bytes::copy_from_slice(u.as_str().as_bytes()),
+                    Bytes::new(),
+                );
+            }
+            for g in a.groups() {
+                link::frame(
+                    &mut out,
+                    cmd::JOIN_GROUP,
+                    id,
+                    cmd::FLAG_BODY_IS_SCALAR,
+                    Bytes::copy_from_slice(g.as_str().as_bytes()),
+                    Bytes::new(),
+                );
+            }
+            if !a.initial_session().is_empty() {
+                let session = crate::session::to_php(
+                    a.initial_session()
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+                link::frame(
+                    &mut out,
+                    cmd::SET_SESSION,
+                    id,
+                    cmd::FLAG_BODY_IS_SCALAR,
+                    session,
+                    Bytes::new(),
+                );
+            }
+            for f in a.greeting() {
+                link::frame(
+                    &mut out,
+                    cmd::SEND_TO_ONE,
+                    id,
+                    body_flag(f),
+                    Bytes::new(),
+                    f.data().clone(),
+                );
+            }
+            true
+        }
+        Decision::Reject(r) => {
+            match r.reply_frame() {
+                Some(f) => link::frame(
+                    &mut out,
+                    cmd::KICK,
+                    id,
+                    body_flag(f),
+                    Bytes::new(),
+                    f.data().clone(),
+                ),
+                None => link::frame(
+                    &mut out,
+                    cmd::KICK,
+                    id,
+                    0,
+                    Bytes::new(),
+                    Bytes::from(php::to_bytes(&Value::Null)),
+                ),
+            }
+            false
+        }
+    };
+    link.send(out.freeze());
+    accepted
+}
+
+fn info_from_request(conn: &ConnId, r: ext::ConnectRequest) -> ConnectInfo {
+    let transport = if r.websocket {
+        Transport::WebSocket
+    } else {
+        Transport::Tcp
+    };
+    let mut info = ConnectInfo::new(conn.clone(), transport);
+    info.peer = r.peer;
+    info.path = r.path;
+    info.query = r.query;
+    for (k, v) in r.headers {
+        if let (Ok(k), Ok(v)) = (
+            switchboard::http::HeaderName::from_bytes(k.as_bytes()),
+            switchboard::http::HeaderValue::from_bytes(&v),
+        ) {
+            info.headers.append(k, v);
+        }
+    }
+    info.hello = r.hello.map(WireFrame::into_frame);
+    info
+}
+
+/// Connection details from GatewayWorker's `CMD_ON_WEBSOCKET_CONNECT` body:
+/// `['get' => …, 'server' => [REQUEST_URI, QUERY_STRING, HTTP_* …], 'cookie' => …]`.
+fn info_from_websocket(conn: &ConnId, body: &[u8]) -> ConnectInfo {
+    let mut info = ConnectInfo::new(conn.clone(), Transport::WebSocket);
+    let Ok(Value::Array(top)) = php::unserialize(body) else {
+        return info;
+    };
+    let Some(Value::Array(server)) = top.get(&php::Key::Str(Bytes::from_static(b"server"))) else {
+        return info;
+    };
+    for (k, v) in server.iter() {
+        let (php::Key::Str(k), Value::Str(v)) = (k, v) else {
+            continue;
+        };
+        match &k[..] {
+            b"REQUEST_URI" => {
+                let uri = String::from_utf8_lossy(v);
+                info.path = uri.split('?').next().unwrap_or_default().to_owned();
+            }
+            b"QUERY_STRING" => info.query = String::from_utf8_lossy(v).into_owned(),
+            name if name.starts_with(b"HTTP_") => {
+                let header = String::from_utf8_lossy(&name[5..])
+                    .to_ascii_lowercase()
+                    .replace('_', "-");
+                if let (Ok(k), Ok(v)) = (
+                    switchboard::http::HeaderName::from_bytes(header.as_bytes()),
+                    switchboard::http::HeaderValue::from_bytes(v),
+                ) {
+                    info.headers.append(k, v);
+                }
+            }
+            _ => {}
+        }
+    }
+    info
+}
