@@ -105,7 +105,7 @@ fn identity(info: &ConnectInfo) -> Result<(String, Option<String>), String> {
 
 #[async_trait]
 impl Handler for ReferenceApp {
-    async fn on_connect(&self, hub: &Hub, info: &ConnectInfo) -> Decision {
+    async fn on_connect(&self, _hub: &Hub, info: &ConnectInfo) -> Decision {
         let (uid, group) = match identity(info) {
             Ok(id) => id,
             Err(reason) => {
@@ -118,7 +118,9 @@ impl Handler for ReferenceApp {
         let welcome = json!({
             "op": "welcome",
             "conn": info.conn.to_string(),
-            "node": hub.node_id().as_str(),
+            // The node holding the socket: a gateway's, when the application
+            // runs in a worker.
+            "node": info.conn.node().as_str(),
         });
         let mut accept = Accept::new()
             .bind(uid)

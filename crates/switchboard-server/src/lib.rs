@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod demo;
 pub mod node;
+pub mod roles;
 
 pub use app::ReferenceApp;
 pub use config::{ClusterUrl, ServeArgs, ServeConfig};

@@ -25,6 +25,14 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Two nodes on loopback and a web page to try them from (http://127.0.0.1:8080).
     Demo(DemoArgs),
+    /// Gateway topology: the register, where gateways and workers meet.
+    Register(switchboard_server::roles::RegisterArgs),
+    /// Gateway topology: hold client sockets and forward their events to workers.
+    Gateway(Box<switchboard_server::roles::GatewayArgs>),
+    /// Gateway topology: run the reference application for the gateways' clients.
+    Worker(switchboard_server::roles::WorkerArgs),
+    /// Push to, or ask about, the clients of a gateway cluster from outside.
+    Push(switchboard_server::roles::PushArgs),
     /// Load-test a server that speaks bench/CONTRACT.md (this one or a peer).
     Bench(switchboard_server::bench::BenchArgs),
     /// Internal: one worker process of `bench`.
@@ -46,6 +54,19 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(*args)),
         Command::Demo(args) => rt.block_on(run_demo(args)),
+        Command::Register(args) => rt.block_on(async {
+            let stop = shutdown_signal()?;
+            switchboard_server::roles::register(args, stop).await
+        }),
+        Command::Gateway(args) => rt.block_on(async {
+            let stop = shutdown_signal()?;
+            switchboard_server::roles::gateway(*args, stop).await
+        }),
+        Command::Worker(args) => rt.block_on(async {
+            let stop = shutdown_signal()?;
+            switchboard_server::roles::worker(args, stop).await
+        }),
+        Command::Push(args) => rt.block_on(switchboard_server::roles::push(args)),
         Command::Bench(args) => rt.block_on(switchboard_server::bench::run(args)),
         Command::BenchWorker => {
             // One thread: workers are many processes sharing two cores.

@@ -48,8 +48,41 @@ pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane
     })
 }
 
+/// What a role adds to a node's `/stats` and `/ready` (a gateway: its
+/// workers and held events).
+pub trait Probe: Send + Sync + 'static {
+    /// Extra counters, under `"role"` in `/stats`.
+    fn stats(&self) -> serde_json::Value;
+    /// Whether the role can serve; `Err` says why not.
+    fn ready(&self) -> Result<(), String>;
+}
+
+/// What a node serves: the application and how its clients open.
+pub struct AppSpec {
+    /// The application.
+    pub handler: Arc<dyn switchboard::Handler>,
+    /// TCP clients send a hello line first.
+    pub tcp_hello: bool,
+    /// The role's own counters and readiness.
+    pub probe: Option<Arc<dyn Probe>>,
+}
+
+impl AppSpec {
+    /// The reference application.
+    pub fn reference() -> Self {
+        Self {
+            handler: Arc::new(ReferenceApp),
+            tcp_hello: true,
+            probe: None,
+        }
+    }
+}
+
 /// `GET /stats`: the node's counters as JSON.
-fn stats(hub: &Hub) -> ([(switchboard::http::HeaderName, &'static str); 1], String) {
+fn stats(
+    hub: &Hub,
+    probe: Option<&dyn Probe>,
+) -> ([(switchboard::http::HeaderName, &'static str); 1], String) {
     let s = hub.stats();
     let b = s.backplane;
     let body = serde_json::json!({
@@ -74,6 +107,10 @@ fn stats(hub: &Hub) -> ([(switchboard::http::HeaderName, &'static str); 1], Stri
             "reconnects": b.reconnects,
         },
     });
+    let mut body = body;
+    if let Some(p) = probe {
+        body["role"] = p.stats();
+    }
     (
         [(switchboard::http::header::CONTENT_TYPE, "application/json")],
         body.to_string(),
@@ -81,7 +118,13 @@ fn stats(hub: &Hub) -> ([(switchboard::http::HeaderName, &'static str); 1], Stri
 }
 
 /// `GET /ready`: 200 while the node can reach its cluster, 503 with the reason otherwise.
-async fn ready(hub: Hub) -> (switchboard::http::StatusCode, String) {
+async fn ready(hub: Hub, probe: Option<Arc<dyn Probe>>) -> (switchboard::http::StatusCode, String) {
+    if let Some(Err(reason)) = probe.map(|p| p.ready()) {
+        return (
+            switchboard::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        );
+    }
     match hub.cluster_status() {
         switchboard::core::Status::Ready => (switchboard::http::StatusCode::OK, "ready\n".into()),
         switchboard::core::Status::Connecting { reason } => (
@@ -138,14 +181,31 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
 /// Binds the listeners of `cfg` and serves the reference application on them
 /// through `backplane`.
 pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow::Result<Running> {
+    launch_app(cfg, backplane, AppSpec::reference(), |b| b).await
+}
+
+/// Binds the listeners of `cfg` and serves `app` on them through
+/// `backplane`; `tweak` adjusts the hub before it starts.
+pub async fn launch_app(
+    cfg: &ServeConfig,
+    backplane: Arc<dyn Backplane>,
+    app: AppSpec,
+    tweak: impl FnOnce(switchboard::HubBuilder) -> switchboard::HubBuilder,
+) -> anyhow::Result<Running> {
+    let AppSpec {
+        handler,
+        tcp_hello,
+        probe,
+    } = app;
     let mut builder = Hub::builder()
         .limits(cfg.limits.clone())
         .shutdown_timeout(cfg.shutdown_timeout)
         .backplane_arc(backplane)
-        .handler(ReferenceApp);
+        .handler_arc(handler);
     if let Some(id) = &cfg.node_id {
         builder = builder.node_id(id.clone());
     }
+    let builder = tweak(builder);
     let hub = builder.start().await.context("starting the hub")?;
     let mut server = Server::new(hub.clone());
     let mut ws = None;
@@ -159,14 +219,16 @@ pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow:
                 "/ready",
                 axum::routing::get({
                     let hub = hub.clone();
-                    move || ready(hub.clone())
+                    let probe = probe.clone();
+                    move || ready(hub.clone(), probe.clone())
                 }),
             )
             .route(
                 "/stats",
                 axum::routing::get({
                     let hub = hub.clone();
-                    move || std::future::ready(stats(&hub))
+                    let probe = probe.clone();
+                    move || std::future::ready(stats(&hub, probe.as_deref()))
                 }),
             )
             // A browser pointed at the node gets a console connected to it.
@@ -182,7 +244,15 @@ pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow:
             .await
             .with_context(|| format!("binding the TCP listener on {addr}"))?;
         tcp = Some(l.local_addr()?);
-        server = server.tcp(l, TcpOptions::new(cfg.tcp_framing).with_hello());
+        let options = TcpOptions::new(cfg.tcp_framing);
+        server = server.tcp(
+            l,
+            if tcp_hello {
+                options.with_hello()
+            } else {
+                options
+            },
+        );
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {

@@ -1,0 +1,334 @@
+//! The gateway topology's three roles and the outside pusher, as
+//! subcommands: `register`, `gateway`, `worker`, `push`.
+//!
+//! Flags follow GatewayWorker's settings (`lanIp`, `startPort`, `secretKey`,
+//! `pingInterval`, `pingNotResponseLimit`, `pingData`), so a deployment maps
+//! one to one. Every flag can also be set through its `SWITCHBOARD_*`
+//! environment variable.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use switchboard::core::{ConnId, Framing};
+use switchboard::{Limits, Standalone};
+use switchboard_gateway::{Gateway, GatewayConfig, Pusher, Worker, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::ReferenceApp;
+use crate::config::ServeConfig;
+use crate::node;
+
+/// `switchboard register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Listen address.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:1236")]
+    pub listen: String,
+    /// Shared secret of register, gateways and workers.
+    #[arg(long, env = "SWITCHBOARD_SECRET", default_value = "")]
+    pub secret: String,
+}
+
+/// `switchboard gateway`.
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// The register's address.
+    #[arg(long, env = "SWITCHBOARD_REGISTER", default_value = "127.0.0.1:1236")]
+    pub register: String,
+    /// WebSocket listen address for clients.
+    #[arg(long, env = "SWITCHBOARD_WS")]
+    pub ws: Option<String>,
+    /// WebSocket path.
+    #[arg(long, env = "SWITCHBOARD_WS_PATH", default_value = "/ws")]
+    pub ws_path: String,
+    /// Raw TCP listen address for clients.
+    #[arg(long, env = "SWITCHBOARD_TCP")]
+    pub tcp: Option<String>,
+    /// TCP framing: `line` or `length`.
+    #[arg(long, env = "SWITCHBOARD_FRAMING", default_value = "line")]
+    pub framing: Framing,
+    /// Whether a TCP client's first line is its hello (handed to the worker
+    /// with the connection); otherwise every line is a message.
+    #[arg(long, env = "SWITCHBOARD_TCP_HELLO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_hello: bool,
+    /// The IPv4 address workers reach this gateway at (GatewayWorker `lanIp`).
+    #[arg(long, env = "SWITCHBOARD_LAN_IP", default_value = "127.0.0.1")]
+    pub lan_ip: Ipv4Addr,
+    /// The inner port workers connect to (GatewayWorker `startPort`; 0: any).
+    #[arg(long, env = "SWITCHBOARD_START_PORT", default_value_t = 2900)]
+    pub start_port: u16,
+    /// Shared secret.
+    #[arg(long, env = "SWITCHBOARD_SECRET", default_value = "")]
+    pub secret: String,
+    /// Seconds between heartbeats to clients (WebSocket pings; `--ping-data` on TCP).
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL", default_value_t = 25.0)]
+    pub ping_interval: f64,
+    /// Close a client silent for this many intervals (0: never).
+    #[arg(long, env = "SWITCHBOARD_PING_LIMIT", default_value_t = 0)]
+    pub ping_limit: u32,
+    /// Sent to TCP clients every interval.
+    #[arg(long, env = "SWITCHBOARD_PING_DATA")]
+    pub ping_data: Option<String>,
+    /// Seconds client events wait for a worker when none is attached.
+    #[arg(long, env = "SWITCHBOARD_HOLD_TIME", default_value_t = 30.0)]
+    pub hold_time: f64,
+}
+
+/// `switchboard worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The register's address.
+    #[arg(long, env = "SWITCHBOARD_REGISTER", default_value = "127.0.0.1:1236")]
+    pub register: String,
+    /// Shared secret.
+    #[arg(long, env = "SWITCHBOARD_SECRET", default_value = "")]
+    pub secret: String,
+    /// This worker's key among the workers of its host (default: from the pid).
+    #[arg(long, env = "SWITCHBOARD_WORKER_KEY")]
+    pub key: Option<String>,
+}
+
+/// `switchboard push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The register's address.
+    #[arg(long, env = "SWITCHBOARD_REGISTER", default_value = "127.0.0.1:1236")]
+    pub register: String,
+    /// Shared secret.
+    #[arg(long, env = "SWITCHBOARD_SECRET", default_value = "")]
+    pub secret: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub what: PushWhat,
+}
+
+/// A push or a question.
+#[derive(Debug, Subcommand)]
+pub enum PushWhat {
+    /// Push DATA to every connection of a user.
+    ToUser {
+        /// The user.
+        uid: String,
+        /// The data.
+        data: String,
+    },
+    /// Push DATA to every member of a group.
+    ToGroup {
+        /// The group.
+        group: String,
+        /// The data.
+        data: String,
+    },
+    /// Push DATA to every connection.
+    ToAll {
+        /// The data.
+        data: String,
+    },
+    /// Push DATA to one connection (its 20-hex-digit id).
+    ToConn {
+        /// The connection id.
+        conn: String,
+        /// The data.
+        data: String,
+    },
+    /// Whether a user is online anywhere.
+    Online {
+        /// The user.
+        uid: String,
+    },
+    /// How many connections a group has.
+    GroupCount {
+        /// The group.
+        group: String,
+    },
+}
+
+fn secs(s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s).context("a duration in seconds must be positive and finite")
+}
+
+/// Runs a register until `stop` resolves.
+pub async fn register(args: RegisterArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let l = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding the register on {}", args.listen))?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!("switchboard register tcp://{}", l.local_addr()?);
+    }
+    let token = CancellationToken::new();
+    let task = tokio::spawn(switchboard_gateway::register::serve(
+        l,
+        args.secret,
+        token.clone(),
+    ));
+    stop.await;
+    token.cancel();
+    let _ = task.await;
+    Ok(())
+}
+
+/// A gateway's part of `/stats` and `/ready`: ready once a worker is attached.
+struct GatewayProbe(Gateway);
+
+impl node::Probe for GatewayProbe {
+    fn stats(&self) -> serde_json::Value {
+        let s = self.0.stats();
+        serde_json::json!({
+            "gateway": self.0.node_id().as_str(),
+            "workers": s.workers,
+            "held_now": s.held_now,
+            "held_total": s.held_total,
+            "expired": s.expired,
+            "overflowed": s.overflowed,
+            "rejected_inner": s.rejected_inner,
+            "commands": s.commands,
+        })
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        if self.0.stats().workers == 0 {
+            return Err("no worker attached (client events are held)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Runs a gateway until `stop` resolves.
+pub async fn gateway(args: GatewayArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.ws.is_some() || args.tcp.is_some(),
+        "a gateway needs --ws ADDR or --tcp ADDR (or both)"
+    );
+    let inner = TcpListener::bind((args.lan_ip, args.start_port))
+        .await
+        .with_context(|| format!("binding the inner port {}:{}", args.lan_ip, args.start_port))?;
+    let lan_port = inner.local_addr()?.port();
+    let gw = Gateway::new(
+        GatewayConfig::new(args.lan_ip, lan_port, args.register.clone())
+            .secret(args.secret)
+            .hold_time(secs(args.hold_time)?),
+    );
+    let interval = secs(args.ping_interval)?;
+    let mut limits = Limits::default();
+    limits.heartbeat = interval;
+    let idle = (args.ping_limit > 0).then(|| interval * args.ping_limit);
+    limits.ws_idle_timeout = idle;
+    limits.tcp_idle_timeout = idle;
+    limits.tcp_ping = args.ping_data.map(bytes::Bytes::from);
+    let cfg = ServeConfig {
+        node_id: Some(gw.node_id()),
+        ws: args.ws,
+        ws_path: args.ws_path,
+        tcp: args.tcp,
+        tcp_framing: args.framing,
+        limits,
+        ..ServeConfig::default()
+    };
+    let app = node::AppSpec {
+        handler: gw.handler(),
+        tcp_hello: args.tcp_hello,
+        probe: Some(Arc::new(GatewayProbe(gw.clone()))),
+    };
+    let running =
+        node::launch_app(&cfg, Arc::new(Standalone), app, |b| b.first_conn_seq(1)).await?;
+    let client_port = running
+        .ws
+        .or(running.tcp)
+        .map_or(0, |a: SocketAddr| a.port());
+    gw.set_client_port(client_port);
+    let token = CancellationToken::new();
+    let inner_task = tokio::spawn({
+        let gw = gw.clone();
+        let hub = running.hub.clone();
+        let token = token.clone();
+        async move { gw.run(hub, inner, token).await }
+    });
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "switchboard node {} (gateway, register {})",
+            gw.node_id(),
+            args.register
+        );
+        if let Some(a) = running.ws {
+            println!("  websocket  ws://{a}{}", cfg.ws_path);
+        }
+        if let Some(a) = running.tcp {
+            println!("  tcp        tcp://{a} ({} framing)", cfg.tcp_framing);
+        }
+        println!("  inner      gateway://{}:{lan_port}", args.lan_ip);
+    }
+    stop.await;
+    tracing::info!("signal received, stopping");
+    // Clients first, so their close events still reach the workers.
+    running.shutdown().await;
+    token.cancel();
+    let _ = inner_task.await;
+    Ok(())
+}
+
+/// Runs a worker with the reference application until `stop` resolves, then
+/// drains it.
+pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let mut cfg = WorkerConfig::new(args.register.clone()).secret(args.secret);
+    if let Some(k) = args.key {
+        cfg = cfg.key(k);
+    }
+    let worker = Worker::start(cfg, Arc::new(ReferenceApp))
+        .await
+        .context("starting the worker")?;
+    #[allow(clippy::print_stdout)]
+    {
+        println!(
+            "switchboard worker {} (register {})",
+            worker.hub().node_id(),
+            args.register
+        );
+    }
+    stop.await;
+    tracing::info!("signal received, draining");
+    worker.shutdown().await;
+    Ok(())
+}
+
+/// Runs one push or query and prints its result as one JSON line.
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let p = Pusher::new(args.register).secret(args.secret);
+    let missing = |m: &[switchboard::NodeId]| m.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    let out = match args.what {
+        PushWhat::ToUser { uid, data } => {
+            let a = p.to_users(&[uid.as_str()], data).await?;
+            serde_json::json!({"gateways": a.value, "missing": missing(&a.missing)})
+        }
+        PushWhat::ToGroup { group, data } => {
+            let a = p.to_group(&group, data).await?;
+            serde_json::json!({"gateways": a.value, "missing": missing(&a.missing)})
+        }
+        PushWhat::ToAll { data } => {
+            let a = p.to_all(data).await?;
+            serde_json::json!({"gateways": a.value, "missing": missing(&a.missing)})
+        }
+        PushWhat::ToConn { conn, data } => {
+            let id: ConnId = conn.parse()?;
+            serde_json::json!({"sent": p.to_conn(&id, data).await?})
+        }
+        PushWhat::Online { uid } => {
+            let a = p.is_online(&uid).await?;
+            serde_json::json!({"uid": uid, "online": a.value, "missing": missing(&a.missing)})
+        }
+        PushWhat::GroupCount { group } => {
+            let a = p.group_count(&group).await?;
+            serde_json::json!({"group": group, "count": a.value, "missing": missing(&a.missing)})
+        }
+    };
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{out}");
+    }
+    Ok(())
+}
