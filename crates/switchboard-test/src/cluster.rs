@@ -25,6 +25,12 @@ pub trait Cluster: Send + Sync {
     fn tcp(&self, i: usize) -> SocketAddr;
     /// Node id of node `i % size`.
     fn node_id(&self, i: usize) -> String;
+    /// Node id of the node a `kind` client of node `i` lands on (differs from
+    /// [`Cluster::node_id`] where nodes serve one transport each).
+    fn node_for(&self, i: usize, kind: crate::Kind) -> String {
+        let _ = kind;
+        self.node_id(i)
+    }
     /// Stops every node.
     async fn shutdown(self: Box<Self>);
 }
@@ -182,6 +188,8 @@ pub struct PrintedNode {
     /// The console page on the WebSocket port.
     pub console: Option<SocketAddr>,
     pub tcp: Option<SocketAddr>,
+    /// A gateway's inner (worker-facing) port.
+    pub inner: Option<SocketAddr>,
 }
 
 /// What the binary prints when it starts: a `switchboard node ID (...)` line
@@ -191,10 +199,16 @@ pub struct PrintedNode {
 pub struct Banner {
     pub nodes: Vec<PrintedNode>,
     pub page: Option<SocketAddr>,
+    /// A register's listen address.
+    pub register: Option<SocketAddr>,
 }
 
 impl Banner {
     fn read_line(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("switchboard register tcp://") {
+            self.register = rest.split(' ').next().and_then(|a| a.parse().ok());
+            return;
+        }
         if let Some(rest) = line.strip_prefix("switchboard node ") {
             self.nodes.push(PrintedNode {
                 id: rest.split(' ').next().unwrap_or_default().to_owned(),
@@ -220,6 +234,7 @@ impl Banner {
             ("websocket", Some(n)) => n.ws = Some(addr),
             ("console", Some(n)) => n.console = Some(addr),
             ("tcp", Some(n)) => n.tcp = Some(addr),
+            ("inner", Some(n)) => n.inner = Some(addr),
             _ => {}
         }
     }
@@ -247,6 +262,26 @@ pub async fn read_banner(child: &mut Child, last: impl Fn(&str) -> bool) -> Resu
     Ok(banner)
 }
 
+/// Starts `bin` with `args` and reads its start-up output up to the first
+/// line for which `last` holds.
+pub async fn spawn_role(
+    bin: &Path,
+    args: &[&str],
+    last: impl Fn(&str) -> bool,
+) -> Result<(Child, Banner)> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))?;
+    let banner = read_banner(&mut child, last)
+        .await
+        .with_context(|| format!("{args:?}"))?;
+    Ok((child, banner))
+}
+
 /// `switchboard demo` running as a process: its nodes and its page.
 #[derive(Debug)]
 pub struct DemoProcess {
@@ -257,15 +292,12 @@ pub struct DemoProcess {
 impl DemoProcess {
     /// Starts `bin demo --port 0` (plus `args`) and reads the addresses it prints.
     pub async fn spawn(bin: &Path, args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(bin)
-            .args(["demo", "--port", "0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let banner = read_banner(&mut child, |line| line.trim_start().starts_with("page ")).await?;
+        let args: Vec<&str> = ["demo", "--port", "0"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let (child, banner) =
+            spawn_role(bin, &args, |line| line.trim_start().starts_with("page ")).await?;
         Ok(Self { child, banner })
     }
 

@@ -99,10 +99,10 @@ pub async fn welcome_first(c: &dyn Cluster) -> Result<()> {
         let kind = if i % 2 == 0 { Kind::Ws } else { Kind::Tcp };
         let cl = at(c, i, kind, &uniq("w"), None).await?;
         ensure!(
-            cl.node == c.node_id(i),
+            cl.node == c.node_for(i, kind),
             "welcome names node {} not {}",
             cl.node,
-            c.node_id(i)
+            c.node_for(i, kind)
         );
         let id: switchboard::ConnId = cl.conn.parse()?;
         ensure!(

@@ -14,6 +14,7 @@ pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod conformance;
+pub mod gateway;
 pub mod http;
 pub mod services;
 

@@ -1,0 +1,268 @@
+//! The gateway topology, as processes of the real binary: a register,
+//! gateways holding the clients, workers running the reference app.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use bytes::BytesMut;
+use serde_json::json;
+use switchboard_gateway::protocol::{Frame, cmd};
+use switchboard_test::gateway::{
+    GatewayCluster, GatewayProc, Listeners, RegisterProc, WorkerProc, signal,
+};
+use switchboard_test::{Client, Cluster, Kind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// One WebSocket gateway and one TCP gateway, two workers.
+mod conformance_ws_and_tcp_gateways {
+    use super::*;
+    switchboard_test::conformance_suite!(GatewayCluster::boxed(
+        BIN,
+        &[Listeners::Ws, Listeners::Tcp],
+        2
+    ));
+}
+
+/// Two gateways with both listeners, so every check crosses gateways.
+mod conformance_two_mixed_gateways {
+    use super::*;
+    switchboard_test::conformance_suite!(GatewayCluster::boxed(
+        BIN,
+        &[Listeners::Both, Listeners::Both],
+        2
+    ));
+}
+
+async fn role_stats(g: &GatewayProc) -> serde_json::Value {
+    g.stats().await.expect("stats")["role"].clone()
+}
+
+/// Every worker is stopped and replaced, one after the other, while clients
+/// on both gateways keep sending: no client is disconnected, no message is
+/// lost, duplicated or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_every_worker_drops_nothing() -> Result<()> {
+    let mut c = GatewayCluster::start(BIN, &[Listeners::Both, Listeners::Both], 2, "").await?;
+    // Four senders (two per gateway, one WebSocket and one TCP each), one receiver.
+    let mut rx = Client::connect(Kind::Ws, c.gateways[1].ws.unwrap(), "sink", None).await?;
+    let mut senders = Vec::new();
+    for (i, g) in c.gateways.iter().enumerate() {
+        senders.push(Client::connect(Kind::Ws, g.ws.unwrap(), &format!("s{i}w"), None).await?);
+        senders.push(Client::connect(Kind::Tcp, g.tcp.unwrap(), &format!("s{i}t"), None).await?);
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for (k, mut s) in senders.into_iter().enumerate() {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                s.send(json!({"op": "to_user", "uid": "sink", "data": format!("{k}:{n}")}))
+                    .await?;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // Still connected: a round trip through a worker works.
+            let r = s.ask(json!({"op": "online", "uid": "sink"})).await?;
+            ensure!(r["online"] == true, "sender {k} after restarts: {r}");
+            anyhow::Ok((n, s))
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _round in 0..2 {
+        let old = c.workers.remove(0);
+        let status = old.stop().await?;
+        ensure!(status.success(), "worker exited with {status}");
+        c.workers
+            .push(WorkerProc::start(&c.bin, c.register.addr, &[]).await?);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let mut sent = Vec::new();
+    let mut alive = Vec::new();
+    for t in tasks {
+        let (n, s) = t.await??;
+        sent.push(n);
+        alive.push(s);
+    }
+    let total: u64 = sent.iter().sum();
+    let mut next: HashMap<usize, u64> = HashMap::new();
+    let mut got = 0u64;
+    while got < total {
+        let m = rx.recv().await?;
+        let (k, n) = m.split_once(':').unwrap();
+        let (k, n): (usize, u64) = (k.parse()?, n.parse()?);
+        let want = next.entry(k).or_default();
+        ensure!(
+            n == *want,
+            "sender {k}: got {n}, expected {want} (lost or reordered)"
+        );
+        *want += 1;
+        got += 1;
+    }
+    rx.expect_silence(Duration::from_millis(300)).await?;
+    for g in &c.gateways {
+        let s = role_stats(g).await;
+        ensure!(
+            s["expired"] == 0 && s["overflowed"] == 0,
+            "gateway dropped events: {s}"
+        );
+        let st = g.stats().await?;
+        ensure!(st["conns_closed"] == 0, "a client was disconnected: {st}");
+    }
+    eprintln!("{total} messages through two full worker replacements, none lost");
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// Clients that speak while no worker is attached are held, not dropped,
+/// and their events are delivered when a worker attaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_a_worker() -> Result<()> {
+    let mut c = GatewayCluster::start(BIN, &[Listeners::Both], 1, "").await?;
+    let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "a", None).await?;
+    let w = c.workers.remove(0);
+    w.stop().await?;
+    // No worker: the message waits at the gateway.
+    a.send(json!({"op": "to_user", "uid": "a", "data": "held"}))
+        .await?;
+    a.expect_silence(Duration::from_millis(300)).await?;
+    ensure!(role_stats(&c.gateways[0]).await["held_now"] == 1);
+    c.workers
+        .push(WorkerProc::start(&c.bin, c.register.addr, &[]).await?);
+    ensure!(a.recv().await? == "held");
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// A killed gateway's clients are gone cluster-wide; the other gateway's
+/// clients are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_takes_only_its_clients() -> Result<()> {
+    let mut c = GatewayCluster::start(BIN, &[Listeners::Both, Listeners::Both], 1, "").await?;
+    let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "ka", None).await?;
+    let mut b = Client::connect(Kind::Tcp, c.gateways[0].tcp.unwrap(), "kb", None).await?;
+    let _gone = Client::connect(Kind::Ws, c.gateways[1].ws.unwrap(), "kgone", None).await?;
+    let r = a.ask(json!({"op": "online", "uid": "kgone"})).await?;
+    ensure!(r["online"] == true, "{r}");
+    signal(&mut c.gateways[1].child, "-KILL").await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = a.ask(json!({"op": "online", "uid": "kgone"})).await?;
+        if r["online"] == false && r.get("complete").is_none() {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "still online or incomplete: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.send(json!({"op": "to_user", "uid": "kb", "data": "still fine"}))
+        .await?;
+    ensure!(b.recv().await? == "still fine");
+    c.gateways.pop();
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// With the register down, existing routes keep working; a worker started
+/// meanwhile joins once the register is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_restart_keeps_routes_and_lets_new_processes_join() -> Result<()> {
+    let mut c = GatewayCluster::start(BIN, &[Listeners::Both, Listeners::Both], 1, "").await?;
+    let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "ra", None).await?;
+    let mut b = Client::connect(Kind::Tcp, c.gateways[1].tcp.unwrap(), "rb", None).await?;
+    let addr = c.register.addr;
+    signal(&mut c.register.child, "-KILL").await?;
+    a.send(json!({"op": "to_user", "uid": "rb", "data": "across"}))
+        .await?;
+    ensure!(b.recv().await? == "across");
+    c.workers.push(WorkerProc::start(&c.bin, addr, &[]).await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        role_stats(&c.gateways[0]).await["workers"] == 1,
+        "a worker joined without a register"
+    );
+    c.register = RegisterProc::start(&c.bin, &addr.to_string(), "").await?;
+    c.wait_attached(2).await?;
+    b.send(json!({"op": "to_user", "uid": "ra", "data": "back"}))
+        .await?;
+    ensure!(a.recv().await? == "back");
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// Garbage on the inner port and a wrong secret are refused; clients and
+/// workers carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_and_wrong_secrets_are_refused_without_harm() -> Result<()> {
+    let mut c = GatewayCluster::start(BIN, &[Listeners::Both], 1, "s3cret").await?;
+    let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "sa", None).await?;
+    let inner = c.gateways[0].inner;
+    // A frame claiming to be shorter than its header.
+    let mut s = tokio::net::TcpStream::connect(inner).await?;
+    s.write_all(&[
+        0, 0, 0, 5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+        23, 24,
+    ])
+    .await?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+    ensure!(n == 0, "connection not closed after a bad frame");
+    // A command before authenticating, with a secret set.
+    let mut s = tokio::net::TcpStream::connect(inner).await?;
+    let mut b = BytesMut::new();
+    Frame::to_gateway(cmd::SEND_TO_ALL, 0, "", "sneaky").encode(&mut b);
+    s.write_all(&b).await?;
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+    ensure!(n == 0, "unauthorized command accepted");
+    a.expect_silence(Duration::from_millis(200)).await?;
+    // A worker with the wrong secret is never attached.
+    c.workers
+        .push(WorkerProc::start(&c.bin, c.register.addr, &["--secret", "wrong"]).await?);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = role_stats(&c.gateways[0]).await;
+    ensure!(s["workers"] == 1, "{s}");
+    ensure!(s["rejected_inner"].as_u64() >= Some(2), "{s}");
+    a.send(json!({"op": "to_user", "uid": "sa", "data": "fine"}))
+        .await?;
+    ensure!(a.recv().await? == "fine");
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// `switchboard push` finds the gateways through the register and pushes
+/// and asks from outside, with a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pusher_reaches_every_gateway() -> Result<()> {
+    let c = GatewayCluster::start(BIN, &[Listeners::Both, Listeners::Both], 1, "k").await?;
+    let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "pa", Some("pg")).await?;
+    let mut b = Client::connect(Kind::Tcp, c.gateways[1].tcp.unwrap(), "pb", Some("pg")).await?;
+    let reg = c.register.addr.to_string();
+    let push = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["push", "--register", &reg, "--secret", "k"])
+            .args(args);
+        cmd
+    };
+    let out = push(&["to-group", "pg", "from outside"]).output()?;
+    ensure!(out.status.success(), "{out:?}");
+    ensure!(a.recv().await? == "from outside" && b.recv().await? == "from outside");
+    let out = push(&["online", "pb"]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["online"] == true && v["missing"] == json!([]), "{v}");
+    let out = push(&["group-count", "pg"]).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(v["count"] == 2, "{v}");
+    let out = push(&["to-conn", &b.conn, "just b"]).output()?;
+    ensure!(out.status.success());
+    ensure!(b.recv().await? == "just b");
+    a.expect_silence(Duration::from_millis(200)).await?;
+    Box::new(c).shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! The gateway topology as processes of the real binary: a register,
+//! gateways and workers, each one `switchboard <role>` process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use async_trait::async_trait;
+use tokio::process::{Child, Command};
+
+use crate::client::Kind;
+use crate::cluster::{Cluster, spawn_role};
+
+/// Sends a signal (`-TERM`, `-KILL`) to a child and waits for it.
+pub async fn signal(child: &mut Child, sig: &str) -> Result<()> {
+    if let Some(pid) = child.id() {
+        let _ = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .await?;
+    }
+    tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    Ok(())
+}
+
+/// A register process.
+#[derive(Debug)]
+pub struct RegisterProc {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl RegisterProc {
+    /// Starts a register on `listen` (`127.0.0.1:0` for any port).
+    pub async fn start(bin: &Path, listen: &str, secret: &str) -> Result<Self> {
+        let (child, banner) = spawn_role(
+            bin,
+            &["register", "--listen", listen, "--secret", secret],
+            |l| l.starts_with("switchboard register"),
+        )
+        .await?;
+        let addr = banner
+            .register
+            .ok_or_else(|| anyhow!("no address: {banner:?}"))?;
+        Ok(Self { child, addr })
+    }
+}
+
+/// A gateway process.
+#[derive(Debug)]
+pub struct GatewayProc {
+    pub child: Child,
+    pub node_id: String,
+    pub ws: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub inner: SocketAddr,
+}
+
+impl GatewayProc {
+    /// Starts a gateway with the listeners asked for and `extra` flags.
+    pub async fn start(
+        bin: &Path,
+        register: SocketAddr,
+        ws: bool,
+        tcp: bool,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let reg = register.to_string();
+        let mut args = vec!["gateway", "--register", &reg, "--start-port", "0"];
+        if ws {
+            args.extend(["--ws", "127.0.0.1:0"]);
+        }
+        if tcp {
+            args.extend(["--tcp", "127.0.0.1:0"]);
+        }
+        args.extend(extra);
+        let (child, banner) =
+            spawn_role(bin, &args, |l| l.trim_start().starts_with("inner ")).await?;
+        let node = banner
+            .nodes
+            .first()
+            .ok_or_else(|| anyhow!("no node: {banner:?}"))?;
+        Ok(Self {
+            node_id: node.id.clone(),
+            ws: node.ws,
+            tcp: node.tcp,
+            inner: node
+                .inner
+                .ok_or_else(|| anyhow!("no inner port: {banner:?}"))?,
+            child,
+        })
+    }
+
+    /// The gateway's `/stats` (needs a WebSocket listener).
+    pub async fn stats(&self) -> Result<serde_json::Value> {
+        let addr = self
+            .http()
+            .ok_or_else(|| anyhow!("gateway has no HTTP listener"))?;
+        let (_, body) = crate::services::http_get(addr, "/stats").await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    fn http(&self) -> Option<SocketAddr> {
+        self.ws
+    }
+}
+
+/// A worker process.
+#[derive(Debug)]
+pub struct WorkerProc {
+    pub child: Child,
+}
+
+impl WorkerProc {
+    /// Starts a worker with `extra` flags.
+    pub async fn start(bin: &Path, register: SocketAddr, extra: &[&str]) -> Result<Self> {
+        let reg = register.to_string();
+        let mut args = vec!["worker", "--register", &reg];
+        args.extend(extra);
+        let (child, _) = spawn_role(bin, &args, |l| l.starts_with("switchboard worker")).await?;
+        Ok(Self { child })
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub async fn stop(mut self) -> Result<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await?;
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await??)
+    }
+}
+
+/// A register, gateways and workers.
+#[derive(Debug)]
+pub struct GatewayCluster {
+    pub bin: PathBuf,
+    pub register: RegisterProc,
+    pub gateways: Vec<GatewayProc>,
+    pub workers: Vec<WorkerProc>,
+    pub secret: String,
+}
+
+/// Which listeners each gateway has.
+#[derive(Debug, Clone, Copy)]
+pub enum Listeners {
+    /// WebSocket only.
+    Ws,
+    /// TCP only.
+    Tcp,
+    /// Both.
+    Both,
+}
+
+impl GatewayCluster {
+    /// Starts a register, one gateway per entry of `gateways` and `workers`
+    /// workers, and waits until every worker is attached to every gateway.
+    pub async fn start(
+        bin: &str,
+        gateways: &[Listeners],
+        workers: usize,
+        secret: &str,
+    ) -> Result<Self> {
+        let bin = PathBuf::from(bin);
+        let register = RegisterProc::start(&bin, "127.0.0.1:0", secret).await?;
+        let mut gws = Vec::new();
+        for l in gateways {
+            let (ws, tcp) = match l {
+                Listeners::Ws => (true, false),
+                Listeners::Tcp => (false, true),
+                Listeners::Both => (true, true),
+            };
+            gws.push(
+                GatewayProc::start(&bin, register.addr, ws, tcp, &["--secret", secret]).await?,
+            );
+        }
+        let mut ws = Vec::new();
+        for _ in 0..workers {
+            ws.push(WorkerProc::start(&bin, register.addr, &["--secret", secret]).await?);
+        }
+        let c = Self {
+            bin,
+            register,
+            gateways: gws,
+            workers: ws,
+            secret: secret.to_owned(),
+        };
+        c.wait_attached(workers).await?;
+        Ok(c)
+    }
+
+    /// Boxed, for the conformance suite.
+    pub async fn boxed(
+        bin: &str,
+        gateways: &[Listeners],
+        workers: usize,
+    ) -> Option<Box<dyn Cluster>> {
+        Some(Box::new(
+            Self::start(bin, gateways, workers, "")
+                .await
+                .expect("gateway cluster starts"),
+        ))
+    }
+
+    /// Waits until every gateway has `n` workers attached (gateways without
+    /// an HTTP listener are checked through the others' workers).
+    pub async fn wait_attached(&self, n: usize) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + crate::STEP;
+        for g in &self.gateways {
+            if g.ws.is_none() {
+                continue;
+            }
+            loop {
+                let workers = g
+                    .stats()
+                    .await
+                    .ok()
+                    .and_then(|s| s["role"]["workers"].as_u64());
+                if workers == Some(n as u64) {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "gateway {} has {workers:?} workers, expected {n}",
+                        g.node_id
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Workers link every gateway they are told of within a second; give
+        // TCP-only gateways, which have no /stats, the same second.
+        if self.gateways.iter().any(|g| g.ws.is_none()) {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        Ok(())
+    }
+
+    fn with(&self, kind: Kind) -> Vec<&GatewayProc> {
+        self.gateways
+            .iter()
+            .filter(|g| match kind {
+                Kind::Ws => g.ws.is_some(),
+                Kind::Tcp => g.tcp.is_some(),
+            })
+            .collect()
+    }
+
+    fn pick(&self, i: usize, kind: Kind) -> &GatewayProc {
+        let g = self.with(kind);
+        g[i % g.len()]
+    }
+}
+
+#[async_trait]
+impl Cluster for GatewayCluster {
+    fn size(&self) -> usize {
+        self.gateways.len()
+    }
+    fn ws(&self, i: usize) -> SocketAddr {
+        self.pick(i, Kind::Ws).ws.unwrap()
+    }
+    fn tcp(&self, i: usize) -> SocketAddr {
+        self.pick(i, Kind::Tcp).tcp.unwrap()
+    }
+    fn node_id(&self, i: usize) -> String {
+        self.gateways[i % self.gateways.len()].node_id.clone()
+    }
+    fn node_for(&self, i: usize, kind: Kind) -> String {
+        self.pick(i, kind).node_id.clone()
+    }
+    async fn shutdown(self: Box<Self>) {
+        let mut me = *self;
+        for w in me.workers.drain(..) {
+            let _ = w.stop().await;
+        }
+        for g in &mut me.gateways {
+            let _ = signal(&mut g.child, "-TERM").await;
+        }
+        let _ = signal(&mut me.register.child, "-TERM").await;
+    }
+}
