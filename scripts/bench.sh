@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
 MODES=("$@")
-[ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-queue)
+[ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-queue gateway)
 SCENARIOS="${SCENARIOS:-fanout2k_r0 fanout2k_r25 fanout10k_r0 fanout10k_r5 p2p1k_r0 p2p1k_r5000 idle10k idle19k connect10k}"
 OUT=artifacts/bench
 mkdir -p "$OUT"
@@ -37,6 +37,17 @@ start_nodes() { # mode
           --cluster "redis://127.0.0.1:6379?mode=$m&prefix=$prefix" >/dev/null 2>>"$OUT/server.log" &
         PIDS+=($!)
       done ;;
+    gateway)
+      # As TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
+      "$BIN" register --listen 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
+      PIDS+=($!)
+      for i in 1 2; do
+        "$BIN" gateway --register 127.0.0.1:9310 --ws "127.0.0.1:930$i" \
+          --start-port "931$i" >/dev/null 2>>"$OUT/server.log" &
+        PIDS+=($!)
+      done
+      "$BIN" worker --register 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
+      PIDS+=($!) ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
   for port in 9301 9302; do
