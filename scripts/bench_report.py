@@ -65,5 +65,26 @@ for mode in modes:
 text = open(target).read()
 begin, end = "<!-- results:begin -->", "<!-- results:end -->"
 i, j = text.index(begin) + len(begin), text.index(end)
-open(target, "w").write(text[:i] + "\n" + "\n".join(out) + "\n" + text[j:])
+# Modes measured now replace their tables; the tables of modes not measured
+# this time stay as they were, so one mode can be re-run on its own.
+sections, current = {}, None
+for line in text[i:j].strip("\n").split("\n"):
+    if line.startswith("### "):
+        current = line[4:].strip()
+        sections[current] = []
+    if current is not None:
+        sections[current].append(line)
+fresh, current = {}, None
+for line in out:
+    if line.startswith("### "):
+        current = line[4:].strip()
+        fresh[current] = []
+    fresh[current].append(line)
+merged = []
+for mode in list(sections) + [m for m in fresh if m not in sections]:
+    lines = fresh.get(mode) or sections[mode]
+    while lines and lines[-1] == "":
+        lines = lines[:-1]
+    merged.extend(lines + [""])
+open(target, "w").write(text[:i] + "\n" + "\n".join(merged) + "\n" + text[j:])
 print(f"wrote {sum(len(v) for v in rows.values())} runs into {target}")
