@@ -63,7 +63,7 @@ async fn replacing_every_worker_drops_nothing() -> Result<()> {
                 s.send(json!({"op": "to_user", "uid": "sink", "data": format!("{k}:{n}")}))
                     .await?;
                 n += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
             }
             // Still connected: a round trip through a worker works.
             let r = s.ask(json!({"op": "online", "uid": "sink"})).await?;
@@ -72,13 +72,14 @@ async fn replacing_every_worker_drops_nothing() -> Result<()> {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for _round in 0..2 {
+    // Every worker replaced, twice over.
+    for _round in 0..4 {
         let old = c.workers.remove(0);
         let status = old.stop().await?;
         ensure!(status.success(), "worker exited with {status}");
         c.workers
             .push(WorkerProc::start(&c.bin, c.register.addr, &[]).await?);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
@@ -114,7 +115,7 @@ async fn replacing_every_worker_drops_nothing() -> Result<()> {
         let st = g.stats().await?;
         ensure!(st["conns_closed"] == 0, "a client was disconnected: {st}");
     }
-    eprintln!("{total} messages through two full worker replacements, none lost");
+    eprintln!("{total} messages through four worker replacements, none lost");
     Box::new(c).shutdown().await;
     Ok(())
 }
