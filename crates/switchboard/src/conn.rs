@@ -50,17 +50,18 @@ pub(crate) trait Wire: Send {
 
 /// Runs an accepted connection to its end, then unregisters it and tells the
 /// application why it closed.
-pub(crate) async fn run<W: Wire>(
+///
+/// Not an `async fn`: its arguments would be kept in its future beside the
+/// copies `drive` holds, for the whole life of the connection.
+pub(crate) fn run<W: Wire>(
     hub: Hub,
     conn: ConnId,
     outbox: Arc<Outbox>,
     wire: W,
     transport: Transport,
-) {
+) -> impl Future<Output = ()> + Send {
     let span = tracing::debug_span!("conn", node = %hub.node_id(), conn = %conn, ?transport);
-    drive(hub, conn, outbox, wire, transport)
-        .instrument(span)
-        .await;
+    drive(hub, conn, outbox, wire, transport).instrument(span)
 }
 
 async fn drive<W: Wire>(
@@ -83,7 +84,9 @@ async fn drive<W: Wire>(
     let mut batch = VecDeque::new();
     // The greeting waits until the cluster can reach this connection, so that a
     // welcomed client is reachable from every node.
-    hub.settle().await;
+    // Boxed, like every rare path below: the task's future is sized by its
+    // largest state, and an idle connection is mostly this future.
+    Box::pin(hub.settle()).await;
     tracing::debug!("open");
 
     let reason = loop {
@@ -106,7 +109,7 @@ async fn drive<W: Wire>(
                 if let Some(idle) = idle && last_in.elapsed() >= idle {
                     break CloseReason::IdleTimeout;
                 }
-                match tokio::time::timeout(write_timeout, wire.ping()).await {
+                match Box::pin(tokio::time::timeout(write_timeout, wire.ping())).await {
                     Ok(Ok(())) => {}
                     Ok(Err(reason)) => break reason,
                     Err(_) => break CloseReason::SlowConsumer,
@@ -117,7 +120,7 @@ async fn drive<W: Wire>(
 
     // Unregister first, so that nothing more is queued to a closing connection.
     hub.forget(&conn, &reason);
-    let _ = tokio::time::timeout(close_timeout, async {
+    let _ = Box::pin(tokio::time::timeout(close_timeout, async {
         if reason.flush_first() {
             flush(
                 &hub,
@@ -130,7 +133,7 @@ async fn drive<W: Wire>(
             .await;
         }
         wire.close(&reason).await;
-    })
+    }))
     .await;
     tracing::debug!(%reason, "closed");
     hub.handler().on_close(&hub, &conn, &reason).await;
@@ -160,25 +163,28 @@ async fn flush<W: Wire>(
         let mut write = pin!(wire.send_batch(batch));
         // Most writes complete at once (the socket buffer has room): only a write
         // that would block pays for a timer and a race against close requests.
-        let result = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-            Poll::Ready(r) => r,
-            Poll::Pending => {
-                tokio::select! {
-                    r = &mut write => r,
-                    reason = outbox.wait_closing() => {
-                        if reason.flush_first() {
-                            match tokio::time::timeout(close_timeout, &mut write).await {
-                                Ok(r) => r,
-                                Err(_) => Err(reason),
+        let result =
+            match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(r) => r,
+                // Boxed: its timers would otherwise size every connection's task.
+                Poll::Pending => Box::pin(async {
+                    tokio::select! {
+                        r = &mut write => r,
+                        reason = outbox.wait_closing() => {
+                            if reason.flush_first() {
+                                match tokio::time::timeout(close_timeout, &mut write).await {
+                                    Ok(r) => r,
+                                    Err(_) => Err(reason),
+                                }
+                            } else {
+                                Err(reason)
                             }
-                        } else {
-                            Err(reason)
                         }
+                        () = tokio::time::sleep(write_timeout) => Err(CloseReason::SlowConsumer),
                     }
-                    () = tokio::time::sleep(write_timeout) => Err(CloseReason::SlowConsumer),
-                }
-            }
-        };
+                })
+                .await,
+            };
         match result {
             Ok(skipped) => Counters::add(&hub.counters().frames_dropped, u64::from(skipped)),
             Err(reason) => return Some(reason),
