@@ -216,7 +216,24 @@ impl Process {
     /// under a prefix of their own; `None` to skip when Redis is missing
     /// outside CI. `extra` is appended to the cluster URL's query.
     pub async fn redis(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
-        let url = crate::services::redis_url()?;
+        Self::on(bin, n, &crate::services::redis_url()?, mode, extra).await
+    }
+
+    /// `n` processes on the shared RabbitMQ in `mode` (`fanout` or `routing`),
+    /// with an exchange and queues of their own; `None` to skip when RabbitMQ
+    /// is missing outside CI. `extra` is appended to the cluster URL's query.
+    pub async fn amqp(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
+        Self::on(bin, n, &crate::services::amqp_url()?, mode, extra).await
+    }
+
+    /// `n` processes on the broker at `url`, under a prefix of their own.
+    async fn on(
+        bin: &str,
+        n: usize,
+        url: &str,
+        mode: &str,
+        extra: &str,
+    ) -> Option<Box<dyn Cluster>> {
         let cluster = format!(
             "{url}?mode={mode}&prefix={}{extra}",
             crate::services::unique_prefix(mode)
