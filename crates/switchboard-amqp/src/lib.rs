@@ -175,7 +175,7 @@ pub(crate) async fn publish_control(
         .map(drop)
 }
 
-/// Announces the node every third of the TTL, forgets silent peers, and fails
+/// Announces the node every third of the TTL, drops silent peers, and fails
 /// a session whose consumer stopped hearing the queue, until `stop`.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let interval = shared.heartbeat_interval();
@@ -187,13 +187,9 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for dead in shared.peers.expire() {
-            shared
-                .tracker
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .forget_origin(dead.as_str());
-        }
+        // A silent node's sequence tracking is kept: if it comes back (its
+        // broker connection, not its process, was lost) the gap counts.
+        shared.peers.expire();
         let Some(session) = shared.link.current() else {
             continue;
         };

@@ -33,7 +33,7 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a failed connection may take to close before it is abandoned.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// AMQP's reply code for "resource locked": another connection holds the
 /// node's exclusive queue.
 const RESOURCE_LOCKED: u16 = 405;

@@ -298,7 +298,13 @@ pub(crate) enum Seen {
     Again,
 }
 
+/// Senders a receiver tracks at most.
+const MAX_ORIGINS: usize = 4096;
+
 /// A receiver's view of every sender's streams, and of the copies it got.
+/// A sender's streams are kept until it says goodbye, across silences: a
+/// node that lost its broker connection for a while and comes back resumes
+/// its numbering, and what it sent that never arrived counts as lost.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     /// origin → stream → (epoch, last number seen).
@@ -310,6 +316,12 @@ pub(crate) struct Tracker {
 impl Tracker {
     /// Records message `seq` of `epoch` on `origin`'s `stream`.
     pub(crate) fn record(&mut self, origin: &str, stream: &str, epoch: u64, seq: u64) -> Seen {
+        if !self.streams.contains_key(origin) && self.streams.len() >= MAX_ORIGINS {
+            // Senders that died without a goodbye pile up: start over (what
+            // is lost meanwhile is not counted, the counts are a lower bound).
+            self.streams.clear();
+            self.last_copy.clear();
+        }
         let streams = match self.streams.get_mut(origin) {
             Some(s) => s,
             None => self.streams.entry(origin.to_owned()).or_default(),

@@ -175,14 +175,17 @@ impl ProcessNode {
         })
     }
 
-    /// The process id.
+    /// The process id (0 once the process has been waited for).
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> Result<std::process::ExitStatus> {
-        let pid = self.pid();
+        let Some(pid) = self.child.id() else {
+            // Already waited for: `kill 0` would signal this whole process group.
+            return Ok(self.child.wait().await?);
+        };
         let status = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()
@@ -243,6 +246,11 @@ impl Process {
                 .await
                 .expect("nodes start"),
         ))
+    }
+
+    /// Stops every node (SIGTERM, then waits for each).
+    pub async fn stop(self) {
+        Box::new(self).shutdown().await;
     }
 
     /// `n` processes with `--cluster URL`, named n0, n1, ...

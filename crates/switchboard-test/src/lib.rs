@@ -11,6 +11,7 @@
 pub mod client;
 pub mod cluster;
 pub mod conformance;
+pub mod faults;
 pub mod services;
 
 pub use client::{Client, Kind};

@@ -367,8 +367,9 @@ impl RabbitServer {
         }
     }
 
-    /// Starts it again on the same ports, node name and directory.
-    pub fn restart(&mut self) -> Result<()> {
+    /// Starts it again after [`RabbitServer::kill`], on the same ports, node
+    /// name and directory.
+    pub fn start_again(&mut self) -> Result<()> {
         self.kill();
         self.spawn()
     }
