@@ -12,6 +12,7 @@ pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod faults;
+pub mod hub_api;
 pub mod services;
 
 pub use client::{Client, Kind};
