@@ -328,3 +328,69 @@ impl Binder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_core::{ConnId, GroupId, UserId};
+
+    fn conn() -> ConnId {
+        ConnId::new(NodeId::new("a").unwrap(), 1)
+    }
+
+    #[test]
+    fn only_the_first_and_last_local_members_change_bindings() {
+        let bound = |first| MembershipChange::Bound {
+            conn: conn(),
+            user: UserId::from("u"),
+            first,
+            count: 1,
+        };
+        let left = |last| MembershipChange::Left {
+            conn: conn(),
+            group: GroupId::from("g"),
+            last,
+            count: 0,
+        };
+        assert_eq!(key_of(&bound(true)), Some(("u.u".into(), Want::Bound)));
+        assert_eq!(key_of(&bound(false)), None);
+        assert_eq!(key_of(&left(true)), Some(("g.g".into(), Want::Unbound)));
+        assert_eq!(key_of(&left(false)), None);
+        assert_eq!(key_of(&MembershipChange::Opened { conn: conn() }), None);
+    }
+
+    #[tokio::test]
+    async fn changes_are_numbered_and_settle_waits_for_them() {
+        let b = Binder::new();
+        b.report(&MembershipChange::Joined {
+            conn: conn(),
+            group: GroupId::from("g"),
+            first: true,
+            count: 1,
+        });
+        b.report(&MembershipChange::Opened { conn: conn() });
+        assert_eq!(
+            b.reported.load(Ordering::Acquire),
+            1,
+            "only binding changes count"
+        );
+        let settled = tokio::time::timeout(std::time::Duration::from_millis(50), b.settle());
+        assert!(settled.await.is_err(), "not applied yet");
+        b.applied.send_replace(1);
+        b.settle().await;
+    }
+
+    #[test]
+    fn a_fence_releases_the_keys_unbound_before_it() {
+        let b = Binder::new();
+        {
+            let mut f = b.fences.lock().unwrap();
+            f.insert(1, vec!["u.a".into()]);
+            f.insert(2, vec!["g.b".into(), "u.c".into()]);
+            f.insert(3, vec!["u.d".into()]);
+        }
+        assert_eq!(b.fence_reached(2), ["u.a", "g.b", "u.c"]);
+        assert!(b.fence_reached(2).is_empty(), "released once");
+        assert_eq!(b.drain_fences(), ["u.d"]);
+    }
+}

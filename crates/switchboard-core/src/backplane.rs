@@ -426,3 +426,50 @@ impl Backplane for Standalone {
     }
     async fn leave(&self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_publish_queue_drops_and_counts_without_waiting() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let counters = StatCounters::default();
+        let node = NodeId::new("b").unwrap();
+        let first = enqueue(&tx, Dest::Node(&node), Bytes::from_static(b"1"), &counters);
+        assert_eq!(
+            first,
+            Handoff {
+                sent: 1,
+                dropped: 0
+            }
+        );
+        let second = enqueue(&tx, Dest::All, Bytes::from_static(b"2"), &counters);
+        assert_eq!(
+            second,
+            Handoff {
+                sent: 0,
+                dropped: 1
+            }
+        );
+        assert_eq!(counters.snapshot(3).publish_dropped, 1);
+        assert_eq!(counters.snapshot(3).reconnects, 3);
+        let queued = rx.try_recv().unwrap();
+        assert!(matches!(queued.route, Route::Node(n) if n == node));
+        assert_eq!(queued.envelope, Bytes::from_static(b"1"));
+        drop(rx);
+        let closed = enqueue(&tx, Dest::All, Bytes::new(), &counters);
+        assert_eq!(closed.dropped, 1, "a closed queue drops too");
+    }
+
+    #[test]
+    fn status_from_a_reason() {
+        assert_eq!(Status::unless(None), Status::Ready);
+        assert_eq!(
+            Status::unless(Some("down".into())),
+            Status::Connecting {
+                reason: "down".into()
+            }
+        );
+    }
+}
