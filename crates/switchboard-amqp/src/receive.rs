@@ -1,9 +1,9 @@
 //! Receiving: one task reads the node's queue, hands envelopes to the node,
 //! and keeps the liveness view from the control messages.
 //!
-//! Deliveries are acknowledged in batches once handed to the node (and at
-//! once whenever the queue has nothing more ready), so at most
-//! [`PREFETCH`](crate::link::PREFETCH) wait in the client. An envelope whose
+//! Deliveries are acknowledged in batches once handed to the node (every
+//! [`ACK_EVERY`] deliveries, or [`ACK_DELAY`] after the oldest one), so at
+//! most [`PREFETCH`](crate::link::PREFETCH) wait in the client. An envelope whose
 //! number was seen already (redelivered) is dropped and counted as a
 //! duplicate; a jump in a stream's numbers is counted as lost
 //! (`receive_dropped`). A consumer that the broker cancels, or whose channel
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::{Acker, Consumer};
@@ -27,6 +27,9 @@ use crate::{Shared, publish_control};
 
 /// Deliveries acknowledged at once, at most.
 const ACK_EVERY: u32 = 256;
+/// How long a delivery may wait for its acknowledgement: acknowledgements
+/// go out in batches, one frame for many deliveries, even at low rates.
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Why reading a session's queue stopped.
 enum Ended {
@@ -84,21 +87,22 @@ async fn read(
 ) -> Ended {
     let mut unacked = 0u32;
     let mut last: Option<Acker> = None;
+    // When the oldest unacknowledged delivery must be acknowledged at the latest.
+    let timer = tokio::time::sleep(ACK_DELAY);
+    tokio::pin!(timer);
     loop {
-        let next = match consumer.next().now_or_never() {
-            Some(item) => item,
-            None => {
-                // Nothing ready: acknowledge what was handled, then wait.
-                if let Some(a) = last.take() {
-                    unacked = 0;
-                    if let Err(e) = ack(&a).await {
-                        return e;
-                    }
+        let next = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ended::Stop,
+            item = consumer.next() => item,
+            () = &mut timer, if last.is_some() => {
+                unacked = 0;
+                if let Some(a) = last.take()
+                    && let Err(e) = ack(&a).await
+                {
+                    return e;
                 }
-                tokio::select! {
-                    () = stop.cancelled() => return Ended::Stop,
-                    item = consumer.next() => item,
-                }
+                continue;
             }
         };
         let delivery = match next {
@@ -109,6 +113,11 @@ async fn read(
         let acker = delivery.acker.clone();
         if !handle(shared, session, delivery, inbound).await {
             return Ended::Stop;
+        }
+        if last.is_none() {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ACK_DELAY);
         }
         unacked += 1;
         last = Some(acker);
