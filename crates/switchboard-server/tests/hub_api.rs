@@ -32,10 +32,11 @@ async fn membership_and_sessions_from_another_node() -> Result<()> {
     Ok(())
 }
 
-/// The same checks on two nodes in this process on the shared RabbitMQ, in `mode`.
-async fn on_rabbitmq(mode: &str) -> Result<()> {
+/// Two nodes, `a` and `b`, in this process on the shared RabbitMQ in `mode`;
+/// `None` to skip when RabbitMQ is missing outside CI.
+async fn on_rabbitmq_nodes(mode: &str) -> Result<Option<Vec<Running>>> {
     let Some(url) = switchboard_test::services::amqp_url() else {
-        return Ok(());
+        return Ok(None);
     };
     let prefix = switchboard_test::services::unique_prefix("hub");
     let cluster: ClusterUrl = format!("{url}?mode={mode}&prefix={prefix}").parse()?;
@@ -45,6 +46,14 @@ async fn on_rabbitmq(mode: &str) -> Result<()> {
         cfg.cluster = cluster.clone();
         nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
     }
+    Ok(Some(nodes))
+}
+
+/// The same checks on two nodes in this process on the shared RabbitMQ, in `mode`.
+async fn on_rabbitmq(mode: &str) -> Result<()> {
+    let Some(nodes) = on_rabbitmq_nodes(mode).await? else {
+        return Ok(());
+    };
     switchboard_test::hub_api::across_nodes(&nodes[0], &nodes[1]).await?;
     for n in nodes {
         n.shutdown().await;
@@ -55,6 +64,28 @@ async fn on_rabbitmq(mode: &str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_and_sessions_from_another_node_on_rabbitmq_routing() -> Result<()> {
     on_rabbitmq("routing").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_bind_returns_once_pushes_reach_the_connection() -> Result<()> {
+    let Some(nodes) = on_rabbitmq_nodes("routing").await? else {
+        return Ok(());
+    };
+    let mut on_a = Client::ws(nodes[0].ws.unwrap(), "first", None).await?;
+    let conn: ConnId = on_a.conn.parse()?;
+    let hub_b = &nodes[1].hub;
+    // Node b moves a connection of node a from user to user and pushes to
+    // the new user at once: the bind's reply means the broker routes the
+    // user's key to node a already.
+    for i in 0..30 {
+        hub_b.bind(&conn, format!("user{i}")).await?;
+        hub_b.to_user(format!("user{i}"), format!("m{i}"))?;
+        assert_eq!(on_a.recv().await?, format!("m{i}"));
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
