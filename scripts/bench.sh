@@ -6,13 +6,14 @@
 #   RUNS=1 scripts/bench.sh local-multi   # one mode
 #   SCENARIOS="fanout2k_r0 idle10k" scripts/bench.sh
 #
-# Needs Redis on 127.0.0.1:6379 for the redis modes. Everything runs on this
+# Needs Redis on 127.0.0.1:6379 for the redis modes and RabbitMQ on
+# 127.0.0.1:5672 (guest/guest) for the amqp modes. Everything runs on this
 # machine over loopback; the load tool's own CPU shares it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
 MODES=("$@")
-[ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-queue gateway)
+[ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-queue amqp-fanout amqp-routing gateway)
 SCENARIOS="${SCENARIOS:-fanout2k_r0 fanout2k_r25 fanout10k_r0 fanout10k_r5 p2p1k_r0 p2p1k_r5000 idle10k idle19k connect10k}"
 OUT=artifacts/bench
 mkdir -p "$OUT"
@@ -35,6 +36,13 @@ start_nodes() { # mode
       for i in 0 1; do
         "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off \
           --cluster "redis://127.0.0.1:6379?mode=$m&prefix=$prefix" >/dev/null 2>>"$OUT/server.log" &
+        PIDS+=($!)
+      done ;;
+    amqp-fanout|amqp-routing)
+      local m=${mode#amqp-}
+      for i in 0 1; do
+        "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off \
+          --cluster "amqp://guest:guest@127.0.0.1:5672/%2f?mode=$m&prefix=$prefix" >/dev/null 2>>"$OUT/server.log" &
         PIDS+=($!)
       done ;;
     gateway)
@@ -66,6 +74,7 @@ trap stop_nodes EXIT
 broker_pids() { # mode
   case "$1" in
     redis-*) redis-cli info server | awk -F: '/^process_id/{print $2}' | tr -d '\r' ;;
+    amqp-*) rabbitmqctl -q status 2>/dev/null | awk '/^OS PID/{print $3}' ;;
     *) echo "" ;;
   esac
 }

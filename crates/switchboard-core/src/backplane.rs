@@ -12,9 +12,9 @@
 //! backplane with a directory can answer queries itself instead
 //! ([`Backplane::query`]).
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -96,6 +96,73 @@ pub enum Dest<'a> {
     Interested(&'a Target),
     /// Every peer.
     All,
+}
+
+/// An owned [`Dest`], for backplanes that queue envelopes before sending them.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// One node.
+    Node(NodeId),
+    /// Every peer that may hold a recipient of the target.
+    Interested(Target),
+    /// Every peer.
+    All,
+}
+
+impl From<Dest<'_>> for Route {
+    fn from(dest: Dest<'_>) -> Self {
+        match dest {
+            Dest::Node(n) => Route::Node(n.clone()),
+            Dest::Interested(t) => Route::Interested(t.clone()),
+            Dest::All => Route::All,
+        }
+    }
+}
+
+/// An envelope waiting in a backplane's publish queue.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Where it goes.
+    pub route: Route,
+    /// The encoded envelope.
+    pub envelope: Bytes,
+}
+
+/// Puts an envelope on a backplane's bounded publish queue, for
+/// [`Backplane::publish`]: never waits; a full (or closed) queue drops the
+/// envelope and counts it in `counters.publish_dropped`.
+pub fn enqueue(
+    queue: &mpsc::Sender<Outgoing>,
+    dest: Dest<'_>,
+    envelope: Bytes,
+    counters: &StatCounters,
+) -> Handoff {
+    let outgoing = Outgoing {
+        route: dest.into(),
+        envelope,
+    };
+    match queue.try_send(outgoing) {
+        Ok(()) => Handoff {
+            sent: 1,
+            dropped: 0,
+        },
+        Err(_) => {
+            StatCounters::add(&counters.publish_dropped, 1);
+            Handoff {
+                sent: 0,
+                dropped: 1,
+            }
+        }
+    }
+}
+
+/// Waits `wait` with jitter (so that nodes which lost their broker together
+/// do not retry in lockstep), then doubles it, up to `max`: the pause between
+/// two reconnection attempts.
+pub async fn backoff(wait: &mut Duration, max: Duration) {
+    let jitter = rand::random::<f64>() * 0.5 + 0.75;
+    tokio::time::sleep(wait.mul_f64(jitter)).await;
+    *wait = (*wait * 2).min(max);
 }
 
 /// What happened to a published envelope.
@@ -190,6 +257,16 @@ pub enum Status {
     },
 }
 
+impl Status {
+    /// `Ready` without a reason not to be, `Connecting` with one.
+    pub fn unless(reason: Option<String>) -> Self {
+        match reason {
+            None => Status::Ready,
+            Some(reason) => Status::Connecting { reason },
+        }
+    }
+}
+
 /// A backplane failed to start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -220,6 +297,44 @@ pub struct BackplaneStats {
     pub expired: u64,
     /// Times the backplane reconnected to its broker.
     pub reconnects: u64,
+}
+
+/// The counters behind [`BackplaneStats`], updated by a backplane's tasks.
+#[derive(Debug, Default)]
+pub struct StatCounters {
+    /// See [`BackplaneStats::published`].
+    pub published: AtomicU64,
+    /// See [`BackplaneStats::publish_dropped`].
+    pub publish_dropped: AtomicU64,
+    /// See [`BackplaneStats::received`].
+    pub received: AtomicU64,
+    /// See [`BackplaneStats::receive_dropped`].
+    pub receive_dropped: AtomicU64,
+    /// See [`BackplaneStats::duplicates`].
+    pub duplicates: AtomicU64,
+    /// See [`BackplaneStats::expired`].
+    pub expired: AtomicU64,
+}
+
+impl StatCounters {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The counters now, with the backplane's reconnection count.
+    pub fn snapshot(&self, reconnects: u64) -> BackplaneStats {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BackplaneStats {
+            published: g(&self.published),
+            publish_dropped: g(&self.publish_dropped),
+            received: g(&self.received),
+            receive_dropped: g(&self.receive_dropped),
+            duplicates: g(&self.duplicates),
+            expired: g(&self.expired),
+            reconnects,
+        }
+    }
 }
 
 /// How a node reaches the rest of its cluster. See the module docs.
@@ -310,4 +425,51 @@ impl Backplane for Standalone {
         BackplaneStats::default()
     }
     async fn leave(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_publish_queue_drops_and_counts_without_waiting() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let counters = StatCounters::default();
+        let node = NodeId::new("b").unwrap();
+        let first = enqueue(&tx, Dest::Node(&node), Bytes::from_static(b"1"), &counters);
+        assert_eq!(
+            first,
+            Handoff {
+                sent: 1,
+                dropped: 0
+            }
+        );
+        let second = enqueue(&tx, Dest::All, Bytes::from_static(b"2"), &counters);
+        assert_eq!(
+            second,
+            Handoff {
+                sent: 0,
+                dropped: 1
+            }
+        );
+        assert_eq!(counters.snapshot(3).publish_dropped, 1);
+        assert_eq!(counters.snapshot(3).reconnects, 3);
+        let queued = rx.try_recv().unwrap();
+        assert!(matches!(queued.route, Route::Node(n) if n == node));
+        assert_eq!(queued.envelope, Bytes::from_static(b"1"));
+        drop(rx);
+        let closed = enqueue(&tx, Dest::All, Bytes::new(), &counters);
+        assert_eq!(closed.dropped, 1, "a closed queue drops too");
+    }
+
+    #[test]
+    fn status_from_a_reason() {
+        assert_eq!(Status::unless(None), Status::Ready);
+        assert_eq!(
+            Status::unless(Some("down".into())),
+            Status::Connecting {
+                reason: "down".into()
+            }
+        );
+    }
 }

@@ -50,7 +50,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::RedisError;
 use switchboard_core::backplane::{
-    BackplaneStats, Dest, Handoff, JoinContext, JoinError, QueryOutcome, Status,
+    BackplaneStats, Dest, Handoff, JoinContext, JoinError, Outgoing, QueryOutcome, StatCounters,
+    Status, enqueue,
 };
 use switchboard_core::{Backplane, ConnId, LocalAnswer, MembershipChange, NodeId, Query, UserId};
 use tokio::sync::mpsc;
@@ -63,17 +64,6 @@ use directory::Directory;
 use keys::Keys;
 use link::Link;
 use liveness::Liveness;
-use publish::{Outgoing, Route};
-
-#[derive(Debug, Default)]
-struct Stats {
-    published: AtomicU64,
-    publish_dropped: AtomicU64,
-    received: AtomicU64,
-    receive_dropped: AtomicU64,
-    duplicates: AtomicU64,
-    expired: AtomicU64,
-}
 
 /// State shared by the backplane's tasks.
 pub(crate) struct Shared {
@@ -85,7 +75,7 @@ pub(crate) struct Shared {
     out: mpsc::Sender<Outgoing>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     live: RwLock<Liveness>,
-    stats: Stats,
+    stats: StatCounters,
     /// The subscription (pub/sub) or the stream consumer (queue) is up.
     receiving: AtomicBool,
     /// When the node last heard its own probe on its channel (ms, local clock).
@@ -153,7 +143,7 @@ impl RedisBackplane {
                 out,
                 out_rx: Mutex::new(Some(out_rx)),
                 live: RwLock::new(Liveness::default()),
-                stats: Stats::default(),
+                stats: StatCounters::default(),
                 receiving: AtomicBool::new(false),
                 last_probe: AtomicU64::new(0),
                 tasks: TaskTracker::new(),
@@ -307,27 +297,7 @@ impl Backplane for RedisBackplane {
     }
 
     fn publish(&self, dest: Dest<'_>, envelope: Bytes) -> Handoff {
-        let route = match dest {
-            Dest::Node(n) => Route::Node(n.clone()),
-            Dest::Interested(t) => Route::Interested(t.clone()),
-            Dest::All => Route::All,
-        };
-        match self.shared.out.try_send(Outgoing { route, envelope }) {
-            Ok(()) => Handoff {
-                sent: 1,
-                dropped: 0,
-            },
-            Err(_) => {
-                self.shared
-                    .stats
-                    .publish_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-                Handoff {
-                    sent: 0,
-                    dropped: 1,
-                }
-            }
-        }
+        enqueue(&self.shared.out, dest, envelope, &self.shared.stats)
     }
 
     fn peers(&self) -> Vec<NodeId> {
@@ -413,24 +383,12 @@ impl Backplane for RedisBackplane {
         } else {
             None
         };
-        match reason {
-            None => Status::Ready,
-            Some(reason) => Status::Connecting { reason },
-        }
+        Status::unless(reason)
     }
 
     fn stats(&self) -> BackplaneStats {
-        let s = &self.shared.stats;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        BackplaneStats {
-            published: g(&s.published),
-            publish_dropped: g(&s.publish_dropped),
-            received: g(&s.received),
-            receive_dropped: g(&s.receive_dropped),
-            duplicates: g(&s.duplicates),
-            expired: g(&s.expired),
-            reconnects: self.shared.link.reconnects.load(Ordering::Relaxed),
-        }
+        let reconnects = self.shared.link.reconnects.load(Ordering::Relaxed);
+        self.shared.stats.snapshot(reconnects)
     }
 
     async fn leave(&self) {

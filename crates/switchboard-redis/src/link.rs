@@ -52,12 +52,9 @@ pub(crate) fn connection_config() -> AsyncConnectionConfig {
         .set_response_timeout(Some(RESPONSE_TIMEOUT))
 }
 
-/// Waits `backoff`, then doubles it up to the maximum (with jitter, so nodes
-/// that lost Redis together do not reconnect in lockstep).
-pub(crate) async fn backoff(backoff: &mut Duration) {
-    let jitter = rand::random::<f64>() * 0.5 + 0.75;
-    tokio::time::sleep(backoff.mul_f64(jitter)).await;
-    *backoff = (*backoff * 2).min(BACKOFF_MAX);
+/// Waits `wait` (with jitter), then doubles it up to the maximum.
+pub(crate) async fn backoff(wait: &mut Duration) {
+    switchboard_core::backplane::backoff(wait, BACKOFF_MAX).await;
 }
 
 impl Link {

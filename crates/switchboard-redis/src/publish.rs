@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use redis::Pipeline;
-use switchboard_core::{NodeId, Target};
+use switchboard_core::backplane::{Outgoing, Route};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,20 +23,6 @@ use crate::config::Mode;
 /// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
 pub(crate) const QUEUE: usize = 64 * 1024;
 const BATCH: usize = 256;
-
-/// Where an envelope goes.
-#[derive(Debug)]
-pub(crate) enum Route {
-    Node(NodeId),
-    Interested(Target),
-    All,
-}
-
-#[derive(Debug)]
-pub(crate) struct Outgoing {
-    pub(crate) route: Route,
-    pub(crate) envelope: Bytes,
-}
 
 /// Destinations of one envelope.
 enum Dests {

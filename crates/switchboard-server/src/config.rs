@@ -31,7 +31,7 @@ pub struct ServeArgs {
     /// TCP framing: `line` or `length` [default: line]
     #[arg(long, env = "SWITCHBOARD_TCP_FRAMING")]
     pub tcp_framing: Option<Framing>,
-    /// Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), or `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` [default: local]
+    /// Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..` [default: local]
     #[arg(long, env = "SWITCHBOARD_CLUSTER")]
     pub cluster: Option<String>,
     /// Redis: key and channel prefix (overrides the URL's `prefix`) [default: sb]
@@ -52,6 +52,21 @@ pub struct ServeArgs {
     /// Redis queue mode: seconds a restarted node waits before delivering its backlog (URL `backlog_grace`) [default: 5]
     #[arg(long, env = "SWITCHBOARD_REDIS_BACKLOG_GRACE")]
     pub redis_backlog_grace: Option<String>,
+    /// RabbitMQ: `fanout` or `routing` (overrides the URL's `mode`) [default: fanout]
+    #[arg(long, env = "SWITCHBOARD_AMQP_MODE")]
+    pub amqp_mode: Option<String>,
+    /// RabbitMQ: the deployment's exchange (URL `exchange`) [default: PREFIX.MODE]
+    #[arg(long, env = "SWITCHBOARD_AMQP_EXCHANGE")]
+    pub amqp_exchange: Option<String>,
+    /// RabbitMQ: prefix of the node queues' names (URL `prefix`) [default: sb]
+    #[arg(long, env = "SWITCHBOARD_AMQP_PREFIX")]
+    pub amqp_prefix: Option<String>,
+    /// RabbitMQ: seconds after which a silent node counts as dead (URL `ttl`) [default: 10]
+    #[arg(long, env = "SWITCHBOARD_AMQP_TTL")]
+    pub amqp_ttl: Option<String>,
+    /// RabbitMQ: most messages a node's queue holds (URL `queue_cap`) [default: 100000]
+    #[arg(long, env = "SWITCHBOARD_AMQP_QUEUE_CAP")]
+    pub amqp_queue_cap: Option<String>,
     /// Largest inbound message in bytes [default: 65536]
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
     pub max_message_size: Option<usize>,
@@ -91,6 +106,11 @@ struct FileConfig {
     redis_queue_age: Option<toml::Value>,
     redis_concurrency: Option<toml::Value>,
     redis_backlog_grace: Option<toml::Value>,
+    amqp_mode: Option<String>,
+    amqp_exchange: Option<String>,
+    amqp_prefix: Option<String>,
+    amqp_ttl: Option<toml::Value>,
+    amqp_queue_cap: Option<toml::Value>,
     max_message_size: Option<usize>,
     outbox_frames: Option<usize>,
     heartbeat: Option<u64>,
@@ -112,6 +132,8 @@ pub enum ClusterUrl {
     Memory(usize),
     /// A shared Redis.
     Redis(switchboard_redis::RedisConfig),
+    /// A RabbitMQ broker.
+    Amqp(switchboard_amqp::AmqpConfig),
 }
 
 impl std::fmt::Display for ClusterUrl {
@@ -120,6 +142,13 @@ impl std::fmt::Display for ClusterUrl {
             ClusterUrl::Local => f.write_str("local"),
             ClusterUrl::Memory(n) => write!(f, "in-process, {n} nodes"),
             ClusterUrl::Redis(c) => write!(f, "redis {}, prefix {:?}", c.mode, c.prefix),
+            ClusterUrl::Amqp(c) => write!(
+                f,
+                "amqp {}, exchange {:?}, prefix {:?}",
+                c.mode,
+                c.exchange_name(),
+                c.prefix
+            ),
         }
     }
 }
@@ -135,6 +164,9 @@ impl std::str::FromStr for ClusterUrl {
             },
             url if url.starts_with("redis://") || url.starts_with("rediss://") => Ok(
                 ClusterUrl::Redis(switchboard_redis::RedisConfig::from_url(url)?),
+            ),
+            url if url.starts_with("amqp://") || url.starts_with("amqps://") => Ok(
+                ClusterUrl::Amqp(switchboard_amqp::AmqpConfig::from_url(url)?),
             ),
             other => Err(ConfigError::Cluster(other.to_owned())),
         }
@@ -168,7 +200,7 @@ pub enum ConfigError {
     NodeId(#[from] switchboard::core::id::IdError),
     /// Unknown cluster URL.
     #[error(
-        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process) or `redis://...`"
+        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process), `redis://...` or `amqp://...`"
     )]
     Cluster(String),
     /// Bad Redis options.
@@ -177,6 +209,12 @@ pub enum ConfigError {
     /// A Redis option given without a Redis cluster.
     #[error("{0} is set but the cluster is not redis://")]
     RedisOptionWithoutRedis(&'static str),
+    /// Bad RabbitMQ options.
+    #[error(transparent)]
+    Amqp(#[from] switchboard_amqp::ConfigError),
+    /// A RabbitMQ option given without a RabbitMQ cluster.
+    #[error("{0} is set but the cluster is not amqp://")]
+    AmqpOptionWithoutAmqp(&'static str),
     /// No listener at all.
     #[error("both --ws and --tcp are off: nothing to serve")]
     NoListener,
@@ -233,6 +271,21 @@ fn toml_text(v: toml::Value) -> String {
         toml::Value::String(s) => s,
         other => other.to_string(),
     }
+}
+
+/// Sets each given `(URL option, config key, value)` on the cluster with
+/// `set`, which returns `None` when the cluster is not of the options' kind:
+/// the error is then `Err(key)`.
+fn apply<const N: usize>(
+    cluster: &mut ClusterUrl,
+    opts: [(&'static str, &'static str, Option<String>); N],
+    set: impl Fn(&mut ClusterUrl, &str, &str) -> Option<Result<(), ConfigError>>,
+) -> Result<(), Result<ConfigError, &'static str>> {
+    for (name, key, value) in opts {
+        let Some(value) = value else { continue };
+        set(cluster, name, &value).ok_or(Err(key))?.map_err(Ok)?;
+    }
+    Ok(())
 }
 
 fn secs_opt(v: u64) -> Option<Duration> {
@@ -331,13 +384,47 @@ impl ServeConfig {
                     .or(file.redis_backlog_grace.map(toml_text)),
             ),
         ];
-        for (name, key, value) in redis_opts {
-            let Some(value) = value else { continue };
-            match &mut cfg.cluster {
-                ClusterUrl::Redis(r) => r.set(name, &value)?,
-                _ => return Err(ConfigError::RedisOptionWithoutRedis(key)),
-            }
-        }
+        apply(
+            &mut cfg.cluster,
+            redis_opts,
+            |cluster, name, value| match cluster {
+                ClusterUrl::Redis(r) => Some(r.set(name, value).map_err(Into::into)),
+                _ => None,
+            },
+        )
+        .map_err(|e| e.unwrap_or_else(ConfigError::RedisOptionWithoutRedis))?;
+        let amqp_opts: [(&'static str, &'static str, Option<String>); 5] = [
+            ("mode", "amqp_mode", args.amqp_mode.or(file.amqp_mode)),
+            (
+                "exchange",
+                "amqp_exchange",
+                args.amqp_exchange.or(file.amqp_exchange),
+            ),
+            (
+                "prefix",
+                "amqp_prefix",
+                args.amqp_prefix.or(file.amqp_prefix),
+            ),
+            (
+                "ttl",
+                "amqp_ttl",
+                args.amqp_ttl.or(file.amqp_ttl.map(toml_text)),
+            ),
+            (
+                "queue_cap",
+                "amqp_queue_cap",
+                args.amqp_queue_cap.or(file.amqp_queue_cap.map(toml_text)),
+            ),
+        ];
+        apply(
+            &mut cfg.cluster,
+            amqp_opts,
+            |cluster, name, value| match cluster {
+                ClusterUrl::Amqp(a) => Some(a.set(name, value).map_err(Into::into)),
+                _ => None,
+            },
+        )
+        .map_err(|e| e.unwrap_or_else(ConfigError::AmqpOptionWithoutAmqp))?;
         if cfg.ws.is_none() && cfg.tcp.is_none() {
             return Err(ConfigError::NoListener);
         }
@@ -372,7 +459,7 @@ mod tests {
 
         std::fs::write(&path, "bogus = 1\n").unwrap();
         let err = ServeConfig::load(ServeArgs {
-            config: Some(path),
+            config: Some(path.clone()),
             ..ServeArgs::default()
         })
         .unwrap_err();
@@ -413,6 +500,49 @@ mod tests {
                 ..ServeArgs::default()
             }),
             Err(ConfigError::Redis(_))
+        ));
+        // RabbitMQ options: the URL's, then the file's, then flags; refused without RabbitMQ.
+        std::fs::write(
+            &path,
+            "cluster = \"amqp://u:p@127.0.0.1:5672/%2f?mode=fanout&prefix=fromurl&ttl=4\"\namqp_prefix = \"fromfile\"\namqp_queue_cap = 77\namqp_exchange = \"ex.file\"\n",
+        )
+        .unwrap();
+        let cfg = ServeConfig::load(ServeArgs {
+            config: Some(path.clone()),
+            amqp_mode: Some("routing".into()),
+            amqp_exchange: Some("ex.flag".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        let ClusterUrl::Amqp(a) = &cfg.cluster else {
+            panic!("not amqp: {}", cfg.cluster)
+        };
+        assert_eq!(a.mode, switchboard_amqp::Mode::Routing, "flag over URL");
+        assert_eq!(a.prefix, "fromfile", "file over URL");
+        assert_eq!(a.exchange_name(), "ex.flag", "flag over file");
+        assert_eq!(a.queue_cap, 77);
+        assert_eq!(a.node_ttl, Duration::from_secs(4), "URL over default");
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                amqp_ttl: Some("3".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::AmqpOptionWithoutAmqp("amqp_ttl"))
+        ));
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                cluster: Some("amqp://h?mode=topic".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::Amqp(_))
+        ));
+        assert!(matches!(
+            ServeConfig::load(ServeArgs {
+                cluster: Some("amqp://h".into()),
+                amqp_queue_cap: Some("-1".into()),
+                ..ServeArgs::default()
+            }),
+            Err(ConfigError::Amqp(_))
         ));
         assert!(matches!(
             ServeConfig::load(ServeArgs {

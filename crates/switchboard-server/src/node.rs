@@ -45,6 +45,7 @@ pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane
                 .await
                 .with_context(|| format!("connecting to {}", cfg.url))?,
         ),
+        ClusterUrl::Amqp(cfg) => Arc::new(switchboard_amqp::AmqpBackplane::new(cfg.clone())),
     })
 }
 

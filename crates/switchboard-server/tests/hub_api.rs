@@ -10,12 +10,11 @@ use std::time::Duration;
 use anyhow::Result;
 use switchboard::core::backplane::NoLocalState;
 use switchboard::core::{Backplane, JoinContext, MemoryBus};
-use switchboard::{ConnId, NodeId, OpError, Target};
+use switchboard::{ConnId, NodeId, OpError};
+use switchboard_server::config::ClusterUrl;
 use switchboard_server::node::{self, Running};
 use switchboard_test::Client;
-use switchboard_test::client::Event;
 use switchboard_test::cluster::test_config;
-use switchboard_test::conformance::settle;
 
 async fn two_nodes(bus: &MemoryBus) -> Result<(Running, Running)> {
     let a = node::launch(&test_config("a"), Arc::new(bus.backplane())).await?;
@@ -27,95 +26,71 @@ async fn two_nodes(bus: &MemoryBus) -> Result<(Running, Running)> {
 async fn membership_and_sessions_from_another_node() -> Result<()> {
     let bus = MemoryBus::new();
     let (a, b) = two_nodes(&bus).await?;
-    let on_a = Client::ws(a.ws.unwrap(), "alice", None).await?;
-    let sender = Client::tcp(b.tcp.unwrap(), "sender", None).await?;
-    let conn: ConnId = on_a.conn.parse()?;
-    let hub = &b.hub; // node b acts on a connection of node a
-
-    hub.join(&conn, "room").await?;
-    assert_eq!(hub.group_count("room").await.value, 1);
-    assert_eq!(hub.group_members("room").await.value, vec![conn.clone()]);
-    hub.bind(&conn, "alice2").await?;
-    assert!(
-        !hub.is_online("alice").await.value,
-        "re-binding moves the connection"
-    );
-    assert!(hub.is_online("alice2").await.value);
-    assert_eq!(
-        hub.conn_user(&conn)
-            .await
-            .value
-            .as_ref()
-            .map(|u| u.as_str()),
-        Some("alice2")
-    );
-    assert_eq!(hub.user_conns("alice2").await.value, vec![conn.clone()]);
-    let t = hub.totals().await;
-    assert!(t.is_complete());
-    assert_eq!((t.value.conns, t.value.users, t.value.groups), (2, 2, 1));
-
-    // Pushes by the new identity reach it; by the old one do not.
-    let mut cl = vec![sender, on_a];
-    cl[0]
-        .send(serde_json::json!({"op":"to_user","uid":"alice","data":"old"}))
-        .await?;
-    cl[0]
-        .send(serde_json::json!({"op":"to_user","uid":"alice2","data":"new"}))
-        .await?;
-    cl[0]
-        .send(serde_json::json!({"op":"to_group","group":"room","data":"room"}))
-        .await?;
-    settle(&mut cl, 0, &[&[], &["new", "room"]]).await?;
-
-    hub.set_session(&conn, "lang", Some("fr".into())).await?;
-    hub.update_session(
-        &conn,
-        vec![
-            ("a".into(), Some("1".into())),
-            ("b".into(), Some("2".into())),
-        ],
-    )
-    .await?;
-    hub.set_session(&conn, "a", None).await?;
-    let s = a.hub.session(&conn).await?;
-    assert_eq!(
-        s.into_iter().collect::<Vec<_>>(),
-        [("b".into(), "2".into()), ("lang".into(), "fr".into())]
-    );
-
-    hub.leave(&conn, "room").await?;
-    hub.unbind(&conn).await?;
-    assert_eq!(hub.group_count("room").await.value, 0);
-    assert!(!hub.is_online("alice2").await.value);
-
-    // A connection that does not exist, on a live node and on an unknown node.
-    let gone = ConnId::new(NodeId::new("a")?, conn.seq() + 1000);
-    assert_eq!(
-        hub.join(&gone, "x").await,
-        Err(OpError::NoSuchConn(gone.clone()))
-    );
-    assert!(!hub.conn_exists(&gone).await.value);
-    assert!(hub.conn_exists(&conn).await.value);
-    let nowhere = ConnId::new(NodeId::new("nowhere")?, 1);
-    assert_eq!(
-        hub.session(&nowhere).await,
-        Err(OpError::Unreachable(NodeId::new("nowhere")?))
-    );
-    let ex = hub.conn_exists(&nowhere).await;
-    assert!(!ex.value && ex.is_complete());
-
-    // Closing a user from another node closes its connections there.
-    hub.bind(&conn, "alice").await?;
-    let report = hub.close(&Target::user("alice"), "bye");
-    assert_eq!(report.remote.sent, 1);
-    let mut on_a = cl.pop().unwrap();
-    assert_eq!(
-        on_a.next_event(switchboard_test::STEP).await?,
-        Event::Closed(Some(1000))
-    );
+    switchboard_test::hub_api::across_nodes(&a, &b).await?;
     a.shutdown().await;
     b.shutdown().await;
     Ok(())
+}
+
+/// Two nodes, `a` and `b`, in this process on the shared RabbitMQ in `mode`;
+/// `None` to skip when RabbitMQ is missing outside CI.
+async fn on_rabbitmq_nodes(mode: &str) -> Result<Option<Vec<Running>>> {
+    let Some(url) = switchboard_test::services::amqp_url() else {
+        return Ok(None);
+    };
+    let prefix = switchboard_test::services::unique_prefix("hub");
+    let cluster: ClusterUrl = format!("{url}?mode={mode}&prefix={prefix}").parse()?;
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let mut cfg = test_config(id);
+        cfg.cluster = cluster.clone();
+        nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
+    }
+    Ok(Some(nodes))
+}
+
+/// The same checks on two nodes in this process on the shared RabbitMQ, in `mode`.
+async fn on_rabbitmq(mode: &str) -> Result<()> {
+    let Some(nodes) = on_rabbitmq_nodes(mode).await? else {
+        return Ok(());
+    };
+    switchboard_test::hub_api::across_nodes(&nodes[0], &nodes[1]).await?;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_and_sessions_from_another_node_on_rabbitmq_routing() -> Result<()> {
+    on_rabbitmq("routing").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_bind_returns_once_pushes_reach_the_connection() -> Result<()> {
+    let Some(nodes) = on_rabbitmq_nodes("routing").await? else {
+        return Ok(());
+    };
+    let mut on_a = Client::ws(nodes[0].ws.unwrap(), "first", None).await?;
+    let conn: ConnId = on_a.conn.parse()?;
+    let hub_b = &nodes[1].hub;
+    // Node b moves a connection of node a from user to user and pushes to
+    // the new user at once: the bind's reply means the broker routes the
+    // user's key to node a already.
+    for i in 0..30 {
+        hub_b.bind(&conn, format!("user{i}")).await?;
+        hub_b.to_user(format!("user{i}"), format!("m{i}"))?;
+        assert_eq!(on_a.recv().await?, format!("m{i}"));
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_and_sessions_from_another_node_on_rabbitmq_fanout() -> Result<()> {
+    on_rabbitmq("fanout").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

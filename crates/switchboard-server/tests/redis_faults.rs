@@ -6,46 +6,27 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use switchboard_test::Client;
-use switchboard_test::client::Event;
 use switchboard_test::cluster::{Process, ProcessNode};
+use switchboard_test::faults::{self, Outcome};
 use switchboard_test::services::{RedisServer, http_get, redis_url, unique_prefix};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
 async fn stats(node: &ProcessNode) -> Value {
-    let (status, body) = http_get(node.ws.unwrap(), "/stats").await.unwrap();
-    assert_eq!(status, 200);
-    serde_json::from_str(&body).unwrap()
+    faults::stats(node).await.unwrap()
 }
 
 async fn wait_ready(node: &ProcessNode, within: Duration) -> Duration {
-    let t = Instant::now();
-    loop {
-        if let Ok((200, _)) = http_get(node.ws.unwrap(), "/ready").await {
-            return t.elapsed();
-        }
-        assert!(
-            t.elapsed() < within,
-            "node {} not ready within {within:?}",
-            node.node_id
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    faults::wait_ready(node, within).await.unwrap()
 }
 
 fn kill9(node: &mut ProcessNode) {
-    let pid = node.pid();
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    faults::kill9(node).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,20 +58,14 @@ async fn killed_node_goes_offline_within_the_ttl() {
 
     kill9(&mut p.nodes[1]);
     let killed = Instant::now();
-    loop {
-        let r = asker
-            .ask(json!({"op":"online","uid":"victim"}))
-            .await
-            .unwrap();
-        if r["online"] == false {
-            break;
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(5),
-            "ghost online user: {r}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    faults::ask_until(
+        &mut asker,
+        json!({"op":"online","uid":"victim"}),
+        |r| r["online"] == false,
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
     let offline_after = killed.elapsed();
     assert_eq!(
         asker
@@ -132,35 +107,6 @@ async fn killed_node_goes_offline_within_the_ttl() {
     Box::new(p).shutdown_all().await;
 }
 
-/// Sends numbered pushes from a client on node 0 to user `to` until stopped.
-fn traffic(
-    mut sender: Client,
-    to: &'static str,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<Client> {
-    tokio::spawn(async move {
-        let mut i = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            sender
-                .send(json!({"op":"to_user","uid":to,"data":i.to_string()}))
-                .await
-                .unwrap();
-            i += 1;
-            sent.store(i, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-        sender
-    })
-}
-
-struct Outcome {
-    got: Vec<u64>,
-    recovery: Duration,
-    /// Still connected, so that answers about it can be checked.
-    _receiver: Client,
-}
-
 /// Runs traffic, restarts Redis in the middle, and collects what arrived.
 async fn restart_during_traffic(
     mode: &str,
@@ -172,72 +118,20 @@ async fn restart_during_traffic(
         rs.url(),
         unique_prefix("restart")
     );
-    let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
-    let sender = Client::tcp(p.nodes[0].tcp.unwrap(), "sender", None)
+    let (p, sender, receiver) = faults::two_nodes(BIN, &cluster, "sender", "receiver")
         .await
         .unwrap();
-    let mut receiver = Client::ws(p.nodes[1].ws.unwrap(), "receiver", None)
-        .await
-        .unwrap();
-    let (stop, sent) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let task = traffic(sender, "receiver", stop.clone(), sent.clone());
-
-    let mut got = Vec::new();
-    let until = |d| Instant::now() + d;
-    // Traffic flows before the restart.
-    let t = until(Duration::from_millis(400));
-    while Instant::now() < t {
-        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
-            got.push(s.parse::<u64>().unwrap());
-        }
-    }
-    assert!(!got.is_empty(), "no traffic before the restart");
-    rs.restart().unwrap();
-    let restarted = Instant::now();
-    let sent_at_restart = sent.load(Ordering::Relaxed);
-    // Service resumes by itself: a push made after the restart arrives.
-    let recovery = loop {
-        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
-            let n = s.parse::<u64>().unwrap();
-            got.push(n);
-            if n > sent_at_restart {
-                break restarted.elapsed();
-            }
-        }
-        assert!(
-            restarted.elapsed() < Duration::from_secs(15),
-            "{mode}: no delivery after the Redis restart"
-        );
-    };
-    let t = until(Duration::from_millis(500));
-    while Instant::now() < t {
-        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
-            got.push(s.parse::<u64>().unwrap());
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let _sender = task.await.unwrap();
-    let total = sent.load(Ordering::Relaxed);
-    // Drain what is still in flight.
-    while let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(1500)).await {
-        got.push(s.parse::<u64>().unwrap());
-    }
-    for n in &p.nodes {
-        wait_ready(n, Duration::from_secs(10)).await;
-    }
-    Some((
-        Outcome {
-            got,
-            recovery,
-            _receiver: receiver,
-        },
-        total,
-        p,
-        rs,
-    ))
+    let out = faults::across_fault(
+        sender,
+        receiver,
+        async { tokio::task::block_in_place(|| rs.restart()) },
+        Duration::from_secs(15),
+        &[&p.nodes[0], &p.nodes[1]],
+    )
+    .await
+    .unwrap();
+    let sent = out.sent;
+    Some((out, sent, p, rs))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,11 +260,7 @@ async fn killed_subscriptions_are_restored() {
         rs.url(),
         unique_prefix("deaf")
     );
-    let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
-    let mut a = Client::tcp(p.nodes[0].tcp.unwrap(), "a", None)
-        .await
-        .unwrap();
-    let mut b = Client::ws(p.nodes[1].ws.unwrap(), "b", None).await.unwrap();
+    let (p, mut a, mut b) = faults::two_nodes(BIN, &cluster, "a", "b").await.unwrap();
     let mut redis = redis::Client::open(rs.url())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -384,25 +274,10 @@ async fn killed_subscriptions_are_restored() {
         .await
         .unwrap();
     assert!(killed >= 2, "killed {killed} subscriptions");
-    let t = Instant::now();
-    let mut i = 0;
-    loop {
-        a.send(json!({"op":"to_user","uid":"b","data":format!("p{i}")}))
-            .await
-            .unwrap();
-        i += 1;
-        if let Ok(Event::Text(_)) = b.next_event(Duration::from_millis(100)).await {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "node stayed deaf after its subscription was killed"
-        );
-    }
-    eprintln!(
-        "killed subscriptions: deliveries resumed after {:?}",
-        t.elapsed()
-    );
+    let (resumed, _) = faults::push_until_delivered(&mut a, &mut b, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eprintln!("killed subscriptions: deliveries resumed after {resumed:?}");
     assert!(
         stats(&p.nodes[1]).await["backplane"]["reconnects"]
             .as_u64()

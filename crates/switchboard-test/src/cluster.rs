@@ -158,7 +158,7 @@ impl ProcessNode {
         })
     }
 
-    /// The process id.
+    /// The process id (0 once the process has been waited for).
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
@@ -171,7 +171,10 @@ impl ProcessNode {
 
 /// Sends SIGTERM to `child` and waits for its exit status.
 pub async fn terminate(child: &mut Child) -> Result<std::process::ExitStatus> {
-    let pid = child.id().context("the process has already been reaped")?;
+    let Some(pid) = child.id() else {
+        // Already waited for: `kill 0` would signal this whole process group.
+        return Ok(child.wait().await?);
+    };
     let status = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -341,7 +344,24 @@ impl Process {
     /// under a prefix of their own; `None` to skip when Redis is missing
     /// outside CI. `extra` is appended to the cluster URL's query.
     pub async fn redis(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
-        let url = crate::services::redis_url()?;
+        Self::on(bin, n, &crate::services::redis_url()?, mode, extra).await
+    }
+
+    /// `n` processes on the shared RabbitMQ in `mode` (`fanout` or `routing`),
+    /// with an exchange and queues of their own; `None` to skip when RabbitMQ
+    /// is missing outside CI. `extra` is appended to the cluster URL's query.
+    pub async fn amqp(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
+        Self::on(bin, n, &crate::services::amqp_url()?, mode, extra).await
+    }
+
+    /// `n` processes on the broker at `url`, under a prefix of their own.
+    async fn on(
+        bin: &str,
+        n: usize,
+        url: &str,
+        mode: &str,
+        extra: &str,
+    ) -> Option<Box<dyn Cluster>> {
         let cluster = format!(
             "{url}?mode={mode}&prefix={}{extra}",
             crate::services::unique_prefix(mode)
@@ -351,6 +371,11 @@ impl Process {
                 .await
                 .expect("nodes start"),
         ))
+    }
+
+    /// Stops every node (SIGTERM, then waits for each).
+    pub async fn stop(self) {
+        Box::new(self).shutdown().await;
     }
 
     /// `n` processes with `--cluster URL`, named n0, n1, ...

@@ -14,8 +14,10 @@ pub mod browser;
 pub mod client;
 pub mod cluster;
 pub mod conformance;
+pub mod faults;
 pub mod gateway;
 pub mod http;
+pub mod hub_api;
 pub mod services;
 
 pub use client::{Client, Kind};

@@ -1,5 +1,6 @@
-//! External services for tests: the shared Redis on 127.0.0.1:6379, and
-//! private `redis-server` processes for tests that restart or kill Redis.
+//! External services for tests: the shared Redis on 127.0.0.1:6379 and
+//! RabbitMQ on 127.0.0.1:5672, and private `redis-server` and
+//! `rabbitmq-server` processes for tests that restart or kill the broker.
 //!
 //! When `CI=true`, an unreachable service fails the test instead of skipping it.
 
@@ -16,8 +17,8 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// Answers `PING` with `+PONG` within a second?
-fn redis_answers(addr: &str) -> bool {
+/// Answers `hello` with a reply that starts with `expect`, within a second?
+fn answers(addr: &str, hello: &[u8], expect: &[u8]) -> bool {
     use std::io::{Read, Write};
     let Ok(addr) = addr.parse::<SocketAddr>() else {
         return false;
@@ -26,8 +27,13 @@ fn redis_answers(addr: &str) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let mut buf = [0u8; 7];
-    s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    let mut buf = vec![0u8; expect.len()];
+    s.write_all(hello).is_ok() && s.read_exact(&mut buf).is_ok() && buf == expect
+}
+
+/// Answers `PING` with `+PONG`?
+fn redis_answers(addr: &str) -> bool {
+    answers(addr, b"PING\r\n", b"+PONG\r\n")
 }
 
 /// Decides what a test does when a service is missing: `Ok(false)` to skip
@@ -49,6 +55,24 @@ pub fn redis_url() -> Option<String> {
     let addr = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
     match require(&format!("Redis at {addr}"), redis_answers(&addr)) {
         Ok(true) => Some(format!("redis://{addr}")),
+        Ok(false) => None,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Answers the AMQP 0-9-1 protocol header with a method frame (type 1: the
+/// broker's connection.start)?
+fn amqp_answers(addr: &str) -> bool {
+    answers(addr, b"AMQP\x00\x00\x09\x01", &[1])
+}
+
+/// The shared RabbitMQ (`SWITCHBOARD_TEST_AMQP`, default 127.0.0.1:5672,
+/// guest/guest, vhost `/`) as a URL, or `None` to skip outside CI. Panics in
+/// CI if it is unreachable.
+pub fn amqp_url() -> Option<String> {
+    let addr = std::env::var("SWITCHBOARD_TEST_AMQP").unwrap_or_else(|_| "127.0.0.1:5672".into());
+    match require(&format!("RabbitMQ at {addr}"), amqp_answers(&addr)) {
+        Ok(true) => Some(format!("amqp://guest:guest@{addr}/%2f")),
         Ok(false) => None,
         Err(e) => panic!("{e}"),
     }
@@ -162,7 +186,204 @@ impl Drop for RedisServer {
     }
 }
 
-/// A GET (for `/ready` and `/stats`): status and body.
+/// Where RabbitMQ's own scripts are: Debian's package keeps the real ones
+/// (not the wrappers that switch to the `rabbitmq` user) in /usr/lib/rabbitmq/bin.
+fn rabbitmq_script(name: &str) -> PathBuf {
+    let packaged = PathBuf::from("/usr/lib/rabbitmq/bin").join(name);
+    if packaged.exists() {
+        packaged
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// `rabbitmqctl` for one broker node.
+#[derive(Debug, Clone)]
+pub struct RabbitCtl {
+    program: PathBuf,
+    node: Option<String>,
+    home: Option<PathBuf>,
+}
+
+impl RabbitCtl {
+    /// `rabbitmqctl` of the shared broker, or `None` to skip (outside CI) when
+    /// it is missing or cannot talk to the broker.
+    pub fn shared() -> Result<Option<Self>> {
+        let ctl = Self {
+            program: PathBuf::from("rabbitmqctl"),
+            node: None,
+            home: None,
+        };
+        let works = ctl.run(&["-q", "status"]).is_ok();
+        Ok(require("rabbitmqctl for the shared RabbitMQ", works)?.then_some(ctl))
+    }
+
+    /// Runs `rabbitmqctl ARGS` and returns what it printed.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let mut cmd = Command::new(&self.program);
+        if let Some(node) = &self.node {
+            cmd.args(["-n", node]);
+        }
+        if let Some(home) = &self.home {
+            cmd.env("HOME", home);
+        }
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", self.program.display()))?;
+        if !out.status.success() {
+            bail!(
+                "rabbitmqctl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Lines of `rabbitmqctl -q list_... COLUMNS` that contain `needle`.
+    pub fn list(&self, what: &str, columns: &[&str], needle: &str) -> Result<Vec<String>> {
+        let mut args = vec!["-q", "--no-table-headers", what];
+        args.extend_from_slice(columns);
+        Ok(self
+            .run(&args)?
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Force-closes every client connection whose name contains `needle`
+    /// (switchboard names its connections `switchboard PREFIX NODE`); returns
+    /// how many it closed.
+    pub fn close_connections(&self, needle: &str) -> Result<usize> {
+        let conns = self.list("list_connections", &["pid", "client_properties"], needle)?;
+        for line in &conns {
+            let pid = line.split_whitespace().next().context("no pid")?;
+            self.run(&["close_connection", pid, "closed by a test"])?;
+        }
+        Ok(conns.len())
+    }
+}
+
+/// A private `rabbitmq-server` on its own ports, node name and directory,
+/// that a test may kill and restart without disturbing other tests.
+pub struct RabbitServer {
+    pub port: u16,
+    dist_port: u16,
+    node: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RabbitServer {
+    /// Starts one (about 5 to 15 s), or `None` to skip (outside CI) when
+    /// `rabbitmq-server` is missing.
+    pub fn start() -> Result<Option<Self>> {
+        let found = rabbitmq_script("rabbitmq-server").exists()
+            || Command::new("which")
+                .arg("rabbitmq-server")
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !require("rabbitmq-server (the binary)", found)? {
+            return Ok(None);
+        }
+        let name = unique_prefix("rmq");
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let mut s = Self {
+            port,
+            dist_port: free_port()?,
+            node: format!("{name}@localhost"),
+            dir,
+            child: None,
+        };
+        std::fs::write(
+            s.dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )?;
+        std::fs::write(s.dir.join("rabbitmq-env.conf"), "")?;
+        std::fs::write(s.dir.join("enabled_plugins"), "[].\n")?;
+        s.spawn()?;
+        Ok(Some(s))
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `rabbitmqctl` for this server.
+    pub fn ctl(&self) -> RabbitCtl {
+        RabbitCtl {
+            program: rabbitmq_script("rabbitmqctl"),
+            node: Some(self.node.clone()),
+            home: Some(self.dir.clone()),
+        }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let d = &self.dir;
+        let mut cmd = Command::new(rabbitmq_script("rabbitmq-server"));
+        cmd.env("HOME", d)
+            .env("RABBITMQ_CONF_ENV_FILE", d.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_CONFIG_FILE", d.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", d.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", d.join("log"))
+            .env("RABBITMQ_PID_FILE", d.join("pid"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own process group: the script starts the Erlang VM as a
+            // child, and a kill must reach it.
+            .process_group(0);
+        self.child = Some(cmd.spawn().context("starting rabbitmq-server")?);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !amqp_answers(&format!("127.0.0.1:{}", self.port)) {
+            if Instant::now() > deadline {
+                self.kill();
+                bail!("rabbitmq-server on port {} did not start", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Kills the server (SIGKILL to its whole process group: no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again after [`RabbitServer::kill`], on the same ports, node
+    /// name and directory.
+    pub fn start_again(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for RabbitServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A minimal HTTP GET (for `/ready` and `/stats`): status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let r = crate::http::get(addr, path).await?;
     Ok((r.status.as_u16(), r.text()))
@@ -175,6 +396,7 @@ mod tests {
     #[test]
     fn a_missing_service_fails_in_ci_and_skips_outside() {
         assert!(!redis_answers("127.0.0.1:1"));
+        assert!(!amqp_answers("127.0.0.1:1"));
         let ci = in_ci();
         let r = require("nothing on port 1", false);
         if ci {

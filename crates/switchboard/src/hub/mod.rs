@@ -424,29 +424,37 @@ async fn dispatch(hub: Weak<Inner>, stop: CancellationToken, mut inbound: mpsc::
                     break;
                 }
                 let hub = Hub { inner };
+                let mut after_settle = Vec::new();
                 for bytes in batch.drain(..) {
-                    hub.handle_envelope(&bytes);
+                    if let Some(reply) = hub.handle_envelope(&bytes) {
+                        after_settle.push(reply);
+                    }
                 }
                 hub.inner.handled.send_modify(|h| *h += n as u64);
+                if !after_settle.is_empty() {
+                    hub.reply_after_settle(after_settle);
+                }
             }
         }
     }
 }
 
 impl Hub {
-    fn handle_envelope(&self, bytes: &[u8]) {
+    /// Handles one envelope from the cluster. A reply that must wait until
+    /// the change it reports is visible cluster-wide is returned instead of sent.
+    fn handle_envelope(&self, bytes: &[u8]) -> Option<(NodeId, Bytes)> {
         let env = match Envelope::decode(bytes) {
             Ok(env) => env,
             Err(error) => {
                 Counters::add(&self.inner.counters.bad_envelopes, 1);
                 tracing::warn!(node = %self.inner.node, %error, "undecodable envelope dropped");
-                return;
+                return None;
             }
         };
         // Broadcast channels echo a node's own envelopes back to it; it already
         // acted on them locally.
         if env.origin == self.inner.node {
-            return;
+            return None;
         }
         match env.body {
             Body::Push { target, frame } => {
@@ -459,6 +467,7 @@ impl Hub {
                 self.registry().close(&target, &CloseReason::Kicked(reason));
             }
             Body::Request { op } => {
+                let mutates = ops::mutates(&op);
                 let result = self.execute(op);
                 let reply = Envelope {
                     origin: self.inner.node.clone(),
@@ -466,6 +475,11 @@ impl Hub {
                     body: Body::Reply { result },
                 }
                 .encode();
+                if mutates {
+                    // As for a local operation: "done" means visible
+                    // cluster-wide (routes bound, directory written).
+                    return Some((env.origin, reply));
+                }
                 self.inner.backplane.publish(Dest::Node(&env.origin), reply);
             }
             Body::Reply { result } => {
@@ -480,5 +494,18 @@ impl Hub {
                 Counters::add(&self.inner.counters.bad_envelopes, 1);
             }
         }
+        None
+    }
+
+    /// Sends replies to operations once the changes they made are visible
+    /// cluster-wide: one task per dispatched batch, bounded by the query timeout.
+    fn reply_after_settle(&self, replies: Vec<(NodeId, Bytes)>) {
+        let hub = self.clone();
+        self.inner.tasks.spawn(async move {
+            hub.settle().await;
+            for (to, reply) in replies {
+                hub.inner.backplane.publish(Dest::Node(&to), reply);
+            }
+        });
     }
 }

@@ -157,7 +157,7 @@ impl Hub {
     /// Runs `op` on the node that holds `conn`.
     async fn op(&self, conn: &ConnId, op: Op) -> Result<OpResult, OpError> {
         let result = if conn.node() == &self.inner.node {
-            let mutates = !matches!(op, Op::SessionGet { .. } | Op::Query(_));
+            let mutates = mutates(&op);
             let result = self.execute(op);
             if mutates {
                 // Return once the change is visible cluster-wide.
@@ -332,6 +332,12 @@ impl Hub {
             missing,
         }
     }
+}
+
+/// Whether an operation changes membership or sessions, so that it is done
+/// only once the backplane has settled the change.
+pub(super) fn mutates(op: &Op) -> bool {
+    !matches!(op, Op::SessionGet { .. } | Op::Query(_))
 }
 
 fn unexpected(node: &NodeId, r: &OpResult) -> OpError {

@@ -1,0 +1,236 @@
+//! Receiving: one task reads the node's queue, hands envelopes to the node,
+//! and keeps the liveness view from the control messages.
+//!
+//! Deliveries are acknowledged in batches once handed to the node (every
+//! [`ACK_EVERY`] deliveries, or [`ACK_DELAY`] after the oldest one), so at
+//! most [`PREFETCH`](crate::link::PREFETCH) wait in the client. An envelope whose
+//! number was seen already (redelivered) is dropped and counted as a
+//! duplicate; a jump in a stream's numbers is counted as lost
+//! (`receive_dropped`). A consumer that the broker cancels, or whose channel
+//! or connection fails, fails the session, which the supervisor replaces.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::{Acker, Consumer};
+use switchboard_core::backplane::Inbound;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Mode;
+use crate::link::Session;
+use crate::wire::{self, Control, Message, Seen};
+use crate::{Shared, publish_control};
+
+/// Deliveries acknowledged at once, at most.
+const ACK_EVERY: u32 = 256;
+/// How long a delivery may wait for its acknowledgement: acknowledgements
+/// go out in batches, one frame for many deliveries, even at low rates.
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Why reading a session's queue stopped.
+enum Ended {
+    /// The node is stopping (or stopped taking envelopes).
+    Stop,
+    /// The session failed.
+    Failed(String),
+}
+
+/// Reads every session's queue in turn until `stop`.
+pub(crate) async fn consumer(shared: Arc<Shared>, inbound: Inbound, stop: CancellationToken) {
+    loop {
+        let Some(session) = shared.link.ready(&stop).await else {
+            return;
+        };
+        let Some(mut consumer) = session.take_consumer() else {
+            // This session's consumer already ended: wait for the next session.
+            let mut rx = shared.link.subscribe();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = rx.wait_for(|s| s.generation != session.generation) => continue,
+            }
+        };
+        shared.heard_self();
+        shared.receiving.store(true, Ordering::Release);
+        // Announce (again): peers answer with who is alive, and the node
+        // counts as alive to them before its first heartbeat.
+        let hello = Control::Hello(shared.node().clone());
+        if let Err(e) = publish_control(&shared, &session, wire::BROADCAST_KEY, &hello).await {
+            shared.link.failed(session.generation, &e);
+        }
+        let ended = read(&shared, &session, &mut consumer, &inbound, &stop).await;
+        shared.receiving.store(false, Ordering::Release);
+        match ended {
+            Ended::Stop => return,
+            Ended::Failed(why) => shared.link.failed(session.generation, &why),
+        }
+    }
+}
+
+async fn ack(acker: &Acker) -> Result<(), Ended> {
+    acker
+        .ack(BasicAckOptions { multiple: true })
+        .await
+        .map(drop)
+        .map_err(|e| Ended::Failed(format!("acknowledging deliveries failed: {e}")))
+}
+
+async fn read(
+    shared: &Shared,
+    session: &Session,
+    consumer: &mut Consumer,
+    inbound: &Inbound,
+    stop: &CancellationToken,
+) -> Ended {
+    let mut unacked = 0u32;
+    let mut last: Option<Acker> = None;
+    // When the oldest unacknowledged delivery must be acknowledged at the latest.
+    let timer = tokio::time::sleep(ACK_DELAY);
+    tokio::pin!(timer);
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = stop.cancelled() => return Ended::Stop,
+            item = consumer.next() => item,
+            () = &mut timer, if last.is_some() => {
+                unacked = 0;
+                if let Some(a) = last.take()
+                    && let Err(e) = ack(&a).await
+                {
+                    return e;
+                }
+                continue;
+            }
+        };
+        let delivery = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Ended::Failed(format!("consumer failed: {e}")),
+            None => return Ended::Failed("consumer cancelled by the broker".into()),
+        };
+        let acker = delivery.acker.clone();
+        if !handle(shared, session, delivery, inbound).await {
+            return Ended::Stop;
+        }
+        if last.is_none() {
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ACK_DELAY);
+        }
+        unacked += 1;
+        last = Some(acker);
+        if unacked >= ACK_EVERY
+            && let Some(a) = last.take()
+        {
+            unacked = 0;
+            if let Err(e) = ack(&a).await {
+                return e;
+            }
+        }
+    }
+}
+
+/// Handles one delivery; false when the node no longer takes envelopes.
+async fn handle(shared: &Shared, session: &Session, d: Delivery, inbound: &Inbound) -> bool {
+    let key = d.routing_key;
+    let Some(message) = wire::decode(Bytes::from(d.data)) else {
+        tracing::warn!(key = %key, "malformed message dropped");
+        return true;
+    };
+    let me = shared.node();
+    match message {
+        Message::Envelope {
+            epoch,
+            seq,
+            copy,
+            envelope,
+        } => {
+            let Some((origin, id)) = switchboard_core::envelope::peek_id(&envelope) else {
+                tracing::warn!(key = %key, "malformed envelope dropped");
+                return true;
+            };
+            if origin == me.as_str() {
+                // The broker brings a node's own messages back when it holds
+                // a recipient too; it delivered to them already.
+                return true;
+            }
+            let stream = match shared.cfg.mode {
+                Mode::Fanout => "",
+                Mode::Routing => key.as_str(),
+            };
+            let stats = &shared.stats;
+            {
+                let mut t = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                match t.record(origin, stream, epoch, seq) {
+                    Seen::Again => {
+                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        return true;
+                    }
+                    Seen::New { missed } if missed > 0 => {
+                        tracing::warn!(%origin, key = %key, missed, "envelopes lost on the way");
+                        stats.receive_dropped.fetch_add(missed, Ordering::Relaxed);
+                    }
+                    Seen::New { .. } => {}
+                }
+                if key.as_str().starts_with("n.") && key.as_str() != shared.my_key() {
+                    // Fanout: addressed to another node.
+                    return true;
+                }
+                if t.repeated_copy(origin, copy, id) {
+                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+            }
+            stats.received.fetch_add(1, Ordering::Relaxed);
+            // Waiting for room in the node's queue is not deafness.
+            shared.blocked.store(true, Ordering::Relaxed);
+            let taken = inbound.send(envelope).await.is_ok();
+            shared.blocked.store(false, Ordering::Relaxed);
+            shared.heard_self();
+            taken
+        }
+        Message::Control(c) => {
+            control(shared, session, c, key.as_str()).await;
+            true
+        }
+    }
+}
+
+async fn control(shared: &Shared, session: &Session, c: Control, key: &str) {
+    let me = shared.node();
+    match c {
+        Control::Heartbeat(n) if &n == me => shared.heard_self(),
+        Control::Heartbeat(n) => shared.peers.alive(&n),
+        Control::Hello(n) if &n == me => shared.heard_self(),
+        Control::Hello(n) => {
+            shared.peers.alive(&n);
+            let welcome = Control::Welcome(me.clone(), shared.peers.live(Some(me)));
+            let to = wire::node_key(n.as_str());
+            if let Err(e) = publish_control(shared, session, &to, &welcome).await {
+                shared.link.failed(session.generation, &e);
+            }
+        }
+        Control::Welcome(n, live) if key == shared.my_key() => {
+            shared.peers.welcome(&n, &live, me);
+        }
+        Control::Welcome(n, _) => shared.peers.alive(&n),
+        Control::Bye(n) if &n != me => {
+            shared.peers.left(&n);
+            shared
+                .tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget_origin(n.as_str());
+        }
+        Control::Fence(n, f) if &n == me => {
+            let keys = shared.binder.fence_reached(f);
+            let mut t = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for k in keys {
+                t.forget_stream(&k);
+            }
+        }
+        Control::Bye(_) | Control::Fence(..) => {}
+    }
+}

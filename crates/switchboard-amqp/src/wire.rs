@@ -1,0 +1,521 @@
+//! What travels through the broker, as pure functions over bytes: routing
+//! keys, the header in front of every envelope, the control messages of the
+//! liveness protocol, and the per-stream sequence tracking that turns gaps
+//! into loss counts.
+//!
+//! Every message body starts with a kind byte:
+//!
+//! | kind | body |
+//! |---|---|
+//! | `2` envelope | epoch (u64 BE), sequence number (u64 BE), copy marker (u8), the envelope |
+//! | `1` control | op (u8), node id (u8 length + bytes), op-specific data |
+//!
+//! A sender numbers its envelopes per *stream*: per routing key in routing
+//! mode, one stream in fanout mode (every node receives all of it). Within one
+//! epoch the numbers of a stream grow by one, so a receiver that sees a jump
+//! knows how many messages of that stream it lost, and a number it has seen
+//! already is a redelivery.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use switchboard_core::NodeId;
+
+/// Kind byte of an envelope message.
+const ENVELOPE: u8 = 2;
+/// Kind byte of a control message.
+const CONTROL: u8 = 1;
+/// Length of an envelope message's header.
+pub(crate) const HEADER: usize = 18;
+
+/// Longest routing key the broker accepts.
+const MAX_KEY: usize = 255;
+
+/// The routing key of everything addressed to every node.
+pub(crate) const BROADCAST_KEY: &str = "b";
+
+/// The routing key of one node.
+pub(crate) fn node_key(node: &str) -> String {
+    key("n.", node)
+}
+
+/// The routing key of one user.
+pub(crate) fn user_key(user: &str) -> String {
+    key("u.", user)
+}
+
+/// The routing key of one group.
+pub(crate) fn group_key(group: &str) -> String {
+    key("g.", group)
+}
+
+/// `kind` + `id`, or `kind` + `#` + a 128-bit hash of `id` when that would be
+/// too long for a routing key. Two ids sharing a hash only cost the node that
+/// holds one of them an envelope it then delivers to nobody.
+fn key(kind: &str, id: &str) -> String {
+    if kind.len() + id.len() <= MAX_KEY && !id.starts_with('#') {
+        let mut k = String::with_capacity(kind.len() + id.len());
+        k.push_str(kind);
+        k.push_str(id);
+        k
+    } else {
+        format!("{kind}#{:016x}{:016x}", fnv1a(id, 0), fnv1a(id, 1))
+    }
+}
+
+/// FNV-1a, seeded: stable across builds and platforms, unlike std's hasher.
+fn fnv1a(s: &str, seed: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Where a copy of an envelope stands among the copies a sender made of it
+/// (one per routing key in routing mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copy {
+    /// The envelope went out once.
+    Only,
+    /// The first of several copies.
+    First,
+    /// A later copy: a node that got an earlier one drops it.
+    Later,
+}
+
+impl Copy {
+    fn byte(self) -> u8 {
+        match self {
+            Copy::Only => 0,
+            Copy::First => 1,
+            Copy::Later => 2,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            0 => Copy::Only,
+            1 => Copy::First,
+            2 => Copy::Later,
+            _ => return None,
+        })
+    }
+}
+
+/// Encodes an envelope message.
+pub(crate) fn envelope_message(epoch: u64, seq: u64, copy: Copy, envelope: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(HEADER + envelope.len());
+    b.push(ENVELOPE);
+    b.extend_from_slice(&epoch.to_be_bytes());
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.push(copy.byte());
+    b.extend_from_slice(envelope);
+    b
+}
+
+/// A decoded message body.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Message {
+    /// An envelope for the hub.
+    Envelope {
+        /// The sender's epoch.
+        epoch: u64,
+        /// Its number in the sender's stream.
+        seq: u64,
+        /// Which copy this is.
+        copy: Copy,
+        /// The envelope itself (a slice of the body, no copy).
+        envelope: Bytes,
+    },
+    /// A liveness message.
+    Control(Control),
+}
+
+/// Messages of the liveness protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// "I am alive" (broadcast every third of the TTL; a node also hears its own).
+    Heartbeat(NodeId),
+    /// "I just joined: who is there?" (broadcast).
+    Hello(NodeId),
+    /// The answer to a hello, sent to the new node: the sender and the live
+    /// nodes it knows.
+    Welcome(NodeId, Vec<NodeId>),
+    /// "I am leaving" (broadcast).
+    Bye(NodeId),
+    /// A marker a node sends itself after removing bindings: everything routed
+    /// by those bindings is ahead of it in the queue.
+    Fence(NodeId, u64),
+}
+
+impl Control {
+    /// Encodes the message.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut b = BytesMut::with_capacity(80);
+        b.put_u8(CONTROL);
+        let (op, node) = match self {
+            Control::Heartbeat(n) => (1, n),
+            Control::Hello(n) => (2, n),
+            Control::Welcome(n, _) => (3, n),
+            Control::Bye(n) => (4, n),
+            Control::Fence(n, _) => (5, n),
+        };
+        b.put_u8(op);
+        put_node(&mut b, node);
+        match self {
+            Control::Welcome(_, live) => {
+                let live = &live[..live.len().min(usize::from(u16::MAX))];
+                b.put_u16(live.len() as u16);
+                for n in live {
+                    put_node(&mut b, n);
+                }
+            }
+            Control::Fence(_, n) => b.put_u64(*n),
+            _ => {}
+        }
+        b.to_vec()
+    }
+}
+
+fn put_node(b: &mut BytesMut, node: &NodeId) {
+    // Node ids are at most 64 bytes (`MAX_NODE_ID_LEN`).
+    let s = node.as_str().as_bytes();
+    b.put_u8(s.len() as u8);
+    b.put_slice(s);
+}
+
+/// Reads from the front of a byte slice.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2)?.try_into().ok().map(u16::from_be_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)?.try_into().ok().map(u64::from_be_bytes)
+    }
+    fn node(&mut self) -> Option<NodeId> {
+        let n = usize::from(self.u8()?);
+        let s = std::str::from_utf8(self.take(n)?).ok()?;
+        NodeId::new(s).ok()
+    }
+}
+
+/// Decodes a message body; `None` if it is malformed.
+pub(crate) fn decode(body: Bytes) -> Option<Message> {
+    let mut r = Reader(&body);
+    match r.u8()? {
+        ENVELOPE => {
+            let epoch = r.u64()?;
+            let seq = r.u64()?;
+            let copy = Copy::from_byte(r.u8()?)?;
+            Some(Message::Envelope {
+                epoch,
+                seq,
+                copy,
+                envelope: body.slice(HEADER..),
+            })
+        }
+        CONTROL => {
+            let op = r.u8()?;
+            let node = r.node()?;
+            let c = match op {
+                1 => Control::Heartbeat(node),
+                2 => Control::Hello(node),
+                3 => {
+                    let n = r.u16()?;
+                    let mut live = Vec::with_capacity(usize::from(n));
+                    for _ in 0..n {
+                        live.push(r.node()?);
+                    }
+                    Control::Welcome(node, live)
+                }
+                4 => Control::Bye(node),
+                5 => Control::Fence(node, r.u64()?),
+                _ => return None,
+            };
+            Some(Message::Control(c))
+        }
+        _ => None,
+    }
+}
+
+/// A sender's numbering of its streams. Bounded: past `cap` streams it starts
+/// a new epoch, which receivers take as a fresh start (no loss counted).
+#[derive(Debug)]
+pub(crate) struct Sequences {
+    epoch: u64,
+    next: HashMap<String, u64>,
+    cap: usize,
+}
+
+impl Sequences {
+    pub(crate) fn new(epoch: u64, cap: usize) -> Self {
+        Self {
+            epoch,
+            next: HashMap::new(),
+            cap,
+        }
+    }
+
+    /// The epoch and number of the next message on `stream`.
+    pub(crate) fn next(&mut self, stream: &str) -> (u64, u64) {
+        if let Some(n) = self.next.get_mut(stream) {
+            *n += 1;
+            return (self.epoch, *n);
+        }
+        if self.next.len() >= self.cap {
+            self.next.clear();
+            self.epoch = self.epoch.wrapping_add(1);
+        }
+        self.next.insert(stream.to_owned(), 1);
+        (self.epoch, 1)
+    }
+}
+
+/// What a receiver makes of an envelope's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Seen {
+    /// New; `missed` earlier messages of the stream never arrived.
+    New {
+        /// Messages of the stream lost before this one.
+        missed: u64,
+    },
+    /// Seen before (a redelivery): drop it.
+    Again,
+}
+
+/// Senders a receiver tracks at most.
+const MAX_ORIGINS: usize = 4096;
+
+/// A receiver's view of every sender's streams, and of the copies it got.
+/// A sender's streams are kept until it says goodbye, across silences: a
+/// node that lost its broker connection for a while and comes back resumes
+/// its numbering, and what it sent that never arrived counts as lost.
+#[derive(Debug, Default)]
+pub(crate) struct Tracker {
+    /// origin → stream → (epoch, last number seen).
+    streams: HashMap<String, HashMap<String, (u64, u64)>>,
+    /// origin → envelope id of the last multi-copy envelope delivered.
+    last_copy: HashMap<String, u64>,
+}
+
+impl Tracker {
+    /// Records message `seq` of `epoch` on `origin`'s `stream`.
+    pub(crate) fn record(&mut self, origin: &str, stream: &str, epoch: u64, seq: u64) -> Seen {
+        if !self.streams.contains_key(origin) && self.streams.len() >= MAX_ORIGINS {
+            // Senders that died without a goodbye pile up: start over (what
+            // is lost meanwhile is not counted, the counts are a lower bound).
+            self.streams.clear();
+            self.last_copy.clear();
+        }
+        let streams = match self.streams.get_mut(origin) {
+            Some(s) => s,
+            None => self.streams.entry(origin.to_owned()).or_default(),
+        };
+        let Some(last) = streams.get_mut(stream) else {
+            streams.insert(stream.to_owned(), (epoch, seq));
+            return Seen::New { missed: 0 };
+        };
+        if last.0 != epoch {
+            // A restarted sender, or one that started over: not a loss.
+            *last = (epoch, seq);
+            return Seen::New { missed: 0 };
+        }
+        if seq <= last.1 {
+            return Seen::Again;
+        }
+        let missed = seq - last.1 - 1;
+        last.1 = seq;
+        Seen::New { missed }
+    }
+
+    /// Whether a copy of envelope `id` from `origin` was delivered already.
+    /// Copies of one envelope are published back to back on one channel, so
+    /// they reach a queue one after the other among that sender's messages.
+    pub(crate) fn repeated_copy(&mut self, origin: &str, copy: Copy, id: u64) -> bool {
+        match copy {
+            Copy::Only => false,
+            Copy::First => {
+                self.set_last_copy(origin, id);
+                false
+            }
+            Copy::Later => {
+                if self.last_copy.get(origin) == Some(&id) {
+                    return true;
+                }
+                self.set_last_copy(origin, id);
+                false
+            }
+        }
+    }
+
+    fn set_last_copy(&mut self, origin: &str, id: u64) {
+        match self.last_copy.get_mut(origin) {
+            Some(last) => *last = id,
+            None => {
+                self.last_copy.insert(origin.to_owned(), id);
+            }
+        }
+    }
+
+    /// Forgets a stream of every sender (its binding was removed: a later
+    /// binding starts afresh).
+    pub(crate) fn forget_stream(&mut self, stream: &str) {
+        self.streams.retain(|_, s| {
+            s.remove(stream);
+            !s.is_empty()
+        });
+    }
+
+    /// Keeps only the streams `keep` accepts, of every sender.
+    pub(crate) fn retain_streams(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.streams.retain(|_, s| {
+            s.retain(|k, _| keep(k));
+            !s.is_empty()
+        });
+    }
+
+    /// Forgets a sender (it left, or died).
+    pub(crate) fn forget_origin(&mut self, origin: &str) {
+        self.streams.remove(origin);
+        self.last_copy.remove(origin);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn keys_are_short_distinct_and_stable() {
+        assert_eq!(user_key("alice"), "u.alice");
+        assert_eq!(group_key("alice"), "g.alice");
+        assert_eq!(node_key("n1"), "n.n1");
+        let long = "x".repeat(300);
+        let k = user_key(&long);
+        assert!(k.len() <= MAX_KEY && k.starts_with("u.#"), "{k}");
+        assert_eq!(k, user_key(&long), "stable");
+        assert_ne!(k, user_key(&"y".repeat(300)));
+        // An id that looks like a hashed key is hashed too, never confused.
+        assert!(user_key("#abc").starts_with("u.#") && user_key("#abc").len() == 2 + 1 + 32);
+        assert_eq!(fnv1a("", 0), 0xcbf2_9ce4_8422_2325, "FNV-1a offset basis");
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let body = envelope_message(7, 42, Copy::Later, b"env");
+        assert_eq!(body.len(), HEADER + 3);
+        assert_eq!(
+            decode(Bytes::from(body)),
+            Some(Message::Envelope {
+                epoch: 7,
+                seq: 42,
+                copy: Copy::Later,
+                envelope: Bytes::from_static(b"env"),
+            })
+        );
+        for c in [
+            Control::Heartbeat(node("a")),
+            Control::Hello(node("b")),
+            Control::Welcome(node("c"), vec![node("a"), node("b")]),
+            Control::Welcome(node("c"), vec![]),
+            Control::Bye(node("d")),
+            Control::Fence(node("e"), 9),
+        ] {
+            assert_eq!(
+                decode(Bytes::from(c.encode())),
+                Some(Message::Control(c.clone()))
+            );
+        }
+        for bad in [
+            &b""[..],
+            b"\x09",
+            b"\x02\x00",
+            b"\x01\x01\x05ab",
+            b"\x01\x09\x01a",
+        ] {
+            assert_eq!(decode(Bytes::copy_from_slice(bad)), None, "{bad:?}");
+        }
+        let mut bad_copy = envelope_message(1, 1, Copy::Only, b"x");
+        bad_copy[17] = 9;
+        assert_eq!(decode(Bytes::from(bad_copy)), None);
+    }
+
+    #[test]
+    fn sequences_count_per_stream_and_start_over_when_full() {
+        let mut s = Sequences::new(5, 2);
+        assert_eq!(s.next("a"), (5, 1));
+        assert_eq!(s.next("a"), (5, 2));
+        assert_eq!(s.next("b"), (5, 1));
+        assert_eq!(s.next("c"), (6, 1), "a third stream starts a new epoch");
+        assert_eq!(s.next("a"), (6, 1));
+    }
+
+    #[test]
+    fn the_tracker_counts_gaps_and_redeliveries() {
+        let mut t = Tracker::default();
+        assert_eq!(t.record("a", "k", 1, 5), Seen::New { missed: 0 }, "first");
+        assert_eq!(t.record("a", "k", 1, 6), Seen::New { missed: 0 });
+        assert_eq!(t.record("a", "k", 1, 9), Seen::New { missed: 2 });
+        assert_eq!(t.record("a", "k", 1, 8), Seen::Again);
+        assert_eq!(t.record("a", "k", 1, 9), Seen::Again);
+        assert_eq!(
+            t.record("a", "j", 1, 3),
+            Seen::New { missed: 0 },
+            "streams apart"
+        );
+        assert_eq!(
+            t.record("b", "k", 1, 3),
+            Seen::New { missed: 0 },
+            "senders apart"
+        );
+        assert_eq!(
+            t.record("a", "k", 2, 1),
+            Seen::New { missed: 0 },
+            "new epoch"
+        );
+        t.forget_stream("k");
+        assert_eq!(t.record("a", "k", 2, 7), Seen::New { missed: 0 }, "rebound");
+        assert_eq!(t.record("a", "j", 1, 4), Seen::New { missed: 0 }, "kept");
+        t.retain_streams(|k| k != "j");
+        assert_eq!(t.record("a", "j", 1, 9), Seen::New { missed: 0 }, "dropped");
+        t.forget_origin("a");
+        assert_eq!(t.record("a", "j", 1, 12), Seen::New { missed: 0 });
+    }
+
+    #[test]
+    fn later_copies_of_a_delivered_envelope_are_dropped() {
+        let mut t = Tracker::default();
+        assert!(!t.repeated_copy("a", Copy::First, 10));
+        assert!(t.repeated_copy("a", Copy::Later, 10));
+        assert!(t.repeated_copy("a", Copy::Later, 10));
+        assert!(
+            !t.repeated_copy("a", Copy::Only, 10),
+            "single copies always pass"
+        );
+        assert!(!t.repeated_copy("b", Copy::Later, 10), "another sender");
+        assert!(
+            !t.repeated_copy("a", Copy::Later, 11),
+            "the first copy that reached this node"
+        );
+        assert!(t.repeated_copy("a", Copy::Later, 11));
+    }
+}
