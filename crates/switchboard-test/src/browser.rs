@@ -290,10 +290,10 @@ impl Driver {
             if let Some(status) = self.child.try_wait()? {
                 bail!("chromedriver exited with {status} (see {})", log.display());
             }
-            if let Ok(v) = call(self.port, Method::GET, "/status", None, POLL * 10).await {
-                if v["ready"] == true {
-                    return Ok(());
-                }
+            if let Ok(v) = call(self.port, Method::GET, "/status", None, POLL * 10).await
+                && v["ready"] == true
+            {
+                return Ok(());
             }
             if Instant::now() >= deadline {
                 bail!("chromedriver is not ready within {:?}", crate::STEP);
