@@ -65,26 +65,27 @@ for mode in modes:
 text = open(target).read()
 begin, end = "<!-- results:begin -->", "<!-- results:end -->"
 i, j = text.index(begin) + len(begin), text.index(end)
-# Modes measured now replace their tables; the tables of modes not measured
-# this time stay as they were, so one mode can be re-run on its own.
-sections, current = {}, None
-for line in text[i:j].strip("\n").split("\n"):
-    if line.startswith("### "):
-        current = line[4:].strip()
-        sections[current] = []
-    if current is not None:
-        sections[current].append(line)
-fresh, current = {}, None
-for line in out:
-    if line.startswith("### "):
-        current = line[4:].strip()
-        fresh[current] = []
-    fresh[current].append(line)
+# Scenarios measured now replace their rows; the rows of scenarios (and the
+# tables of modes) not measured this time stay as they were, so one mode or
+# one scenario can be re-run on its own.
+HEAD = ["| scenario | runs | deliveries | lost | dup | deliveries/s | CPU µs per delivery | latency p50 / p99 / max (ms) | other |",
+        "|---|---|---|---|---|---|---|---|---|"]
+
+def parse(lines):
+    tables, mode = {}, None
+    for line in lines:
+        if line.startswith("### "):
+            mode = line[4:].strip()
+            tables[mode] = {}
+        elif mode and line.startswith("| ") and not line.startswith("| scenario"):
+            tables[mode][line.split("|")[1].strip()] = line
+    return tables
+
+old, new = parse(text[i:j].split("\n")), parse(out)
 merged = []
-for mode in list(sections) + [m for m in fresh if m not in sections]:
-    lines = fresh.get(mode) or sections[mode]
-    while lines and lines[-1] == "":
-        lines = lines[:-1]
-    merged.extend(lines + [""])
+for mode in list(old) + [m for m in new if m not in old]:
+    rows_ = {**old.get(mode, {}), **new.get(mode, {})}
+    names = [n for n in order if n in rows_] + [n for n in rows_ if n not in order]
+    merged += [f"### {mode}", ""] + HEAD + [rows_[n] for n in names] + [""]
 open(target, "w").write(text[:i] + "\n" + "\n".join(merged) + "\n" + text[j:])
 print(f"wrote {sum(len(v) for v in rows.values())} runs into {target}")
