@@ -15,6 +15,12 @@ use tracing_subscriber::EnvFilter;
     about = "Distributed long-lived connections: WebSocket and TCP push, on any node of a cluster."
 )]
 struct Cli {
+    /// Runtime threads: 1 runs everything on one thread (no cross-thread
+    /// wake-ups; scale by running more processes, as GatewayWorker does), N a
+    /// pool of N. Default: 1 for register, gateway and worker; one per core
+    /// otherwise.
+    #[arg(long, global = true, env = "SWITCHBOARD_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,9 +54,23 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let role = matches!(
+        cli.command,
+        Command::Register(_) | Command::Gateway(_) | Command::Worker(_)
+    );
+    let threads = cli.threads.unwrap_or(if role { 1 } else { 0 });
+    let rt = match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     match cli.command {
         Command::Serve(args) => rt.block_on(serve(*args)),
         Command::Demo(args) => rt.block_on(run_demo(args)),

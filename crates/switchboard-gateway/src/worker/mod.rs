@@ -15,7 +15,7 @@
 mod backplane;
 mod link;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,7 +53,8 @@ pub struct WorkerConfig {
     /// How long a stopping worker waits for gateways to confirm and for
     /// in-flight events to be handled.
     pub drain_timeout: Duration,
-    /// Events queued per client before the client is cut off.
+    /// Events queued per client before the client is cut off (a burst held
+    /// at a gateway while no worker was attached arrives at once).
     pub mailbox: usize,
     /// Largest frame accepted from a gateway.
     pub max_frame: usize,
@@ -68,7 +69,7 @@ impl WorkerConfig {
             key: format!("switchboard:{}", std::process::id()),
             query_timeout: Duration::from_secs(2),
             drain_timeout: Duration::from_secs(10),
-            mailbox: 1024,
+            mailbox: 16 * 1024,
             max_frame: 10 << 20,
         }
     }
@@ -118,7 +119,7 @@ pub(crate) struct Shared {
     hub: std::sync::OnceLock<Hub>,
     links: Mutex<HashMap<NodeId, Arc<Link>>>,
     addresses: watch::Receiver<Vec<String>>,
-    clients: Mutex<HashMap<ConnId, mpsc::Sender<ConnEvent>>>,
+    clients: Mutex<HashMap<ConnId, Client>>,
     /// Events received and not yet handled.
     in_flight: AtomicUsize,
     events: AtomicU64,
@@ -240,8 +241,6 @@ impl Worker {
         while s.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        // Every client task is idle now: dropping their mailboxes ends them,
-        // and with them their hold on the links.
         lock(&s.clients).clear();
         s.close_links.cancel();
         s.tasks.close();
@@ -421,9 +420,20 @@ async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
     let _ = writer.await;
 }
 
-/// How long a client's full mailbox may hold up its gateway link before the
-/// client is cut off.
-const MAILBOX_WAIT: Duration = Duration::from_secs(5);
+/// One client, as its worker knows it. An idle client costs only this entry:
+/// a task runs while it has events and ends when they are handled.
+struct Client {
+    /// Events not yet handled, oldest first.
+    queue: VecDeque<ConnEvent>,
+    /// A task is handling this client's events.
+    running: bool,
+    /// The application accepted it (here, or under the worker it moved from).
+    accepted: bool,
+    /// GatewayWorker's `CMD_ON_CONNECT` came; the connection decision waits
+    /// for the WebSocket details or the first message (a TCP hello).
+    waiting_hello: bool,
+    peer: Option<std::net::SocketAddr>,
+}
 
 async fn on_frame(shared: &Arc<Shared>, link: &Arc<Link>, f: GwFrame) {
     let conn = ConnId::new(link.node.clone(), u64::from(f.header.connection_id));
@@ -465,99 +475,81 @@ async fn on_frame(shared: &Arc<Shared>, link: &Arc<Link>, f: GwFrame) {
     };
     shared.events.fetch_add(1, Ordering::Relaxed);
     let opening = matches!(event, ConnEvent::Request(_) | ConnEvent::Opened { .. });
-    let tx = mailbox(shared, link, &conn, opening);
-    shared.in_flight.fetch_add(1, Ordering::AcqRel);
-    let event = match tx.try_send(event) {
-        Ok(()) => return,
-        Err(mpsc::error::TrySendError::Full(e)) => e,
-        Err(mpsc::error::TrySendError::Closed(e)) => e,
-    };
-    // A burst (events held while no worker was attached) may outrun the
-    // client's handler: wait for room, which holds back this link, but not
-    // forever for one client.
-    if tokio::time::timeout(MAILBOX_WAIT, tx.send(event))
-        .await
-        .is_ok_and(|r| r.is_ok())
-    {
+    let mut clients = lock(&shared.clients);
+    // A client never seen open here moved from a stopped worker: it is
+    // handled as already accepted.
+    let c = clients.entry(conn.clone()).or_insert_with(|| Client {
+        queue: VecDeque::new(),
+        running: false,
+        accepted: !opening,
+        waiting_hello: false,
+        peer: None,
+    });
+    if c.queue.len() >= shared.cfg.mailbox {
+        clients.remove(&conn);
+        drop(clients);
+        shared.overflowed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%conn, "a client's events pile up faster than they are handled: cutting the client off");
+        link.send(link::plain(cmd::DESTROY, conn.seq() as u32, Bytes::new()));
         return;
     }
-    shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-    shared.overflowed.fetch_add(1, Ordering::Relaxed);
-    tracing::warn!(%conn, "a client's events are not handled in time: cutting the client off");
-    link.send(link::plain(cmd::DESTROY, conn.seq() as u32, Bytes::new()));
-    lock(&shared.clients).remove(&conn);
-}
-
-/// The mailbox of a client, created with its task on first sight.
-fn mailbox(
-    shared: &Arc<Shared>,
-    link: &Arc<Link>,
-    conn: &ConnId,
-    opening: bool,
-) -> mpsc::Sender<ConnEvent> {
-    let mut clients = lock(&shared.clients);
-    match clients.get(conn) {
-        Some(tx) => tx.clone(),
-        // A client never seen open here moved from a stopped worker: it is
-        // handled as already accepted.
-        None => {
-            let (tx, rx) = mpsc::channel(shared.cfg.mailbox);
-            clients.insert(conn.clone(), tx.clone());
-            shared.tasks.spawn(client(
-                shared.clone(),
-                link.clone(),
-                conn.clone(),
-                rx,
-                !opening,
-            ));
-            tx
-        }
+    c.queue.push_back(event);
+    shared.in_flight.fetch_add(1, Ordering::AcqRel);
+    if !c.running {
+        c.running = true;
+        shared
+            .tasks
+            .spawn(client(shared.clone(), link.clone(), conn));
     }
 }
 
-/// Runs one client's events in order. `accepted`: the client was accepted
-/// under another worker (it moved here when that one stopped).
-async fn client(
-    shared: Arc<Shared>,
-    link: Arc<Link>,
-    conn: ConnId,
-    mut rx: mpsc::Receiver<ConnEvent>,
-    mut accepted: bool,
-) {
+/// Handles one client's queued events in order, then ends.
+async fn client(shared: Arc<Shared>, link: Arc<Link>, conn: ConnId) {
     let hub = shared.hub().clone();
-    let mut peer = None;
-    let mut waiting_hello = false;
-    while let Some(event) = rx.recv().await {
+    loop {
+        let (event, accepted, waiting_hello, peer) = {
+            let mut clients = lock(&shared.clients);
+            let Some(c) = clients.get_mut(&conn) else {
+                return;
+            };
+            let Some(event) = c.queue.pop_front() else {
+                c.running = false;
+                return;
+            };
+            (event, c.accepted, c.waiting_hello, c.peer)
+        };
+        let closing = matches!(event, ConnEvent::Close);
+        // What the event changes in the client's state, written back after.
+        let mut state = (accepted, waiting_hello, peer);
         match event {
             ConnEvent::Request(r) => {
                 let info = info_from_request(&conn, r);
                 let decision = hub.handle_connect(&info).await;
-                accepted = matches!(decision, Decision::Accept(_));
-                let verdict = verdict(&decision);
+                state.0 = matches!(decision, Decision::Accept(_));
                 link.send(link::one(
                     ext::VERDICT,
                     conn.seq() as u32,
                     cmd::FLAG_BODY_IS_SCALAR,
                     Bytes::new(),
-                    ext::encode(&verdict),
+                    ext::encode(&verdict(&decision)),
                 ));
             }
             ConnEvent::Opened { peer: p } => {
-                peer = p;
-                waiting_hello = true;
+                state.2 = p;
+                state.1 = true;
             }
             ConnEvent::WebSocket(body) => {
-                waiting_hello = false;
+                state.1 = false;
                 let mut info = info_from_websocket(&conn, &body);
                 info.peer = peer;
-                accepted = apply(&link, &conn, hub.handle_connect(&info).await);
+                state.0 = apply(&link, &conn, hub.handle_connect(&info).await);
             }
             ConnEvent::Message(frame) if waiting_hello => {
-                waiting_hello = false;
+                state.1 = false;
                 let mut info = ConnectInfo::new(conn.clone(), Transport::Tcp);
                 info.peer = peer;
                 info.hello = Some(frame);
-                accepted = apply(&link, &conn, hub.handle_connect(&info).await);
+                state.0 = apply(&link, &conn, hub.handle_connect(&info).await);
             }
             ConnEvent::Message(frame) => {
                 if accepted {
@@ -572,17 +564,21 @@ async fn client(
                     };
                     hub.handle_close(&conn, &reason).await;
                 }
-                shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-                break;
             }
         }
+        let mut clients = lock(&shared.clients);
+        if closing {
+            // Events after a close (none are sent) would be counted in flight.
+            if let Some(c) = clients.remove(&conn) {
+                shared.in_flight.fetch_sub(c.queue.len(), Ordering::AcqRel);
+            }
+        } else if let Some(c) = clients.get_mut(&conn) {
+            (c.accepted, c.waiting_hello, c.peer) = state;
+        }
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-    lock(&shared.clients).remove(&conn);
-    // Events left in the mailbox were counted in flight.
-    rx.close();
-    while rx.try_recv().is_ok() {
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if closing {
+            return;
+        }
     }
 }
 
