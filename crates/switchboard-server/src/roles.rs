@@ -187,6 +187,7 @@ impl node::Probe for GatewayProbe {
             "overflowed": s.overflowed,
             "rejected_inner": s.rejected_inner,
             "commands": s.commands,
+            "replaced": s.replaced,
         })
     }
 

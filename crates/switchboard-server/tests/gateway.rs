@@ -194,6 +194,13 @@ async fn a_register_restart_keeps_routes_and_lets_new_processes_join() -> Result
     b.send(json!({"op": "to_user", "uid": "ra", "data": "back"}))
         .await?;
     ensure!(a.recv().await? == "back");
+    // The first worker kept its links through the partial address lists a
+    // restarted register sends: no second link replaced a live one.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for g in &c.gateways {
+        let s = role_stats(g).await;
+        ensure!(s["replaced"] == 0 && s["workers"] == 2, "{s}");
+    }
     Box::new(c).shutdown().await;
     Ok(())
 }

@@ -151,6 +151,7 @@ async fn connection(
                 {
                     let mut links = lock(&shared.links);
                     if let Some(old) = replaced.and_then(|old| links.remove(&old)) {
+                        shared.replaced.fetch_add(1, Ordering::Relaxed);
                         old.cancel();
                     }
                     links.insert(id, cancel.clone());

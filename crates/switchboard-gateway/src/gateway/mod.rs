@@ -125,6 +125,9 @@ pub struct GatewayStats {
     pub rejected_inner: u64,
     /// Commands carried out.
     pub commands: u64,
+    /// Worker links closed because a newer link with the same worker key
+    /// attached (a worker that reconnected before its old link was seen to die).
+    pub replaced: u64,
 }
 
 struct Shared {
@@ -144,6 +147,7 @@ struct Shared {
     overflowed: AtomicU64,
     rejected_inner: AtomicU64,
     commands: AtomicU64,
+    replaced: AtomicU64,
 }
 
 /// A gateway. Build the node's hub with [`Gateway::handler`] and
@@ -184,6 +188,7 @@ impl Gateway {
                 overflowed: AtomicU64::new(0),
                 rejected_inner: AtomicU64::new(0),
                 commands: AtomicU64::new(0),
+                replaced: AtomicU64::new(0),
             }),
         }
     }
@@ -216,6 +221,7 @@ impl Gateway {
             overflowed: self.shared.overflowed.load(Ordering::Relaxed),
             rejected_inner: self.shared.rejected_inner.load(Ordering::Relaxed),
             commands: self.shared.commands.load(Ordering::Relaxed),
+            replaced: self.shared.replaced.load(Ordering::Relaxed),
         }
     }
 

@@ -16,7 +16,7 @@ mod backplane;
 mod link;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -288,26 +288,34 @@ fn node_of(address: &str) -> Option<NodeId> {
 /// stop.
 async fn supervise(shared: Arc<Shared>) {
     let mut addresses = shared.addresses.clone();
-    let mut linking: HashMap<String, CancellationToken> = HashMap::new();
+    // One task per address ever named, for the worker's life: an address that
+    // leaves the list (a register restart sends partial lists at first) must
+    // not get a second link to the same gateway when it comes back, which the
+    // gateway would take as a new worker replacing this one.
+    let mut linking: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     loop {
         let list = addresses.borrow_and_update().clone();
         for a in &list {
-            if !linking.contains_key(a) && node_of(a).is_some() {
-                let token = shared.stop.child_token();
-                linking.insert(a.clone(), token.clone());
-                shared
-                    .tasks
-                    .spawn(keep_link(shared.clone(), a.clone(), token));
+            if node_of(a).is_none() {
+                continue;
+            }
+            match linking.get(a) {
+                Some(wanted) => wanted.store(true, Ordering::Relaxed),
+                None => {
+                    let wanted = Arc::new(AtomicBool::new(true));
+                    linking.insert(a.clone(), wanted.clone());
+                    shared
+                        .tasks
+                        .spawn(keep_link(shared.clone(), a.clone(), wanted));
+                }
             }
         }
-        linking.retain(|a, token| {
-            let keep = list.contains(a);
-            if !keep {
+        for (a, wanted) in &linking {
+            if !list.contains(a) {
                 // Stop reconnecting; a live link stays until it closes.
-                token.cancel();
+                wanted.store(false, Ordering::Relaxed);
             }
-            keep
-        });
+        }
         tokio::select! {
             () = shared.stop.cancelled() => return,
             r = addresses.changed() => if r.is_err() { return },
@@ -315,25 +323,27 @@ async fn supervise(shared: Arc<Shared>) {
     }
 }
 
-/// Keeps one gateway linked, reconnecting every second until `retry` is
-/// cancelled.
-async fn keep_link(shared: Arc<Shared>, address: String, retry: CancellationToken) {
+/// Keeps one gateway linked: reconnects every second while the register
+/// names it, until the worker stops.
+async fn keep_link(shared: Arc<Shared>, address: String, wanted: Arc<AtomicBool>) {
     let Some(node) = node_of(&address) else {
         return;
     };
     loop {
-        match TcpStream::connect(&address).await {
-            Ok(stream) => {
-                run_link(&shared, &node, stream).await;
-                tracing::warn!(gateway = %address, "link closed");
+        if wanted.load(Ordering::Relaxed) {
+            match TcpStream::connect(&address).await {
+                Ok(stream) => {
+                    run_link(&shared, &node, stream).await;
+                    tracing::warn!(gateway = %address, "link closed");
+                }
+                Err(error) => tracing::debug!(gateway = %address, %error, "cannot reach gateway"),
             }
-            Err(error) => tracing::debug!(gateway = %address, %error, "cannot reach gateway"),
         }
         if shared.close_links.is_cancelled() {
             return;
         }
         tokio::select! {
-            () = retry.cancelled() => return,
+            () = shared.stop.cancelled() => return,
             () = tokio::time::sleep(crate::register_link::RETRY) => {}
         }
     }
