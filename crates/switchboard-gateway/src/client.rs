@@ -7,11 +7,10 @@
 //! time is named in the answer's `missing` list rather than silently left
 //! out.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use switchboard::core::{Answer, ConnId, NodeId};
+use switchboard::core::{Answer, ConnId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -61,13 +60,6 @@ fn frame(c: u8, conn: u32, ext_data: Bytes, body: Bytes) -> GwFrame {
         },
         ext_data,
         body,
-    }
-}
-
-fn node_of(address: &str) -> Option<NodeId> {
-    match address.parse::<SocketAddr>().ok()? {
-        SocketAddr::V4(a) => Some(NodeId::gateway(*a.ip(), a.port())),
-        SocketAddr::V6(_) => None,
     }
 }
 
@@ -165,7 +157,7 @@ impl Pusher {
         {
             match r {
                 Ok(()) => sent += 1,
-                Err(_) => missing.extend(node_of(a)),
+                Err(_) => missing.extend(crate::gateway_node(a)),
             }
         }
         Ok(Answer {
@@ -192,7 +184,7 @@ impl Pusher {
         {
             match r {
                 Ok(v) => acc = fold(acc, a, v),
-                Err(_) => missing.extend(node_of(a)),
+                Err(_) => missing.extend(crate::gateway_node(a)),
             }
         }
         Ok(Answer {
@@ -289,7 +281,7 @@ impl Pusher {
             Bytes::new(),
         );
         self.gather(f, Vec::new(), |mut acc, address, v| {
-            if let (Some(node), Value::Array(a)) = (node_of(address), v) {
+            if let (Some(node), Value::Array(a)) = (crate::gateway_node(address), v) {
                 for (_, id) in a.iter() {
                     if let Value::Int(id) = id {
                         acc.push(ConnId::new(node.clone(), *id as u64));

@@ -46,5 +46,19 @@ mod session;
 pub mod worker;
 
 pub use client::{PushError, Pusher};
+
+/// Locks a mutex whose critical sections never panic midway, so a poisoned
+/// lock is still consistent.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The node id of a gateway the register advertises as `a.b.c.d:port`.
+pub(crate) fn gateway_node(address: &str) -> Option<switchboard::core::NodeId> {
+    match address.parse::<std::net::SocketAddr>().ok()? {
+        std::net::SocketAddr::V4(a) => Some(switchboard::core::NodeId::gateway(*a.ip(), a.port())),
+        std::net::SocketAddr::V6(_) => None,
+    }
+}
 pub use gateway::{Gateway, GatewayConfig, GatewayStats};
 pub use worker::{Worker, WorkerConfig, WorkerStats};

@@ -79,9 +79,7 @@ pub async fn serve(listener: TcpListener, secret: String, shutdown: Cancellation
     tasks.wait().await;
 }
 
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 async fn connection(
     state: Arc<Mutex<State>>,

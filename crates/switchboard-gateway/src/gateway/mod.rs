@@ -242,10 +242,7 @@ impl Gateway {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Critical sections here never panic midway; a poisoned lock is usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 impl Shared {
     fn header(&self, cmd: u8, conn: u32, client: Option<&Client>, flag: u8) -> Header {

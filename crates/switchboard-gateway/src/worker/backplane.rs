@@ -124,7 +124,7 @@ impl Backplane for Links {
             Body::Request { op } => {
                 let nodes = match dest {
                     Dest::Node(n) => vec![n.clone()],
-                    _ => shared.known_gateways(),
+                    _ => shared.known_gateways().to_vec(),
                 };
                 let mut h = Handoff::default();
                 for node in nodes {
@@ -159,7 +159,7 @@ impl Backplane for Links {
     fn peers(&self) -> Vec<NodeId> {
         self.shared
             .upgrade()
-            .map(|s| s.known_gateways())
+            .map(|s| s.known_gateways().to_vec())
             .unwrap_or_default()
     }
 

@@ -119,6 +119,8 @@ pub(crate) struct Shared {
     hub: std::sync::OnceLock<Hub>,
     links: Mutex<HashMap<NodeId, Arc<Link>>>,
     addresses: watch::Receiver<Vec<String>>,
+    /// The gateways of the register's last list, as node ids.
+    known: Mutex<Arc<[NodeId]>>,
     clients: Mutex<HashMap<ConnId, Client>>,
     /// Events received and not yet handled.
     in_flight: AtomicUsize,
@@ -131,9 +133,7 @@ pub(crate) struct Shared {
     close_links: CancellationToken,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::lock;
 
 /// A running worker.
 #[derive(Clone)]
@@ -160,6 +160,7 @@ impl Worker {
             hub: std::sync::OnceLock::new(),
             links: Mutex::new(HashMap::new()),
             addresses: addr_rx,
+            known: Mutex::new(Arc::from(Vec::new())),
             clients: Mutex::new(HashMap::new()),
             in_flight: AtomicUsize::new(0),
             events: AtomicU64::new(0),
@@ -266,20 +267,8 @@ impl Shared {
     }
 
     /// Gateways named by the register's last broadcast.
-    fn known_gateways(&self) -> Vec<NodeId> {
-        self.addresses
-            .borrow()
-            .iter()
-            .filter_map(|a| node_of(a))
-            .collect()
-    }
-}
-
-/// The node id of a gateway address `a.b.c.d:port`.
-fn node_of(address: &str) -> Option<NodeId> {
-    match address.parse::<std::net::SocketAddr>().ok()? {
-        std::net::SocketAddr::V4(a) => Some(NodeId::gateway(*a.ip(), a.port())),
-        std::net::SocketAddr::V6(_) => None,
+    fn known_gateways(&self) -> Arc<[NodeId]> {
+        lock(&self.known).clone()
     }
 }
 
@@ -295,8 +284,10 @@ async fn supervise(shared: Arc<Shared>) {
     let mut linking: HashMap<String, Arc<AtomicBool>> = HashMap::new();
     loop {
         let list = addresses.borrow_and_update().clone();
+        // Parsed once per list, not on every push and query.
+        *lock(&shared.known) = list.iter().filter_map(|a| crate::gateway_node(a)).collect();
         for a in &list {
-            if node_of(a).is_none() {
+            if crate::gateway_node(a).is_none() {
                 continue;
             }
             match linking.get(a) {
@@ -326,7 +317,7 @@ async fn supervise(shared: Arc<Shared>) {
 /// Keeps one gateway linked: reconnects every second while the register
 /// names it, until the worker stops.
 async fn keep_link(shared: Arc<Shared>, address: String, wanted: Arc<AtomicBool>) {
-    let Some(node) = node_of(&address) else {
+    let Some(node) = crate::gateway_node(&address) else {
         return;
     };
     loop {
