@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Out, Shared, lock};
 use crate::ext;
+use crate::protocol::auth::GatewayClientConnect;
 use crate::protocol::cmd;
 use crate::protocol::frame::FrameDecoder;
 
@@ -63,12 +64,6 @@ struct WorkerHello {
     secret_key: Option<serde_json::Value>,
     #[serde(default)]
     switchboard: Option<u32>,
-}
-
-#[derive(Deserialize)]
-struct ClientHello {
-    #[serde(default)]
-    secret_key: Option<serde_json::Value>,
 }
 
 /// GatewayWorker compares keys strictly (`!==`): only a JSON string equal to
@@ -163,8 +158,9 @@ async fn connection(
             }
             cmd::GATEWAY_CLIENT_CONNECT => {
                 if !shared.cfg.secret.is_empty() {
-                    let ok = serde_json::from_slice::<ClientHello>(&frame.body)
-                        .is_ok_and(|h| secret_ok(&shared, h.secret_key.as_ref()));
+                    // A missing or non-string key fails to decode: never equal.
+                    let ok = GatewayClientConnect::decode(&frame.body)
+                        .is_ok_and(|h| h.secret_key == shared.cfg.secret);
                     if !ok {
                         shared.rejected_inner.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%peer, "pusher with a wrong secret key: closing");
