@@ -24,6 +24,13 @@ cargo build --release --locked --bin switchboard
 BIN=./target/release/switchboard
 
 PIDS=()
+two_nodes() { # cluster URL: nodes n0 and n1 on ports 9301 and 9302
+  for i in 0 1; do
+    "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off \
+      --cluster "$1" >/dev/null 2>>"$OUT/server.log" &
+    PIDS+=($!)
+  done
+}
 start_nodes() { # mode
   local mode=$1 prefix="bench-$RANDOM$RANDOM"
   PIDS=()
@@ -32,19 +39,9 @@ start_nodes() { # mode
       "$BIN" serve --cluster memory:2 --ws 127.0.0.1:9301 --tcp off >/dev/null 2>"$OUT/server.log" &
       PIDS+=($!) ;;
     redis-pubsub|redis-queue)
-      local m=${mode#redis-}
-      for i in 0 1; do
-        "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off \
-          --cluster "redis://127.0.0.1:6379?mode=$m&prefix=$prefix" >/dev/null 2>>"$OUT/server.log" &
-        PIDS+=($!)
-      done ;;
+      two_nodes "redis://127.0.0.1:6379?mode=${mode#redis-}&prefix=$prefix" ;;
     amqp-fanout|amqp-routing)
-      local m=${mode#amqp-}
-      for i in 0 1; do
-        "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off \
-          --cluster "amqp://guest:guest@127.0.0.1:5672/%2f?mode=$m&prefix=$prefix" >/dev/null 2>>"$OUT/server.log" &
-        PIDS+=($!)
-      done ;;
+      two_nodes "amqp://guest:guest@127.0.0.1:5672/%2f?mode=${mode#amqp-}&prefix=$prefix" ;;
     gateway)
       # As TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
       "$BIN" register --listen 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
