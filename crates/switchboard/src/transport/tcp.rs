@@ -10,9 +10,10 @@ use switchboard_core::framing::{self, Decoder, Framing, FramingError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::conn::{self, Incoming, Wire};
+use crate::conn::{self, Flushed, Incoming, Wire};
 use crate::handler::{CloseReason, ConnectInfo, Decision, Transport};
 use crate::hub::Hub;
+use crate::outbox::Outbox;
 use crate::stats::Counters;
 
 /// How a TCP listener frames messages and opens connections.
@@ -65,14 +66,48 @@ impl TcpWire {
         }
     }
 
-    async fn write_buffered(&mut self) -> Result<(), CloseReason> {
-        let r = self.stream.write_all(&self.wbuf).await;
-        self.wbuf.clear();
-        // A burst can leave a large buffer behind; an idle connection should not keep it.
+    /// Writes what `wbuf` holds, as far as the socket takes it now.
+    /// `Ok(false)` when the socket is full.
+    fn write_buffered(&mut self) -> Result<bool, CloseReason> {
+        while !self.wbuf.is_empty() {
+            match self.stream.try_write(&self.wbuf) {
+                Ok(0) => return Err(CloseReason::Io("connection closed while writing".into())),
+                Ok(n) => {
+                    let _ = self.wbuf.split_to(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(CloseReason::Io(e.to_string())),
+            }
+        }
+        // A burst can leave a large buffer behind; an idle connection should
+        // not keep it.
         if self.wbuf.capacity() > 64 * 1024 {
             self.wbuf = BytesMut::new();
         }
-        r.map_err(|e| CloseReason::Io(e.to_string()))
+        Ok(true)
+    }
+
+    /// Frames `frames` into `wbuf`; returns how many could not be framed.
+    fn encode(&mut self, frames: impl IntoIterator<Item = Frame>) -> u32 {
+        let mut skipped = 0;
+        for frame in frames {
+            if framing::encode(self.framing, frame.data(), &mut self.wbuf).is_err() {
+                skipped += 1;
+                tracing::warn!(
+                    len = frame.len(),
+                    "frame cannot be framed for this connection; dropped"
+                );
+            }
+        }
+        skipped
+    }
+
+    /// Writes `wbuf` to the end, waiting for room (handshake replies).
+    async fn write_all(&mut self) -> Result<(), CloseReason> {
+        while !self.write_buffered()? {
+            self.writable().await?;
+        }
+        Ok(())
     }
 }
 
@@ -117,26 +152,41 @@ impl Wire for TcpWire {
         }
     }
 
-    async fn send_batch(&mut self, batch: &mut VecDeque<Frame>) -> Result<u32, CloseReason> {
+    fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
         let mut skipped = 0;
-        for frame in batch.drain(..) {
-            if framing::encode(self.framing, frame.data(), &mut self.wbuf).is_err() {
-                skipped += 1;
-                tracing::warn!(
-                    len = frame.len(),
-                    "frame cannot be framed for this connection; dropped"
-                );
+        loop {
+            if !self.write_buffered()? {
+                return Ok(Flushed {
+                    done: false,
+                    skipped,
+                });
             }
+            // Take more only once the buffer is out: at most one outbox's worth
+            // is ever buffered here.
+            let mut frames = VecDeque::new();
+            outbox.drain(&mut frames);
+            if frames.is_empty() {
+                return Ok(Flushed {
+                    done: true,
+                    skipped,
+                });
+            }
+            skipped += self.encode(frames);
         }
-        self.write_buffered().await?;
-        Ok(skipped)
     }
 
-    async fn ping(&mut self) -> Result<(), CloseReason> {
+    async fn writable(&mut self) -> Result<(), CloseReason> {
+        self.stream
+            .writable()
+            .await
+            .map_err(|e| CloseReason::Io(e.to_string()))
+    }
+
+    fn ping(&mut self) -> Result<(), CloseReason> {
         Ok(())
     }
 
-    async fn close(&mut self, reason: &CloseReason) {
+    async fn close(&mut self, _outbox: &Outbox, reason: &CloseReason) {
         if !matches!(reason, CloseReason::Io(_) | CloseReason::Client { .. }) {
             let _ = self.stream.shutdown().await;
         }
@@ -153,18 +203,23 @@ impl Wire for PingingWire {
     fn recv(&mut self) -> impl std::future::Future<Output = Incoming> + Send {
         self.inner.recv()
     }
-    fn send_batch(
-        &mut self,
-        batch: &mut VecDeque<Frame>,
-    ) -> impl std::future::Future<Output = Result<u32, CloseReason>> + Send {
-        self.inner.send_batch(batch)
+    fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
+        self.inner.try_flush(outbox)
     }
-    async fn ping(&mut self) -> Result<(), CloseReason> {
+    fn writable(&mut self) -> impl std::future::Future<Output = Result<(), CloseReason>> + Send {
+        self.inner.writable()
+    }
+    fn ping(&mut self) -> Result<(), CloseReason> {
+        // Appended whole after what is buffered: frames never interleave.
         let _ = framing::encode(self.inner.framing, &self.ping, &mut self.inner.wbuf);
-        self.inner.write_buffered().await
+        Ok(())
     }
-    fn close(&mut self, reason: &CloseReason) -> impl std::future::Future<Output = ()> + Send {
-        self.inner.close(reason)
+    fn close(
+        &mut self,
+        outbox: &Outbox,
+        reason: &CloseReason,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        self.inner.close(outbox, reason)
     }
 }
 
@@ -214,10 +269,10 @@ pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: 
         Ok(Some((_, Decision::Reject(r)))) => {
             Counters::add(&hub.counters().rejected, 1);
             if let Some(reply) = r.reply {
-                let mut one = VecDeque::from([reply]);
-                let _ = tokio::time::timeout(limits.close_timeout, wire.send_batch(&mut one)).await;
+                wire.encode([reply]);
+                let _ = tokio::time::timeout(limits.close_timeout, wire.write_all()).await;
             }
-            wire.close(&CloseReason::Kicked(r.reason)).await;
+            wire.stream.shutdown().await.ok();
             return;
         }
         Ok(None) | Err(_) => {

@@ -2,7 +2,10 @@
 //! the axum integration) and the frame I/O, through tungstenite.
 
 use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -20,9 +23,10 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use crate::conn::{self, Incoming, Wire};
+use crate::conn::{self, Flushed, Incoming, Wire};
 use crate::handler::{CloseReason, ConnectInfo, Decision, Transport};
 use crate::hub::Hub;
+use crate::outbox::Outbox;
 use crate::stats::Counters;
 
 /// Bytes of the per-connection read buffer. tungstenite allocates it eagerly,
@@ -150,14 +154,14 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                     // read buffer go now, not when the connection ends.
                     let leftover = read_buf.to_vec();
                     drop(read_buf);
-                    let ws = WebSocketStream::from_partially_read(
-                        io.into_inner(),
+                    let outbox = hub.open(&conn, accept);
+                    outbox.attach(io.into_inner());
+                    let ws = tokio_tungstenite::tungstenite::WebSocket::from_partially_read(
+                        Sock(outbox.clone()),
                         leftover,
                         Role::Server,
                         Some(config),
-                    )
-                    .await;
-                    let outbox = hub.open(&conn, accept);
+                    );
                     // A task of its own: the connection's long-lived task is
                     // exactly its driver, without this handshake's state.
                     let driver = conn::run(
@@ -180,7 +184,11 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                         )
                         .await;
                         let outbox = hub.open(&conn, accept);
-                        conn::run(hub, conn, outbox, WsWire { ws }, Transport::WebSocket).await;
+                        let wire = WsWire {
+                            ws,
+                            pending: VecDeque::new(),
+                        };
+                        conn::run(hub, conn, outbox, wire, Transport::WebSocket).await;
                     })
                     .await;
                 }
@@ -205,6 +213,8 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
 
 struct WsWire<S> {
     ws: WebSocketStream<S>,
+    /// Messages taken from the outbox and not yet accepted by tungstenite.
+    pending: VecDeque<Message>,
 }
 
 fn map_message(m: Option<Result<Message, WsError>>) -> Incoming {
@@ -228,7 +238,7 @@ fn map_message(m: Option<Result<Message, WsError>>) -> Incoming {
 }
 
 /// Frames written per `writev` (each a header and a payload slice).
-const WRITEV_FRAMES: usize = 16;
+pub(crate) const WRITEV_FRAMES: usize = 16;
 
 /// Writes an unmasked server frame header for `frame`; returns its length.
 fn ws_header(frame: &Frame, out: &mut [u8; 10]) -> usize {
@@ -251,132 +261,247 @@ fn ws_header(frame: &Frame, out: &mut [u8; 10]) -> usize {
     }
 }
 
-/// A WebSocket over a plain TCP socket. tungstenite reads (frames, control
-/// frames, UTF-8, limits) and writes control frames; data frames are written
-/// here directly: a small header and the shared payload per frame, a whole
-/// batch per `writev`, no copy. Reads are attempted only when the socket is
-/// readable or tungstenite may hold frames already read, because each read
-/// attempt costs tungstenite a pass over its read buffer.
-struct FastWire {
-    ws: WebSocketStream<TcpStream>,
-    /// tungstenite may hold complete frames that the socket will not announce.
-    buffered: bool,
-}
-
-impl FastWire {
-    fn new(ws: WebSocketStream<TcpStream>) -> Self {
-        Self { ws, buffered: true }
-    }
-}
-
-impl Wire for FastWire {
-    async fn recv(&mut self) -> Incoming {
-        loop {
-            if self.buffered {
-                match self.ws.next().now_or_never() {
-                    Some(m) => {
-                        if matches!(m, Some(Ok(Message::Ping(_)))) {
-                            // Send the pong tungstenite queued, if it can go now.
-                            let _ = self.ws.flush().now_or_never();
-                        }
-                        return map_message(m);
-                    }
-                    None => self.buffered = false,
-                }
-            }
-            if let Err(e) = self.ws.get_ref().readable().await {
-                return Incoming::Closed(CloseReason::Io(e.to_string()));
-            }
-            self.buffered = true;
-        }
-    }
-
-    async fn send_batch(&mut self, batch: &mut VecDeque<Frame>) -> Result<u32, CloseReason> {
-        // Control frames tungstenite queued (pongs) go first, whole.
-        self.ws.flush().await.map_err(io_reason)?;
-        // Bytes of the first frame (header included) already written.
-        let mut offset = 0;
-        while !batch.is_empty() {
-            match write_some(self.ws.get_ref(), batch, &mut offset) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    self.ws
-                        .get_ref()
-                        .writable()
-                        .await
-                        .map_err(|e| CloseReason::Io(e.to_string()))?;
-                }
-                Err(e) => return Err(CloseReason::Io(e.to_string())),
-            }
-        }
-        Ok(0)
-    }
-
-    async fn ping(&mut self) -> Result<(), CloseReason> {
-        ping_ws(&mut self.ws).await
-    }
-
-    async fn close(&mut self, reason: &CloseReason) {
-        close_ws(&mut self.ws, reason).await;
-    }
-}
-
-/// One `writev` of up to [`WRITEV_FRAMES`] frames from the front of `batch`,
-/// skipping `offset` bytes already written of the first. Removes the frames
-/// written whole and leaves `offset` at the progress into the next one.
-/// Synchronous, so its scratch arrays live on the stack of this call only and
-/// not in every connection's task.
-fn write_some(
+/// One `writev` of up to [`WRITEV_FRAMES`] of `frames` as WebSocket data
+/// frames (a small header and the shared payload each, no copy), skipping
+/// `offset` bytes already written of the first. Returns how many frames went
+/// whole and how many bytes of the next one went.
+pub(crate) fn write_frames<'a>(
     stream: &TcpStream,
-    batch: &mut VecDeque<Frame>,
-    offset: &mut usize,
-) -> std::io::Result<()> {
-    let n = batch.len().min(WRITEV_FRAMES);
+    frames: impl Iterator<Item = &'a Frame> + Clone,
+    offset: usize,
+) -> io::Result<(usize, usize)> {
     let mut headers = [[0u8; 10]; WRITEV_FRAMES];
     let mut lens = [0usize; WRITEV_FRAMES];
-    for (i, frame) in batch.iter().take(n).enumerate() {
+    let mut n = 0;
+    for (i, frame) in frames.clone().take(WRITEV_FRAMES).enumerate() {
         lens[i] = ws_header(frame, &mut headers[i]);
+        n = i + 1;
     }
     let mut slices = [IoSlice::new(&[]); WRITEV_FRAMES * 2];
-    for (i, frame) in batch.iter().take(n).enumerate() {
+    for (i, frame) in frames.take(n).enumerate() {
         slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
         slices[2 * i + 1] = IoSlice::new(frame.data());
+        lens[i] += frame.len();
     }
     let mut rest: &mut [IoSlice<'_>] = &mut slices[..2 * n];
-    IoSlice::advance_slices(&mut rest, *offset);
+    IoSlice::advance_slices(&mut rest, offset);
     let written = stream.try_write_vectored(rest)?;
     if written == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::WriteZero,
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
             "connection closed while writing",
         ));
     }
-    // Account the progress frame by frame.
-    let mut progress = *offset + written;
+    let mut progress = offset + written;
     let mut done = 0;
-    for len in lens
-        .iter()
-        .take(n)
-        .zip(batch.iter())
-        .map(|(h, f)| h + f.len())
-    {
+    for &len in &lens[..n] {
         if progress < len {
             break;
         }
         progress -= len;
         done += 1;
     }
-    batch.drain(..done);
-    *offset = progress;
-    Ok(())
+    Ok((done, progress))
 }
 
-async fn ping_ws<S: AsyncRead + AsyncWrite + Unpin>(
-    ws: &mut WebSocketStream<S>,
-) -> Result<(), CloseReason> {
-    ws.send(Message::Ping(Bytes::new()))
-        .await
-        .map_err(io_reason)
+/// tungstenite's view of the socket: it reads straight from it and writes
+/// its control frames through the outbox, which keeps them from interleaving
+/// with data frames written by pushes.
+struct Sock(Arc<Outbox>);
+
+impl Sock {
+    fn socket(&self) -> io::Result<&TcpStream> {
+        self.0
+            .socket()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no socket"))
+    }
+}
+
+impl io::Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket()?.try_read(buf)
+    }
+}
+
+impl io::Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_control(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type SyncWs = tokio_tungstenite::tungstenite::WebSocket<Sock>;
+
+/// A WebSocket over a plain TCP socket, the common case. tungstenite reads
+/// (frames, control frames, UTF-8, limits) and writes control frames; data
+/// frames are written by [`write_frames`], by pushes directly or by this
+/// connection's task for what they queued. tungstenite is used without its
+/// async wrapper: readiness comes from the socket itself, so nothing is
+/// allocated per connection for wakers.
+struct FastWire {
+    ws: SyncWs,
+    /// tungstenite may hold complete frames that the socket will not announce.
+    buffered: bool,
+    /// tungstenite holds a pong to send.
+    pong: bool,
+}
+
+impl FastWire {
+    fn new(ws: SyncWs) -> Self {
+        Self {
+            ws,
+            buffered: true,
+            pong: false,
+        }
+    }
+
+    fn socket(&self) -> Result<&TcpStream, CloseReason> {
+        self.ws
+            .get_ref()
+            .socket()
+            .map_err(|e| CloseReason::Io(e.to_string()))
+    }
+
+    /// Writes what tungstenite holds. `Ok(false)` when the socket is full.
+    fn flush_control(&mut self) -> Result<bool, CloseReason> {
+        match self.ws.flush() {
+            Ok(()) => {
+                self.pong = false;
+                Ok(true)
+            }
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(io_reason(e)),
+        }
+    }
+}
+
+/// Waits until the socket is readable.
+///
+/// Through the socket's single reader slot (`poll_read_ready`), not
+/// `readable()`: hyper left its handshake task's waker in that slot, and only
+/// a newer registration there lets that finished task (about a kilobyte) be
+/// freed rather than kept for the life of the connection. The slot also costs
+/// the connection's task no waiter state.
+fn read_ready(socket: &TcpStream) -> impl Future<Output = io::Result<()>> + '_ {
+    poll_fn(move |cx| socket.poll_read_ready(cx))
+}
+
+fn would_block(e: &WsError) -> bool {
+    matches!(e, WsError::Io(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+impl Wire for FastWire {
+    async fn recv(&mut self) -> Incoming {
+        loop {
+            if self.buffered {
+                match self.ws.read() {
+                    Ok(m) => {
+                        // tungstenite queued the reply; the task sends it.
+                        self.pong |= matches!(m, Message::Ping(_));
+                        return map_message(Some(Ok(m)));
+                    }
+                    Err(e) if would_block(&e) => self.buffered = false,
+                    Err(e) => return map_message(Some(Err(e))),
+                }
+            }
+            let socket = match self.socket() {
+                Ok(s) => s,
+                Err(reason) => return Incoming::Closed(reason),
+            };
+            if let Err(e) = read_ready(socket).await {
+                return Incoming::Closed(CloseReason::Io(e.to_string()));
+            }
+            self.buffered = true;
+        }
+    }
+
+    fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
+        // A control frame begun goes first, then the queued data frames, then
+        // any further control frames: never two frames interleaved.
+        if outbox.control_partial() && !self.flush_control()? {
+            return Ok(Flushed::BLOCKED);
+        }
+        if !outbox
+            .write_queued()
+            .map_err(|e| CloseReason::Io(e.to_string()))?
+        {
+            return Ok(Flushed::BLOCKED);
+        }
+        Ok(if self.flush_control()? {
+            Flushed::DONE
+        } else {
+            Flushed::BLOCKED
+        })
+    }
+
+    async fn writable(&mut self) -> Result<(), CloseReason> {
+        let socket = self.socket()?;
+        poll_fn(|cx| socket.poll_write_ready(cx))
+            .await
+            .map_err(|e| CloseReason::Io(e.to_string()))
+    }
+
+    fn ping(&mut self) -> Result<(), CloseReason> {
+        match self.ws.write(Message::Ping(Bytes::new())) {
+            Ok(()) => Ok(()),
+            Err(e) if would_block(&e) => Ok(()),
+            Err(e) => Err(io_reason(e)),
+        }
+    }
+
+    fn wants_flush(&self) -> bool {
+        self.pong
+    }
+
+    async fn close(&mut self, outbox: &Outbox, reason: &CloseReason) {
+        if matches!(reason, CloseReason::Io(_)) {
+            return;
+        }
+        if !matches!(reason, CloseReason::Client { .. }) {
+            // (A client's close frame was answered by tungstenite already;
+            // the flush below sends the answer.)
+            let frame = CloseFrame {
+                code: reason.ws_code().into(),
+                reason: Utf8Bytes::from(reason.to_string()),
+            };
+            if let Err(e) = self.ws.close(Some(frame))
+                && !would_block(&e)
+            {
+                return;
+            }
+        }
+        // The rest of a frame begun, then the close frame.
+        loop {
+            match self.try_flush(outbox) {
+                Ok(f) if f.done => break,
+                Ok(_) => {
+                    if self.writable().await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        if matches!(reason, CloseReason::Client { .. }) {
+            return;
+        }
+        // Wait for the client's close frame (the caller bounds this), so the
+        // client sees a clean close rather than a reset.
+        loop {
+            match self.ws.read() {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => {
+                    let Ok(socket) = self.socket() else { return };
+                    if read_ready(socket).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 async fn close_ws<S: AsyncRead + AsyncWrite + Unpin>(
@@ -437,6 +562,8 @@ fn to_message(frame: Frame) -> Message {
     }
 }
 
+/// Any other byte stream (TLS, a custom listener): tungstenite's async
+/// wrapper alone, every frame through it.
 impl<S> Wire for WsWire<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -445,19 +572,40 @@ where
         map_message(self.ws.next().await)
     }
 
-    async fn send_batch(&mut self, batch: &mut VecDeque<Frame>) -> Result<u32, CloseReason> {
-        for frame in batch.drain(..) {
-            self.ws.feed(to_message(frame)).await.map_err(io_reason)?;
+    fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
+        if self.pending.is_empty() {
+            let mut frames = VecDeque::new();
+            outbox.drain(&mut frames);
+            self.pending.extend(frames.into_iter().map(to_message));
         }
-        self.ws.flush().await.map_err(io_reason)?;
-        Ok(0)
+        while let Some(m) = self.pending.front() {
+            // `feed` takes the message only once tungstenite has room for it.
+            match self.ws.feed(m.clone()).now_or_never() {
+                Some(Ok(())) => {
+                    self.pending.pop_front();
+                }
+                Some(Err(e)) => return Err(io_reason(e)),
+                None => return Ok(Flushed::BLOCKED),
+            }
+        }
+        match self.ws.flush().now_or_never() {
+            Some(Ok(())) => Ok(Flushed::DONE),
+            Some(Err(e)) => Err(io_reason(e)),
+            None => Ok(Flushed::BLOCKED),
+        }
     }
 
-    async fn ping(&mut self) -> Result<(), CloseReason> {
-        ping_ws(&mut self.ws).await
+    async fn writable(&mut self) -> Result<(), CloseReason> {
+        // Driving tungstenite's own buffer out is what makes room.
+        self.ws.flush().await.map_err(io_reason)
     }
 
-    async fn close(&mut self, reason: &CloseReason) {
+    fn ping(&mut self) -> Result<(), CloseReason> {
+        self.pending.push_back(Message::Ping(Bytes::new()));
+        Ok(())
+    }
+
+    async fn close(&mut self, _outbox: &Outbox, reason: &CloseReason) {
         close_ws(&mut self.ws, reason).await;
     }
 }
