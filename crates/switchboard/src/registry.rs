@@ -33,30 +33,6 @@ pub(crate) struct Delivery {
     pub(crate) overflowed: u32,
 }
 
-impl Delivery {
-    fn count(&mut self, q: Queued) {
-        match q {
-            Queued::Yes => self.queued += 1,
-            Queued::Dropped => self.dropped += 1,
-            Queued::Overflowed => self.overflowed += 1,
-            Queued::Closing => {}
-        }
-    }
-}
-
-/// Pushes `frame` to each of `outboxes`, emptying it.
-///
-/// A push may write to the socket itself, so a delivery runs after the
-/// registry's lock is released: a fan-out to thousands of sockets must not
-/// hold up connections opening or joining meanwhile.
-pub(crate) fn deliver_to(outboxes: &mut Vec<Arc<Outbox>>, frame: &Frame) -> Delivery {
-    let mut d = Delivery::default();
-    for outbox in outboxes.drain(..) {
-        d.count(outbox.push(frame));
-    }
-    d
-}
-
 #[derive(Debug)]
 pub(crate) struct Registry {
     node: NodeId,
@@ -352,14 +328,13 @@ impl Registry {
     /// Queues `frame` on every local connection `target` selects.
     pub(crate) fn deliver(&self, target: &Target, frame: &Frame) -> Delivery {
         let mut d = Delivery::default();
-        self.for_each(target, |outbox| d.count(outbox.push(frame)));
+        self.for_each(target, |outbox| match outbox.push(frame) {
+            Queued::Yes => d.queued += 1,
+            Queued::Dropped => d.dropped += 1,
+            Queued::Overflowed => d.overflowed += 1,
+            Queued::Closing => {}
+        });
         d
-    }
-
-    /// Appends every local connection `target` selects to `out`, to deliver
-    /// to them without holding the registry (see [`deliver_to`]).
-    pub(crate) fn select(&self, target: &Target, out: &mut Vec<Arc<Outbox>>) {
-        self.for_each(target, |outbox| out.push(outbox.clone()));
     }
 
     /// Asks every local connection `target` selects to close.

@@ -31,7 +31,7 @@ use crate::config::Limits;
 use crate::error::PushError;
 use crate::handler::{Accept, CloseReason, Handler};
 use crate::outbox::{Caps, Outbox};
-use crate::registry::{Delivery, Registry, deliver_to};
+use crate::registry::Registry;
 use crate::stats::{Counters, HubStats};
 
 /// What a push did.
@@ -168,7 +168,7 @@ impl Hub {
         payload: impl Into<Payload>,
     ) -> Result<PushReport, PushError> {
         let frame = payload.into().into_frame(self.inner.default_kind)?;
-        let d = self.deliver(target, &frame);
+        let d = self.registry().deliver(target, &frame);
         let c = &self.inner.counters;
         Counters::add(&c.queued, u64::from(d.queued));
         Counters::add(&c.frames_dropped, u64::from(d.dropped));
@@ -287,28 +287,6 @@ impl Hub {
             self.inner.node.clone(),
             self.inner.next_seq.fetch_add(1, Ordering::Relaxed),
         )
-    }
-
-    /// Pushes `frame` to the local connections `target` selects: selected
-    /// under the registry's lock, written after it.
-    fn deliver(&self, target: &Target, frame: &switchboard_core::Frame) -> Delivery {
-        thread_local! {
-            // Kept per thread so that a fan-out allocates nothing per push.
-            static SELECTED: std::cell::RefCell<Vec<Arc<Outbox>>> =
-                const { std::cell::RefCell::new(Vec::new()) };
-        }
-        // Taken out rather than borrowed: a delivery may run inside another
-        // (an in-process backplane delivers synchronously).
-        let mut selected = SELECTED.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        self.registry().select(target, &mut selected);
-        let d = deliver_to(&mut selected, frame);
-        SELECTED.with(|s| {
-            let mut s = s.borrow_mut();
-            if s.capacity() < selected.capacity() {
-                *s = selected;
-            }
-        });
-        d
     }
 
     /// Registers an accepted connection. Its greeting is queued before it is
@@ -480,7 +458,7 @@ impl Hub {
         }
         match env.body {
             Body::Push { target, frame } => {
-                let d = self.deliver(&target, &frame);
+                let d = self.registry().deliver(&target, &frame);
                 let c = &self.inner.counters;
                 Counters::add(&c.queued, u64::from(d.queued));
                 Counters::add(&c.frames_dropped, u64::from(d.dropped));

@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -155,9 +154,8 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                     let leftover = read_buf.to_vec();
                     drop(read_buf);
                     let outbox = hub.open(&conn, accept);
-                    outbox.attach(io.into_inner());
                     let ws = tokio_tungstenite::tungstenite::WebSocket::from_partially_read(
-                        Sock(outbox.clone()),
+                        Sock::new(io.into_inner()),
                         leftover,
                         Role::Server,
                         Some(config),
@@ -304,28 +302,43 @@ pub(crate) fn write_frames<'a>(
     Ok((done, progress))
 }
 
-/// tungstenite's view of the socket: it reads straight from it and writes
-/// its control frames through the outbox, which keeps them from interleaving
-/// with data frames written by pushes.
-struct Sock(Arc<Outbox>);
+/// tungstenite's view of the socket: non-blocking reads and writes, with
+/// the gate that keeps its control frames from interleaving with a data frame
+/// partly written.
+struct Sock {
+    stream: TcpStream,
+    /// A data frame is partly on the socket: control frames must wait.
+    data_partial: bool,
+    /// A control frame is partly on the socket: data frames must wait.
+    control_partial: bool,
+}
 
 impl Sock {
-    fn socket(&self) -> io::Result<&TcpStream> {
-        self.0
-            .socket()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no socket"))
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            data_partial: false,
+            control_partial: false,
+        }
     }
 }
 
 impl io::Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket()?.try_read(buf)
+        self.stream.try_read(buf)
     }
 }
 
 impl io::Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write_control(buf)
+        if self.data_partial {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = self.stream.try_write(buf)?;
+        // tungstenite hands over all it holds each time: what is left is the
+        // tail of a frame already begun.
+        self.control_partial = n < buf.len();
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
@@ -336,12 +349,15 @@ type SyncWs = tokio_tungstenite::tungstenite::WebSocket<Sock>;
 
 /// A WebSocket over a plain TCP socket, the common case. tungstenite reads
 /// (frames, control frames, UTF-8, limits) and writes control frames; data
-/// frames are written by [`write_frames`], by pushes directly or by this
-/// connection's task for what they queued. tungstenite is used without its
-/// async wrapper: readiness comes from the socket itself, so nothing is
-/// allocated per connection for wakers.
+/// frames are written by [`write_frames`]: a whole batch per `writev`, no
+/// copy. tungstenite is used without its async wrapper: readiness comes from
+/// the socket itself, so nothing is allocated per connection for wakers.
 struct FastWire {
     ws: SyncWs,
+    /// Frames taken from the outbox and not yet written.
+    batch: VecDeque<Frame>,
+    /// Bytes of the first frame of `batch` already written.
+    offset: usize,
     /// tungstenite may hold complete frames that the socket will not announce.
     buffered: bool,
     /// tungstenite holds a pong to send.
@@ -352,16 +368,15 @@ impl FastWire {
     fn new(ws: SyncWs) -> Self {
         Self {
             ws,
+            batch: VecDeque::new(),
+            offset: 0,
             buffered: true,
             pong: false,
         }
     }
 
-    fn socket(&self) -> Result<&TcpStream, CloseReason> {
-        self.ws
-            .get_ref()
-            .socket()
-            .map_err(|e| CloseReason::Io(e.to_string()))
+    fn socket(&self) -> &TcpStream {
+        &self.ws.get_ref().stream
     }
 
     /// Writes what tungstenite holds. `Ok(false)` when the socket is full.
@@ -371,9 +386,27 @@ impl FastWire {
                 self.pong = false;
                 Ok(true)
             }
-            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if would_block(&e) => Ok(false),
             Err(e) => Err(io_reason(e)),
         }
+    }
+
+    /// Writes `batch` as far as the socket takes it. `Ok(false)` when full.
+    fn write_batch(&mut self) -> Result<bool, CloseReason> {
+        while !self.batch.is_empty() {
+            match write_frames(self.socket(), self.batch.iter(), self.offset) {
+                Ok((done, rest)) => {
+                    self.batch.drain(..done);
+                    self.offset = rest;
+                    self.ws.get_mut().data_partial = rest > 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(CloseReason::Io(e.to_string())),
+            }
+        }
+        // An idle connection should not keep a burst's buffer.
+        self.batch = VecDeque::new();
+        Ok(true)
     }
 }
 
@@ -406,11 +439,7 @@ impl Wire for FastWire {
                     Err(e) => return map_message(Some(Err(e))),
                 }
             }
-            let socket = match self.socket() {
-                Ok(s) => s,
-                Err(reason) => return Incoming::Closed(reason),
-            };
-            if let Err(e) = read_ready(socket).await {
+            if let Err(e) = read_ready(self.socket()).await {
                 return Incoming::Closed(CloseReason::Io(e.to_string()));
             }
             self.buffered = true;
@@ -418,16 +447,19 @@ impl Wire for FastWire {
     }
 
     fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
-        // A control frame begun goes first, then the queued data frames, then
-        // any further control frames: never two frames interleaved.
-        if outbox.control_partial() && !self.flush_control()? {
+        // A frame begun goes on first, data or control: never two frames
+        // interleaved.
+        if self.ws.get_ref().control_partial && !self.flush_control()? {
             return Ok(Flushed::BLOCKED);
         }
-        if !outbox
-            .write_queued()
-            .map_err(|e| CloseReason::Io(e.to_string()))?
-        {
-            return Ok(Flushed::BLOCKED);
+        loop {
+            if !self.write_batch()? {
+                return Ok(Flushed::BLOCKED);
+            }
+            outbox.drain(&mut self.batch);
+            if self.batch.is_empty() {
+                break;
+            }
         }
         Ok(if self.flush_control()? {
             Flushed::DONE
@@ -437,7 +469,7 @@ impl Wire for FastWire {
     }
 
     async fn writable(&mut self) -> Result<(), CloseReason> {
-        let socket = self.socket()?;
+        let socket = self.socket();
         poll_fn(|cx| socket.poll_write_ready(cx))
             .await
             .map_err(|e| CloseReason::Io(e.to_string()))
@@ -459,6 +491,8 @@ impl Wire for FastWire {
         if matches!(reason, CloseReason::Io(_)) {
             return;
         }
+        // Of the frames not written, only one begun must still go, whole.
+        self.batch.truncate(usize::from(self.offset > 0));
         if !matches!(reason, CloseReason::Client { .. }) {
             // (A client's close frame was answered by tungstenite already;
             // the flush below sends the answer.)
@@ -493,8 +527,7 @@ impl Wire for FastWire {
             match self.ws.read() {
                 Ok(_) => {}
                 Err(e) if would_block(&e) => {
-                    let Ok(socket) = self.socket() else { return };
-                    if read_ready(socket).await.is_err() {
+                    if read_ready(self.socket()).await.is_err() {
                         return;
                     }
                 }
@@ -607,5 +640,106 @@ where
 
     async fn close(&mut self, _outbox: &Outbox, reason: &CloseReason) {
         close_ws(&mut self.ws, reason).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumer;
+    use crate::outbox::Caps;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        (server, client)
+    }
+
+    /// Reads `n` unmasked server frames: (opcode byte, payload).
+    async fn read_frames(client: &mut TcpStream, n: usize) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let mut h = [0u8; 2];
+            client.read_exact(&mut h).await.unwrap();
+            let len = match h[1] {
+                126 => {
+                    let mut l = [0u8; 2];
+                    client.read_exact(&mut l).await.unwrap();
+                    usize::from(u16::from_be_bytes(l))
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    client.read_exact(&mut l).await.unwrap();
+                    u64::from_be_bytes(l) as usize
+                }
+                l => usize::from(l),
+            };
+            assert!(
+                len <= 1 << 20,
+                "frame {} has no sane length: a cut frame",
+                out.len()
+            );
+            let mut data = vec![0u8; len];
+            client.read_exact(&mut data).await.unwrap();
+            out.push((h[0], data));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_pong_never_cuts_into_a_data_frame() {
+        let (server, mut client) = pair().await;
+        let mut wire = FastWire::new(SyncWs::from_raw_socket(
+            Sock::new(server),
+            Role::Server,
+            None,
+        ));
+        let outbox = Outbox::new(Caps {
+            frames: 1 << 20,
+            bytes: usize::MAX,
+            policy: SlowConsumer::Close,
+        });
+        // Odd-sized frames, pushed until the socket (unread) leaves one of
+        // them half written.
+        let payload = |i: usize| format!("{i:07}").repeat(1143);
+        let mut sent = 0;
+        while wire.offset == 0 {
+            outbox.push(&Frame::text(payload(sent)));
+            sent += 1;
+            assert!(sent < 100_000, "the socket never filled");
+            wire.try_flush(&outbox).unwrap();
+        }
+        // The client pings (masked, empty): tungstenite reads it and answers
+        // at once if it can; the gate must hold the pong back.
+        client.write_all(&[0x89, 0x80, 1, 2, 3, 4]).await.unwrap();
+        let incoming = tokio::time::timeout(std::time::Duration::from_secs(5), wire.recv())
+            .await
+            .expect("the ping is read");
+        assert!(matches!(incoming, Incoming::Alive));
+        assert!(wire.wants_flush());
+        // The client starts reading, so the socket has room again while the
+        // frame is still half written; reading again makes tungstenite try
+        // to send its pong first.
+        let reader = tokio::spawn(async move { read_frames(&mut client, sent + 1).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let more = tokio::time::timeout(std::time::Duration::from_millis(50), wire.recv()).await;
+        assert!(more.is_err(), "nothing more to read");
+        loop {
+            if wire.try_flush(&outbox).unwrap().done {
+                break;
+            }
+            wire.writable().await.unwrap();
+        }
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("every frame arrives")
+            .unwrap();
+        for (i, (op, data)) in got[..sent].iter().enumerate() {
+            assert_eq!(*op, 0x81, "frame {i} is a text frame");
+            assert_eq!(data, payload(i).as_bytes(), "frame {i} whole and in order");
+        }
+        assert_eq!(got[sent], (0x8A, Vec::new()), "then the pong");
     }
 }
