@@ -6,6 +6,10 @@
 #   RUNS=1 scripts/bench.sh local-multi   # one mode
 #   SCENARIOS="fanout2k_r0 idle10k" scripts/bench.sh
 #
+# Every invocation first measures the floor (mode "floor": what the kernel
+# alone charges for the writes, at this moment), so that each table can be
+# read against the machine's state when it was measured.
+#
 # Needs Redis on 127.0.0.1:6379 for the redis modes and RabbitMQ on
 # 127.0.0.1:5672 (guest/guest) for the amqp modes. Everything runs on this
 # machine over loopback; the load tool's own CPU shares it.
@@ -87,9 +91,21 @@ args_for() { # scenario
     idle10k) echo "idle --conns 10000" ;;
     idle19k) echo "idle --conns 19000" ;;
     connect10k) echo "connect --conns 10000 --in-flight 200" ;;
+    floor_paced) echo "floor --conns 1000 --messages 100 --rate 25" ;;
+    floor_burst) echo "floor --conns 1000 --messages 100" ;;
+    floor_batch16) echo "floor --conns 1000 --messages 96 --batch 16" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
+
+for scenario in floor_paced floor_burst floor_batch16; do
+  for run in $(seq "$RUNS"); do
+    # shellcheck disable=SC2046
+    line=$("$BIN" bench $(args_for "$scenario") --label floor 2>/dev/null | tail -1)
+    echo "{\"mode\":\"floor\",\"name\":\"$scenario\",\"run\":$run,\"result\":$line}" >> "$RESULTS"
+    echo "floor $scenario run $run: $(echo "$line" | cut -c1-160)"
+  done
+done
 
 for mode in "${MODES[@]}"; do
   for scenario in $SCENARIOS; do

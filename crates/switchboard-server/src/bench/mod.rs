@@ -9,6 +9,7 @@
 //! over several source addresses (127.0.0.1, 127.0.0.2, ...).
 
 pub mod client;
+pub mod floor;
 pub mod procfs;
 pub mod proto;
 pub mod worker;
@@ -35,8 +36,9 @@ pub struct BenchArgs {
     /// Scenario.
     #[arg(value_enum)]
     pub scenario: Scenario,
-    /// The nodes, comma-separated: `ws://127.0.0.1:9001/ws,ws://127.0.0.1:9002/ws` or `tcp://...`.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// The nodes, comma-separated: `ws://127.0.0.1:9001/ws,ws://127.0.0.1:9002/ws` or `tcp://...`
+    /// (every scenario but `floor`).
+    #[arg(long, value_delimiter = ',')]
     pub nodes: Vec<Endpoint>,
     /// Group members (fanout), sender→receiver pairs (p2p), or connections (idle, connect).
     #[arg(long, default_value_t = 2000)]
@@ -78,6 +80,10 @@ pub struct BenchArgs {
     /// Idle: seconds to let memory settle before measuring.
     #[arg(long, default_value_t = 2.0)]
     pub settle: f64,
+    /// Floor: frames per write (1 is what a paced fan-out costs; more shows
+    /// what coalescing saves).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
 }
 
 struct Worker {
@@ -151,6 +157,20 @@ fn progress(text: &str) {
 /// Runs a benchmark and prints a table and one JSON line to stdout.
 #[allow(clippy::print_stdout)]
 pub async fn run(a: BenchArgs) -> Result<()> {
+    if a.scenario == Scenario::Floor {
+        let f = floor::Floor {
+            conns: a.conns,
+            messages: a.messages.unwrap_or(100),
+            rate: a.rate,
+            size: a.size,
+            batch: a.batch,
+        };
+        let mut out = tokio::task::spawn_blocking(move || floor::run(f)).await??;
+        out["label"] = json!(a.label);
+        print_table(&out);
+        println!("{out}");
+        return Ok(());
+    }
     if a.nodes.is_empty() || a.sources.is_empty() {
         bail!("need at least one node and one source address");
     }
@@ -261,6 +281,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 out["cpu_us_per_conn"] = json!((c1 - c0) as f64 / 1000.0 / opened.max(1) as f64);
             }
         }
+        Scenario::Floor => unreachable!("measured without a server, above"),
         Scenario::Fanout | Scenario::P2p => {
             let cpu0 = cpu(&all_pids);
             let t0 = client::now_ns();

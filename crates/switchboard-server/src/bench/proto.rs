@@ -19,6 +19,9 @@ pub enum Scenario {
     Idle,
     /// N connections opened, each until its welcome: server CPU per connection.
     Connect,
+    /// No server: the kernel's CPU per small write to N loopback sockets, the
+    /// floor under CPU per delivery on this machine.
+    Floor,
 }
 
 /// What one worker opens and does.

@@ -1,0 +1,195 @@
+//! `switchboard bench floor`: what the kernel alone charges for the writes a
+//! delivery needs, on this machine, now.
+//!
+//! A writer thread writes one small WebSocket-framed message to each of N
+//! loopback sockets per round (or `batch` of them in one write), paced like
+//! the fan-out scenarios; a reader thread with its own runtime reads them as
+//! the load tool would. The writer's CPU time per frame is the floor under
+//! any server's CPU per delivery: a server does at least this, plus its own
+//! work. Measuring it beside a run tells how much of a figure is the kernel's
+//! (on a virtual machine, mostly waking the reader on the other core).
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy)]
+pub struct Floor {
+    /// Sockets written to.
+    pub conns: usize,
+    /// Frames per socket.
+    pub messages: u64,
+    /// Rounds per second (one frame per socket each); 0 writes back to back.
+    pub rate: f64,
+    /// Payload bytes per frame.
+    pub size: usize,
+    /// Frames per write.
+    pub batch: usize,
+}
+
+/// CPU time of the calling thread, in nanoseconds.
+fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn frame(size: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(size + 4);
+    f.push(0x81);
+    if size < 126 {
+        f.push(size as u8);
+    } else {
+        f.push(126);
+        f.extend_from_slice(&(size.min(u16::MAX as usize) as u16).to_be_bytes());
+    }
+    f.extend(std::iter::repeat_n(b'x', size.min(u16::MAX as usize)));
+    f
+}
+
+/// Runs the measurement (blocking: call it off the async runtime).
+pub fn run(f: Floor) -> Result<serde_json::Value> {
+    if f.conns == 0 || f.messages == 0 || f.batch == 0 {
+        bail!("floor needs --conns, --messages and --batch above 0");
+    }
+    if f.conns > 9_000 {
+        bail!("floor holds both ends of each socket in this process: at most 9,000 --conns");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    let addr = listener.local_addr()?;
+    let one = frame(f.size);
+    let rounds = f.messages.div_ceil(f.batch as u64);
+    let per_socket = (rounds * f.batch as u64) as usize * one.len();
+
+    // The reader: its own thread and runtime, one task per socket.
+    let remaining = Arc::new(AtomicUsize::new(f.conns));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let remaining = remaining.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut tasks = Vec::with_capacity(f.conns);
+                for _ in 0..f.conns {
+                    let mut s = tokio::net::TcpStream::connect(addr).await?;
+                    let remaining = remaining.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        let mut got = 0;
+                        while got < per_socket {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got += n,
+                            }
+                        }
+                        remaining.fetch_sub(1, Ordering::AcqRel);
+                    }));
+                }
+                let _ = ready_tx.send(());
+                for t in tasks {
+                    let _ = t.await;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+    };
+    let mut sockets = Vec::with_capacity(f.conns);
+    for _ in 0..f.conns {
+        let (s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        sockets.push(s);
+    }
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the reader did not connect")?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    let write = one.repeat(f.batch);
+    let interval = (f.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / f.rate));
+    let cpu0 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+    let t0 = Instant::now();
+    let mut next = t0;
+    for _ in 0..rounds {
+        for s in &mut sockets {
+            (&*s).write_all(&write)?;
+        }
+        if let Some(i) = interval {
+            next += i;
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    let cpu1 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+    let elapsed = t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while remaining.load(Ordering::Acquire) > 0 {
+        if Instant::now() > deadline {
+            bail!("the reader did not get every frame");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(sockets);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))??;
+    let writes = rounds * f.conns as u64;
+    let frames = writes * f.batch as u64;
+    let cpu_us = (cpu1 - cpu0) as f64 / 1000.0;
+    Ok(json!({
+        "scenario": "floor",
+        "conns": f.conns,
+        "messages": rounds * f.batch as u64,
+        "rate": f.rate,
+        "size": f.size,
+        "batch": f.batch,
+        "writes": writes,
+        "deliveries": frames,
+        "duration_s": elapsed.as_secs_f64(),
+        "writer_cpu_us": cpu_us,
+        "cpu_us_per_write": cpu_us / writes as f64,
+        "cpu_us_per_delivery": cpu_us / frames as f64,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measures_every_frame_and_charges_the_writer() {
+        let paced = run(Floor {
+            conns: 20,
+            messages: 10,
+            rate: 200.0,
+            size: 64,
+            batch: 1,
+        })
+        .unwrap();
+        assert_eq!(paced["deliveries"], 200);
+        assert_eq!(paced["writes"], 200);
+        assert!(paced["cpu_us_per_write"].as_f64().unwrap() > 0.0);
+        let batched = run(Floor {
+            conns: 20,
+            messages: 10,
+            rate: 0.0,
+            size: 64,
+            batch: 5,
+        })
+        .unwrap();
+        assert_eq!(batched["writes"], 40, "5 frames per write");
+        assert_eq!(batched["deliveries"], 200);
+    }
+}
