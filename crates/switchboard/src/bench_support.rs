@@ -33,6 +33,7 @@ impl Fanout {
                 frames: 1 << 20,
                 bytes: usize::MAX,
                 policy: SlowConsumer::Close,
+                idle_ms: 0,
             }));
             registry.insert(
                 i as u64,

@@ -9,8 +9,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use switchboard_core::{ConnId, Frame};
-use tokio::time::{Instant, MissedTickBehavior};
 use tracing::Instrument;
 
 use crate::handler::{CloseReason, Transport};
@@ -88,72 +88,50 @@ pub(crate) fn run<W: Wire>(
 ) -> impl Future<Output = ()> + Send {
     let span = tracing::debug_span!("conn", node = %hub.node_id(), conn = %conn, ?transport);
     async move {
-        let limits = hub.limits();
-        let idle = match transport {
-            Transport::Tcp => limits.tcp_idle_timeout,
-            _ => limits.ws_idle_timeout,
-        };
-        let timeouts = Timeouts {
-            write: limits.write_timeout,
-            close: limits.close_timeout,
-        };
-        let mut heartbeat =
-            tokio::time::interval_at(Instant::now() + limits.heartbeat, limits.heartbeat);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut last_in = Instant::now();
         // The greeting waits until the cluster can reach this connection, so
         // that a welcomed client is reachable from every node.
         // Boxed, like every rare path below: the task's future is sized by its
-        // largest state.
+        // largest state, and an idle connection is mostly this future. For the
+        // same reason the keep-alive is the hub's (see `Outbox::keepalive`),
+        // not a timer here.
         Box::pin(hub.settle()).await;
         tracing::debug!("open");
 
         let reason = loop {
             tokio::select! {
                 () = outbox.wait() => {
-                    if let Some(reason) = flush(&hub, &mut wire, &outbox, timeouts).await {
+                    if outbox.take_ping() && let Err(reason) = wire.ping() {
+                        break reason;
+                    }
+                    if let Some(reason) = flush(&hub, &mut wire, &outbox).await {
                         break reason;
                     }
                 }
                 incoming = wire.recv() => match incoming {
                     Incoming::Frame(frame) => {
-                        last_in = Instant::now();
+                        outbox.heard(hub.clock_ms());
                         Counters::add(&hub.counters().frames_in, 1);
                         hub.handler().on_message(&hub, &conn, frame).await;
                     }
                     Incoming::Alive => {
-                        last_in = Instant::now();
+                        outbox.heard(hub.clock_ms());
                         if wire.wants_flush()
-                            && let Some(reason) = flush(&hub, &mut wire, &outbox, timeouts).await
+                            && let Some(reason) = flush(&hub, &mut wire, &outbox).await
                         {
                             break reason;
                         }
                     }
                     Incoming::Closed(reason) => break reason,
                 },
-                _ = heartbeat.tick() => {
-                    if let Some(idle) = idle && last_in.elapsed() >= idle {
-                        break CloseReason::IdleTimeout;
-                    }
-                    if let Err(reason) = wire.ping() {
-                        break reason;
-                    }
-                    if let Some(reason) = flush(&hub, &mut wire, &outbox, timeouts).await {
-                        break reason;
-                    }
-                }
             }
         };
 
         // Unregister first, so that nothing more is queued to a closing connection.
         hub.forget(&conn, &reason);
-        let _ = Box::pin(tokio::time::timeout(timeouts.close, async {
+        let close_timeout = hub.limits().close_timeout;
+        let _ = Box::pin(tokio::time::timeout(close_timeout, async {
             if reason.flush_first() {
-                let t = Timeouts {
-                    write: timeouts.close,
-                    close: timeouts.close,
-                };
-                flush(&hub, &mut wire, &outbox, t).await;
+                flush(&hub, &mut wire, &outbox).await;
             } else {
                 outbox.discard();
             }
@@ -166,67 +144,75 @@ pub(crate) fn run<W: Wire>(
     .instrument(span)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Timeouts {
-    write: std::time::Duration,
-    close: std::time::Duration,
-}
-
-/// Writes everything queued until the queue is empty. Returns a close reason
-/// when the connection must end.
+/// Writes everything queued. Returns a close reason when the connection must
+/// end.
 ///
-/// A socket with room is the common case and costs no awaiting: only a full
-/// socket pays for the (boxed) wait, raced against close requests and the
-/// write timeout.
-async fn flush<W: Wire>(
-    hub: &Hub,
-    wire: &mut W,
-    outbox: &Outbox,
-    timeouts: Timeouts,
-) -> Option<CloseReason> {
-    loop {
-        let closing = outbox.closing();
-        if let Some(reason) = &closing
-            && !reason.flush_first()
-        {
-            outbox.discard();
-            return closing;
-        }
-        match wire.try_flush(outbox) {
-            Ok(f) => {
-                Counters::add(&hub.counters().frames_dropped, u64::from(f.skipped));
-                if f.done {
-                    return closing;
-                }
-            }
-            Err(reason) => return Some(reason),
-        }
-        if let Some(reason) = Box::pin(wait_for_room(wire, outbox, closing, timeouts)).await {
-            return Some(reason);
-        }
+/// A socket with room is the common case and is done at once, with no future
+/// state: only a full socket pays for the (boxed) wait, raced against close
+/// requests and the write timeout.
+fn flush<'a, W: Wire>(
+    hub: &'a Hub,
+    wire: &'a mut W,
+    outbox: &'a Outbox,
+) -> impl Future<Output = Option<CloseReason>> + Send + 'a {
+    match flush_now(hub, wire, outbox) {
+        Step::Done(r) => Either::Left(std::future::ready(r)),
+        Step::Blocked => Either::Right(Box::pin(flush_blocked(hub, wire, outbox))),
     }
 }
 
-/// Waits until the socket may take more; a close reason if the connection
-/// must end first.
-async fn wait_for_room<W: Wire>(
-    wire: &mut W,
-    outbox: &Outbox,
-    closing: Option<CloseReason>,
-    timeouts: Timeouts,
-) -> Option<CloseReason> {
-    let limit = if closing.is_some() {
-        timeouts.close
-    } else {
-        timeouts.write
-    };
-    tokio::select! {
-        r = wire.writable() => r.err(),
-        // A close request that does not flush ends the wait; one that does
-        // continues it under the close timeout.
-        reason = outbox.wait_closing(), if closing.is_none() => {
-            (!reason.flush_first()).then_some(reason)
+enum Step {
+    Done(Option<CloseReason>),
+    Blocked,
+}
+
+/// One non-blocking pass: everything written, the connection to end, or the
+/// socket full.
+fn flush_now<W: Wire>(hub: &Hub, wire: &mut W, outbox: &Outbox) -> Step {
+    let closing = outbox.closing();
+    if let Some(reason) = &closing
+        && !reason.flush_first()
+    {
+        outbox.discard();
+        return Step::Done(closing);
+    }
+    match wire.try_flush(outbox) {
+        Ok(f) => {
+            Counters::add(&hub.counters().frames_dropped, u64::from(f.skipped));
+            if f.done {
+                Step::Done(closing)
+            } else {
+                Step::Blocked
+            }
         }
-        () = tokio::time::sleep(limit) => Some(closing.unwrap_or(CloseReason::SlowConsumer)),
+        Err(reason) => Step::Done(Some(reason)),
+    }
+}
+
+async fn flush_blocked<W: Wire>(hub: &Hub, wire: &mut W, outbox: &Outbox) -> Option<CloseReason> {
+    let limits = hub.limits();
+    loop {
+        let closing = outbox.closing();
+        let limit = if closing.is_some() {
+            limits.close_timeout
+        } else {
+            limits.write_timeout
+        };
+        let waited = tokio::select! {
+            r = wire.writable() => r.err(),
+            // A close request that does not flush ends the wait; one that
+            // does continues it under the close timeout.
+            reason = outbox.wait_closing(), if closing.is_none() => {
+                (!reason.flush_first()).then_some(reason)
+            }
+            () = tokio::time::sleep(limit) => Some(closing.unwrap_or(CloseReason::SlowConsumer)),
+        };
+        if let Some(reason) = waited {
+            return Some(reason);
+        }
+        match flush_now(hub, wire, outbox) {
+            Step::Done(r) => return r,
+            Step::Blocked => {}
+        }
     }
 }

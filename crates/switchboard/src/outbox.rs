@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
@@ -43,12 +43,15 @@ struct State {
     closing: Option<CloseReason>,
 }
 
-/// Capacity limits of one outbox.
+/// Capacity limits of one outbox, and how long its connection may stay silent.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Caps {
     pub(crate) frames: usize,
     pub(crate) bytes: usize,
     pub(crate) policy: SlowConsumer,
+    /// Milliseconds without anything from the client before it is closed;
+    /// 0 for never.
+    pub(crate) idle_ms: u64,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,10 @@ pub(crate) struct Outbox {
     signal: AtomicBool,
     waker: AtomicWaker,
     caps: Caps,
+    /// When the client was last heard from, in the hub's clock (ms).
+    last_in: AtomicU64,
+    /// The hub's keep-alive asks the connection to ping its client.
+    ping: AtomicBool,
 }
 
 impl Outbox {
@@ -67,7 +74,32 @@ impl Outbox {
             signal: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             caps,
+            last_in: AtomicU64::new(0),
+            ping: AtomicBool::new(false),
         }
+    }
+
+    /// Records that the client was heard from at `now_ms` (the hub's clock).
+    pub(crate) fn heard(&self, now_ms: u64) {
+        self.last_in.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// The hub's keep-alive, once per heartbeat: closes a connection silent
+    /// for longer than its idle limit, or asks it to ping its client. One
+    /// sweep over the connections replaces a timer in each of them.
+    pub(crate) fn keepalive(&self, now_ms: u64) {
+        let silent = now_ms.saturating_sub(self.last_in.load(Ordering::Relaxed));
+        if self.caps.idle_ms > 0 && silent >= self.caps.idle_ms {
+            self.close(CloseReason::IdleTimeout);
+        } else {
+            self.ping.store(true, Ordering::Relaxed);
+            self.wake();
+        }
+    }
+
+    /// Whether the keep-alive asked for a ping since the last call.
+    pub(crate) fn take_ping(&self) -> bool {
+        self.ping.swap(false, Ordering::Relaxed)
     }
 
     fn wake(&self) {
@@ -190,7 +222,28 @@ mod tests {
             frames: 3,
             bytes: 10,
             policy,
+            idle_ms: 0,
         }
+    }
+
+    #[test]
+    fn keepalive_pings_a_live_connection_and_closes_a_silent_one() {
+        let o = Outbox::new(Caps {
+            idle_ms: 1_000,
+            ..caps(SlowConsumer::Close)
+        });
+        o.heard(5_000);
+        o.keepalive(5_900);
+        assert!(o.take_ping(), "asked to ping");
+        assert!(!o.take_ping(), "once");
+        assert_eq!(o.closing(), None);
+        o.keepalive(6_000);
+        assert_eq!(o.closing(), Some(CloseReason::IdleTimeout));
+
+        let never = Outbox::new(caps(SlowConsumer::Close));
+        never.keepalive(u64::MAX);
+        assert_eq!(never.closing(), None, "no idle limit");
+        assert!(never.take_ping());
     }
 
     #[test]

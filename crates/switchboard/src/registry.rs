@@ -60,6 +60,11 @@ impl Registry {
         (conn.node() == &self.node).then_some(conn.seq())
     }
 
+    /// Every local connection's sequence number and outbox.
+    pub(crate) fn outboxes(&self) -> impl Iterator<Item = (u64, &Arc<Outbox>)> {
+        self.conns.iter().map(|(&seq, slot)| (seq, &slot.outbox))
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.conns.len()
     }
@@ -434,6 +439,7 @@ mod tests {
             frames: 100,
             bytes: 1 << 20,
             policy: SlowConsumer::Close,
+            idle_ms: 0,
         }))
     }
 

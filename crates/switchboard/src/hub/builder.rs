@@ -148,6 +148,7 @@ impl HubBuilder {
                 tasks: TaskTracker::new(),
                 closing: CancellationToken::new(),
                 stop: CancellationToken::new(),
+                epoch: tokio::time::Instant::now(),
             }),
         };
         let ctx = JoinContext::new(
@@ -161,6 +162,11 @@ impl HubBuilder {
             Arc::downgrade(&hub.inner),
             hub.inner.stop.clone(),
             rx,
+        ));
+        hub.inner.tasks.spawn(super::keepalive(
+            Arc::downgrade(&hub.inner),
+            hub.inner.stop.clone(),
+            hub.inner.limits.heartbeat,
         ));
         tracing::info!(node = %hub.inner.node, "hub started");
         Ok(hub)

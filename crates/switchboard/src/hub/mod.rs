@@ -29,7 +29,7 @@ pub use builder::HubBuilder;
 
 use crate::config::Limits;
 use crate::error::PushError;
-use crate::handler::{Accept, CloseReason, Handler};
+use crate::handler::{Accept, CloseReason, Handler, Transport};
 use crate::outbox::{Caps, Outbox};
 use crate::registry::Registry;
 use crate::stats::{Counters, HubStats};
@@ -97,6 +97,8 @@ pub(crate) struct Inner {
     closing: CancellationToken,
     /// Cancelled after connections are gone: background tasks stop.
     stop: CancellationToken,
+    /// The start of [`Hub::clock_ms`].
+    epoch: tokio::time::Instant,
     /// Envelopes from the backplane fully handled so far.
     handled: tokio::sync::watch::Sender<u64>,
     /// This node's connections, for backplane replays.
@@ -291,13 +293,19 @@ impl Hub {
 
     /// Registers an accepted connection. Its greeting is queued before it is
     /// visible to any push, so it is always the connection's first frame.
-    pub(crate) fn open(&self, conn: &ConnId, accept: Accept) -> Arc<Outbox> {
+    pub(crate) fn open(&self, conn: &ConnId, accept: Accept, transport: Transport) -> Arc<Outbox> {
         let l = &self.inner.limits;
+        let idle = match transport {
+            Transport::Tcp => l.tcp_idle_timeout,
+            _ => l.ws_idle_timeout,
+        };
         let outbox = Arc::new(Outbox::new(Caps {
             frames: l.outbox_frames,
             bytes: l.outbox_bytes,
             policy: l.slow_consumer,
+            idle_ms: idle.map_or(0, |d| d.as_millis().max(1) as u64),
         }));
+        outbox.heard(self.clock_ms());
         for f in &accept.greeting {
             outbox.push(f);
         }
@@ -340,6 +348,12 @@ impl Hub {
                 Counters::add(&self.inner.counters.slow_closed, 1);
             }
         }
+    }
+
+    /// Milliseconds since the hub started: the clock of connections'
+    /// keep-alive.
+    pub(crate) fn clock_ms(&self) -> u64 {
+        self.inner.epoch.elapsed().as_millis() as u64
     }
 
     /// A token cancelled when the hub starts shutting down.
@@ -413,6 +427,38 @@ impl Hub {
 ///
 /// Holds the hub weakly: a hub dropped without [`Hub::shutdown`] still frees
 /// itself, and this task ends with it.
+/// Heartbeats are spread over this many slices of the period: each tick
+/// visits one slice of the connections, so pings do not all leave at once.
+const KEEPALIVE_SLICES: u64 = 8;
+
+/// The keep-alive of every connection of the hub: once per heartbeat period
+/// each connection is asked to ping its client, or closed if its client has
+/// been silent past its idle limit. One task for all rather than a timer in
+/// each connection (a timer costs every idle connection about 150 bytes).
+async fn keepalive(hub: Weak<Inner>, stop: CancellationToken, period: Duration) {
+    let mut tick =
+        tokio::time::interval((period / KEEPALIVE_SLICES as u32).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: skip it, a new connection needs no ping.
+    tick.tick().await;
+    let mut slice = 0;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = hub.upgrade() else { return };
+        let hub = Hub { inner };
+        let now = hub.clock_ms();
+        for (seq, outbox) in hub.registry().outboxes() {
+            if seq % KEEPALIVE_SLICES == slice {
+                outbox.keepalive(now);
+            }
+        }
+        slice = (slice + 1) % KEEPALIVE_SLICES;
+    }
+}
+
 async fn dispatch(hub: Weak<Inner>, stop: CancellationToken, mut inbound: mpsc::Receiver<Bytes>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(256);
     loop {

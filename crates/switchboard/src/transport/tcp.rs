@@ -283,7 +283,7 @@ pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: 
     if hub.is_closing() {
         return;
     }
-    let outbox = hub.open(&conn, accept);
+    let outbox = hub.open(&conn, accept, Transport::Tcp);
     // A task of its own: the long-lived task is exactly the connection's
     // driver, without the handshake's state.
     match limits.tcp_ping.clone() {

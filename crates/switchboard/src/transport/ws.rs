@@ -153,7 +153,7 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                     // read buffer go now, not when the connection ends.
                     let leftover = read_buf.to_vec();
                     drop(read_buf);
-                    let outbox = hub.open(&conn, accept);
+                    let outbox = hub.open(&conn, accept, Transport::WebSocket);
                     let ws = tokio_tungstenite::tungstenite::WebSocket::from_partially_read(
                         Sock::new(io.into_inner()),
                         leftover,
@@ -181,7 +181,7 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                             Some(config),
                         )
                         .await;
-                        let outbox = hub.open(&conn, accept);
+                        let outbox = hub.open(&conn, accept, Transport::WebSocket);
                         let wire = WsWire {
                             ws,
                             pending: VecDeque::new(),
@@ -700,6 +700,7 @@ mod tests {
             frames: 1 << 20,
             bytes: usize::MAX,
             policy: SlowConsumer::Close,
+            idle_ms: 0,
         });
         // Odd-sized frames, pushed until the socket (unread) leaves one of
         // them half written.
