@@ -40,6 +40,9 @@ pub(crate) enum Queued {
 struct State {
     frames: VecDeque<Frame>,
     bytes: usize,
+    /// Bytes of the first frame already written (a write the socket took
+    /// only in part; see [`Outbox::put_back`]).
+    offset: usize,
     closing: Option<CloseReason>,
 }
 
@@ -167,11 +170,39 @@ impl Outbox {
         s.closing.clone()
     }
 
-    /// Drops every queued frame (a close that does not flush).
+    /// Moves every queued frame into `into` (which must be empty) for
+    /// writing; returns how many bytes of the first are written already.
+    pub(crate) fn take(&self, into: &mut VecDeque<Frame>) -> usize {
+        debug_assert!(into.is_empty());
+        let mut s = self.lock();
+        std::mem::swap(&mut s.frames, into);
+        s.bytes = 0;
+        std::mem::take(&mut s.offset)
+    }
+
+    /// Returns frames the socket did not take, ahead of anything queued
+    /// meanwhile, with the bytes of the first already written. Keeping them
+    /// here rather than in the connection's task keeps every idle task
+    /// smaller.
+    pub(crate) fn put_back(&self, mut left: VecDeque<Frame>, offset: usize) {
+        let mut s = self.lock();
+        s.bytes += left.iter().map(Frame::len).sum::<usize>();
+        left.append(&mut s.frames);
+        s.frames = left;
+        s.offset = offset;
+    }
+
+    /// Drops every queued frame (a close that does not flush), except one
+    /// partly written already: the peer must get it whole before anything
+    /// else.
     pub(crate) fn discard(&self) {
         let mut s = self.lock();
-        s.frames = VecDeque::new();
-        s.bytes = 0;
+        let keep = usize::from(s.offset > 0);
+        s.frames.truncate(keep);
+        if keep == 0 {
+            s.frames = VecDeque::new();
+        }
+        s.bytes = s.frames.iter().map(Frame::len).sum();
     }
 
     /// The close request, if any.
@@ -271,6 +302,32 @@ mod tests {
         assert_eq!(out.len(), 1);
         out.clear();
         assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
+    }
+
+    #[test]
+    fn frames_put_back_stay_ahead_of_later_pushes() {
+        let o = Outbox::new(Caps {
+            frames: 10,
+            bytes: 1000,
+            ..caps(SlowConsumer::Close)
+        });
+        for t in ["a", "b", "c"] {
+            o.push(&Frame::text(t));
+        }
+        let mut batch = VecDeque::new();
+        assert_eq!(o.take(&mut batch), 0);
+        batch.pop_front(); // "a" went whole; "b" went in part.
+        o.push(&Frame::text("d"));
+        o.put_back(batch, 1);
+        o.discard();
+        let mut rest = VecDeque::new();
+        assert_eq!(o.take(&mut rest), 1, "the part written is remembered");
+        let texts: Vec<_> = rest.iter().map(|f| f.data().to_vec()).collect();
+        assert_eq!(
+            texts,
+            vec![b"b".to_vec()],
+            "a close keeps only the frame begun"
+        );
     }
 
     #[test]

@@ -354,10 +354,6 @@ type SyncWs = tokio_tungstenite::tungstenite::WebSocket<Sock>;
 /// the socket itself, so nothing is allocated per connection for wakers.
 struct FastWire {
     ws: SyncWs,
-    /// Frames taken from the outbox and not yet written.
-    batch: VecDeque<Frame>,
-    /// Bytes of the first frame of `batch` already written.
-    offset: usize,
     /// tungstenite may hold complete frames that the socket will not announce.
     buffered: bool,
     /// tungstenite holds a pong to send.
@@ -368,8 +364,6 @@ impl FastWire {
     fn new(ws: SyncWs) -> Self {
         Self {
             ws,
-            batch: VecDeque::new(),
-            offset: 0,
             buffered: true,
             pong: false,
         }
@@ -391,22 +385,31 @@ impl FastWire {
         }
     }
 
-    /// Writes `batch` as far as the socket takes it. `Ok(false)` when full.
-    fn write_batch(&mut self) -> Result<bool, CloseReason> {
-        while !self.batch.is_empty() {
-            match write_frames(self.socket(), self.batch.iter(), self.offset) {
-                Ok((done, rest)) => {
-                    self.batch.drain(..done);
-                    self.offset = rest;
-                    self.ws.get_mut().data_partial = rest > 0;
+    /// Writes what `outbox` holds as far as the socket takes it, a batch per
+    /// `writev`; what it does not take goes back to the outbox. `Ok(false)`
+    /// when the socket is full.
+    fn write_queued(&mut self, outbox: &Outbox) -> Result<bool, CloseReason> {
+        loop {
+            let mut batch = VecDeque::new();
+            let mut offset = outbox.take(&mut batch);
+            if batch.is_empty() {
+                return Ok(true);
+            }
+            while !batch.is_empty() {
+                match write_frames(self.socket(), batch.iter(), offset) {
+                    Ok((done, rest)) => {
+                        batch.drain(..done);
+                        offset = rest;
+                        self.ws.get_mut().data_partial = rest > 0;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        outbox.put_back(batch, offset);
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(CloseReason::Io(e.to_string())),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(CloseReason::Io(e.to_string())),
             }
         }
-        // An idle connection should not keep a burst's buffer.
-        self.batch = VecDeque::new();
-        Ok(true)
     }
 }
 
@@ -452,14 +455,8 @@ impl Wire for FastWire {
         if self.ws.get_ref().control_partial && !self.flush_control()? {
             return Ok(Flushed::BLOCKED);
         }
-        loop {
-            if !self.write_batch()? {
-                return Ok(Flushed::BLOCKED);
-            }
-            outbox.drain(&mut self.batch);
-            if self.batch.is_empty() {
-                break;
-            }
+        if !self.write_queued(outbox)? {
+            return Ok(Flushed::BLOCKED);
         }
         Ok(if self.flush_control()? {
             Flushed::DONE
@@ -491,8 +488,6 @@ impl Wire for FastWire {
         if matches!(reason, CloseReason::Io(_)) {
             return;
         }
-        // Of the frames not written, only one begun must still go, whole.
-        self.batch.truncate(usize::from(self.offset > 0));
         if !matches!(reason, CloseReason::Client { .. }) {
             // (A client's close frame was answered by tungstenite already;
             // the flush below sends the answer.)
@@ -706,7 +701,7 @@ mod tests {
         // them half written.
         let payload = |i: usize| format!("{i:07}").repeat(1143);
         let mut sent = 0;
-        while wire.offset == 0 {
+        while !wire.ws.get_ref().data_partial {
             outbox.push(&Frame::text(payload(sent)));
             sent += 1;
             assert!(sent < 100_000, "the socket never filled");
