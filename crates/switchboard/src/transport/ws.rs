@@ -738,4 +738,29 @@ mod tests {
         }
         assert_eq!(got[sent], (0x8A, Vec::new()), "then the pong");
     }
+
+    /// An idle connection is mostly its task: tokio stores the future in a
+    /// cell of header (32) + scheduler and id (16) + tracker (8) + future +
+    /// trailer (48) bytes, padded to a multiple of 128. Up to 536 bytes of
+    /// future the cell is 640; one byte more makes it 768 for every
+    /// connection.
+    #[tokio::test]
+    async fn the_connection_task_fits_a_640_byte_cell() {
+        let (server, _client) = pair().await;
+        let wire = FastWire::new(SyncWs::from_raw_socket(
+            Sock::new(server),
+            Role::Server,
+            None,
+        ));
+        let hub = Hub::builder().start().await.unwrap();
+        let conn = hub.next_conn_id();
+        let outbox = hub.open(
+            &conn,
+            crate::handler::Accept::default(),
+            Transport::WebSocket,
+        );
+        let task = conn::run(hub.clone(), conn, outbox, wire, Transport::WebSocket);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 536, "the connection's future grew to {size} bytes");
+    }
 }
