@@ -60,7 +60,7 @@ impl Fanout {
     /// Empties every outbox, as the connections' writers would.
     pub fn drain(&mut self) {
         for o in &self.outboxes {
-            o.drain(&mut self.spare);
+            o.take(&mut self.spare);
             self.spare.clear();
         }
     }

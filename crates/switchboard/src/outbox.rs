@@ -160,18 +160,9 @@ impl Outbox {
         true
     }
 
-    /// Moves every queued frame into `into` (which must be empty) and returns
-    /// the close request, if any.
-    pub(crate) fn drain(&self, into: &mut VecDeque<Frame>) -> Option<CloseReason> {
-        debug_assert!(into.is_empty());
-        let mut s = self.lock();
-        std::mem::swap(&mut s.frames, into);
-        s.bytes = 0;
-        s.closing.clone()
-    }
-
     /// Moves every queued frame into `into` (which must be empty) for
-    /// writing; returns how many bytes of the first are written already.
+    /// writing; returns how many bytes of the first are written already
+    /// (always 0 for a writer that never calls [`Outbox::put_back`]).
     pub(crate) fn take(&self, into: &mut VecDeque<Frame>) -> usize {
         debug_assert!(into.is_empty());
         let mut s = self.lock();
@@ -298,7 +289,8 @@ mod tests {
         assert_eq!(o.push(&Frame::text("123456")), Queued::Dropped);
         assert_eq!(o.closing(), None);
         let mut out = VecDeque::new();
-        assert_eq!(o.drain(&mut out), None);
+        o.take(&mut out);
+        assert_eq!(o.closing(), None);
         assert_eq!(out.len(), 1);
         out.clear();
         assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);

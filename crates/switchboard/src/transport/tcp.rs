@@ -164,7 +164,7 @@ impl Wire for TcpWire {
             // Take more only once the buffer is out: at most one outbox's worth
             // is ever buffered here.
             let mut frames = VecDeque::new();
-            outbox.drain(&mut frames);
+            outbox.take(&mut frames);
             if frames.is_empty() {
                 return Ok(Flushed {
                     done: true,

@@ -603,7 +603,7 @@ where
     fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
         if self.pending.is_empty() {
             let mut frames = VecDeque::new();
-            outbox.drain(&mut frames);
+            outbox.take(&mut frames);
             self.pending.extend(frames.into_iter().map(to_message));
         }
         while let Some(m) = self.pending.front() {
