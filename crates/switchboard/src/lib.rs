@@ -39,6 +39,8 @@
 //! Modes: the default backplane is standalone (one process). Join several hubs
 //! of one process with [`core::MemoryBus`]; other crates provide brokers.
 
+#[cfg(test)]
+mod alloc_count;
 pub mod axum;
 #[doc(hidden)]
 pub mod bench_support;

@@ -1,10 +1,15 @@
 //! A connection's bounded outbound queue.
 //!
 //! Pushes append a shared [`Frame`] (a reference-count increment, no copy) under
-//! a short mutex; the connection's task swaps the whole queue out and writes it
-//! in one batch. Both sides keep their buffers, so a steady stream of pushes
-//! allocates nothing. When the queue is full the [`SlowConsumer`] policy
-//! applies: close the connection (default) or drop the frame.
+//! a short mutex; the connection's task moves up to [`BATCH`] frames at a time
+//! out of it onto its stack and writes them in one system call. The queue keeps
+//! its buffer meanwhile, so pushes that come during a write allocate nothing.
+//! It holds its first frame in place, so a connection that gets one frame at a
+//! time (a paced fan-out, a welcome) never allocates at all, and an idle one
+//! keeps no buffer; the hub's keep-alive frees the buffers that bursts left
+//! behind (see [`Outbox::keepalive`]). When the queue is full the
+//! [`SlowConsumer`] policy applies: close the connection (default) or drop the
+//! frame.
 //!
 //! A std mutex and not a tokio one: it is held for a few instructions and never
 //! across an `.await`. The writer is woken through an `AtomicWaker` and a flag,
@@ -13,8 +18,8 @@
 
 use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
@@ -36,14 +41,110 @@ pub(crate) enum Queued {
     Closing,
 }
 
+/// Frames a writer takes at a time: as many as one `writev` carries.
+pub(crate) const BATCH: usize = 16;
+
+/// Frames moved out of an outbox for one write, on the writer's stack.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    frames: [Option<Frame>; BATCH],
+    head: usize,
+    len: usize,
+}
+
+impl Batch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame> + Clone {
+        self.frames[self.head..self.head + self.len]
+            .iter()
+            .flatten()
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Frame> {
+        if self.len == 0 {
+            return None;
+        }
+        let frame = self.frames[self.head].take();
+        self.head += 1;
+        self.len -= 1;
+        frame
+    }
+
+    /// Drops the first `n` frames (written whole), or all if fewer.
+    pub(crate) fn consume(&mut self, n: usize) {
+        for _ in 0..n.min(self.len) {
+            self.pop_front();
+        }
+    }
+}
+
+impl Iterator for Batch {
+    type Item = Frame;
+
+    fn next(&mut self) -> Option<Frame> {
+        self.pop_front()
+    }
+}
+
+/// Frames in order: `first`, then `more`. `first` is `None` only when the
+/// queue is empty.
+#[derive(Debug, Default)]
+struct Queue {
+    first: Option<Frame>,
+    more: VecDeque<Frame>,
+}
+
+impl Queue {
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn push_back(&mut self, frame: Frame) {
+        if self.first.is_none() {
+            self.first = Some(frame);
+        } else {
+            self.more.push_back(frame);
+        }
+    }
+
+    fn pop_front(&mut self) -> Option<Frame> {
+        let frame = self.first.take();
+        self.first = self.more.pop_front();
+        frame
+    }
+
+    fn push_front(&mut self, frame: Frame) {
+        if let Some(old) = self.first.replace(frame) {
+            self.more.push_front(old);
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.first.iter().chain(&self.more).map(Frame::len).sum()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
-    frames: VecDeque<Frame>,
+    queue: Queue,
     bytes: usize,
     /// Bytes of the first frame already written (a write the socket took
     /// only in part; see [`Outbox::put_back`]).
     offset: usize,
-    closing: Option<CloseReason>,
+    /// Boxed: rare, and it keeps every outbox smaller.
+    closing: Option<Box<CloseReason>>,
 }
 
 /// Capacity limits of one outbox, and how long its connection may stay silent.
@@ -63,7 +164,8 @@ pub(crate) struct Outbox {
     /// Set when there is something for the writer to look at.
     signal: AtomicBool,
     waker: AtomicWaker,
-    caps: Caps,
+    /// Shared by every connection of a transport.
+    caps: Arc<Caps>,
     /// When the client was last heard from, in the hub's clock (ms).
     last_in: AtomicU64,
     /// The hub's keep-alive asks the connection to ping its client.
@@ -71,12 +173,12 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(caps: Caps) -> Self {
+    pub(crate) fn new(caps: impl Into<Arc<Caps>>) -> Self {
         Self {
             state: Mutex::new(State::default()),
             signal: AtomicBool::new(false),
             waker: AtomicWaker::new(),
-            caps,
+            caps: caps.into(),
             last_in: AtomicU64::new(0),
             ping: AtomicBool::new(false),
         }
@@ -90,7 +192,17 @@ impl Outbox {
     /// The hub's keep-alive, once per heartbeat: closes a connection silent
     /// for longer than its idle limit, or asks it to ping its client. One
     /// sweep over the connections replaces a timer in each of them.
+    ///
+    /// It also frees an empty spill buffer, so a connection that had a burst
+    /// does not keep its memory for life; one that keeps getting bursts
+    /// allocates again once per heartbeat.
     pub(crate) fn keepalive(&self, now_ms: u64) {
+        {
+            let mut s = self.lock();
+            if s.queue.more.is_empty() && s.queue.more.capacity() > 0 {
+                s.queue.more = VecDeque::new();
+            }
+        }
         let silent = now_ms.saturating_sub(self.last_in.load(Ordering::Relaxed));
         if self.caps.idle_ms > 0 && silent >= self.caps.idle_ms {
             self.close(CloseReason::IdleTimeout);
@@ -122,22 +234,22 @@ impl Outbox {
         if s.closing.is_some() {
             return Queued::Closing;
         }
-        let full = s.frames.len() >= self.caps.frames
-            || (s.bytes + frame.len() > self.caps.bytes && !s.frames.is_empty());
+        let full = s.queue.len() >= self.caps.frames
+            || (s.bytes + frame.len() > self.caps.bytes && !s.queue.is_empty());
         if full {
             return match self.caps.policy {
                 SlowConsumer::DropNewest => Queued::Dropped,
                 SlowConsumer::Close => {
-                    s.closing = Some(CloseReason::SlowConsumer);
+                    s.closing = Some(Box::new(CloseReason::SlowConsumer));
                     drop(s);
                     self.wake();
                     Queued::Overflowed
                 }
             };
         }
-        let was_empty = s.frames.is_empty();
+        let was_empty = s.queue.is_empty();
         s.bytes += frame.len();
-        s.frames.push_back(frame.clone());
+        s.queue.push_back(frame.clone());
         drop(s);
         // The writer drains everything each time it wakes, so only the push that
         // makes the queue non-empty needs to wake it.
@@ -154,32 +266,40 @@ impl Outbox {
         if s.closing.is_some() {
             return false;
         }
-        s.closing = Some(reason);
+        s.closing = Some(Box::new(reason));
         drop(s);
         self.wake();
         true
     }
 
-    /// Moves every queued frame into `into` (which must be empty) for
-    /// writing; returns how many bytes of the first are written already
-    /// (always 0 for a writer that never calls [`Outbox::put_back`]).
-    pub(crate) fn take(&self, into: &mut VecDeque<Frame>) -> usize {
-        debug_assert!(into.is_empty());
+    /// Moves up to [`BATCH`] queued frames into `batch` (which must be
+    /// empty) for writing; returns how many bytes of the first are written
+    /// already (always 0 for a writer that never calls [`Outbox::put_back`]).
+    pub(crate) fn take(&self, batch: &mut Batch) -> usize {
+        debug_assert!(batch.is_empty());
+        batch.head = 0;
         let mut s = self.lock();
-        std::mem::swap(&mut s.frames, into);
-        s.bytes = 0;
+        while batch.len < BATCH
+            && let Some(frame) = s.queue.pop_front()
+        {
+            s.bytes -= frame.len();
+            batch.frames[batch.len] = Some(frame);
+            batch.len += 1;
+        }
         std::mem::take(&mut s.offset)
     }
 
     /// Returns frames the socket did not take, ahead of anything queued
-    /// meanwhile, with the bytes of the first already written. Keeping them
-    /// here rather than in the connection's task keeps every idle task
-    /// smaller.
-    pub(crate) fn put_back(&self, mut left: VecDeque<Frame>, offset: usize) {
+    /// meanwhile, with the bytes of the first already written.
+    pub(crate) fn put_back(&self, mut left: Batch, offset: usize) {
         let mut s = self.lock();
-        s.bytes += left.iter().map(Frame::len).sum::<usize>();
-        left.append(&mut s.frames);
-        s.frames = left;
+        while left.len > 0 {
+            left.len -= 1;
+            if let Some(frame) = left.frames[left.head + left.len].take() {
+                s.bytes += frame.len();
+                s.queue.push_front(frame);
+            }
+        }
         s.offset = offset;
     }
 
@@ -188,17 +308,16 @@ impl Outbox {
     /// else.
     pub(crate) fn discard(&self) {
         let mut s = self.lock();
-        let keep = usize::from(s.offset > 0);
-        s.frames.truncate(keep);
-        if keep == 0 {
-            s.frames = VecDeque::new();
+        s.queue.more = VecDeque::new();
+        if s.offset == 0 {
+            s.queue.first = None;
         }
-        s.bytes = s.frames.iter().map(Frame::len).sum();
+        s.bytes = s.queue.bytes();
     }
 
     /// The close request, if any.
     pub(crate) fn closing(&self) -> Option<CloseReason> {
-        self.lock().closing.clone()
+        self.lock().closing.as_deref().cloned()
     }
 
     /// Waits until frames are queued or a close is requested. Only the
@@ -231,7 +350,7 @@ impl Outbox {
     /// Frames queued now.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.lock().frames.len()
+        self.lock().queue.len()
     }
 }
 
@@ -288,11 +407,11 @@ mod tests {
         // The byte cap applies too.
         assert_eq!(o.push(&Frame::text("123456")), Queued::Dropped);
         assert_eq!(o.closing(), None);
-        let mut out = VecDeque::new();
+        let mut out = Batch::default();
         o.take(&mut out);
         assert_eq!(o.closing(), None);
         assert_eq!(out.len(), 1);
-        out.clear();
+        out.consume(1);
         assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
     }
 
@@ -306,13 +425,13 @@ mod tests {
         for t in ["a", "b", "c"] {
             o.push(&Frame::text(t));
         }
-        let mut batch = VecDeque::new();
+        let mut batch = Batch::default();
         assert_eq!(o.take(&mut batch), 0);
         batch.pop_front(); // "a" went whole; "b" went in part.
         o.push(&Frame::text("d"));
         o.put_back(batch, 1);
         o.discard();
-        let mut rest = VecDeque::new();
+        let mut rest = Batch::default();
         assert_eq!(o.take(&mut rest), 1, "the part written is remembered");
         let texts: Vec<_> = rest.iter().map(|f| f.data().to_vec()).collect();
         assert_eq!(
@@ -342,5 +461,79 @@ mod tests {
         assert!(o.close(CloseReason::Shutdown));
         assert!(!o.close(CloseReason::SlowConsumer), "first reason wins");
         assert_eq!(o.wait_closing().await, CloseReason::Shutdown);
+    }
+
+    fn roomy() -> Outbox {
+        Outbox::new(Caps {
+            frames: 1000,
+            bytes: 1 << 20,
+            ..caps(SlowConsumer::Close)
+        })
+    }
+
+    /// A writer's cycle as the connection's task runs it: take until the
+    /// outbox comes back empty, writing each batch to the end.
+    fn write_all(o: &Outbox) -> usize {
+        let mut batch = Batch::default();
+        let mut written = 0;
+        loop {
+            o.take(&mut batch);
+            if batch.is_empty() {
+                return written;
+            }
+            written += batch.len();
+            batch.consume(usize::MAX);
+        }
+    }
+
+    #[test]
+    fn steady_pushes_and_writes_allocate_nothing() {
+        let o = roomy();
+        let frame = Frame::text("a paced fan-out: one frame per connection per message");
+        let cycle = |burst: usize| {
+            for _ in 0..burst {
+                assert_eq!(o.push(&frame), Queued::Yes);
+            }
+            assert_eq!(write_all(&o), burst);
+        };
+        // Warm-up: the frame's first clone makes its payload shared, and the
+        // first burst sizes the spill buffer.
+        cycle(1);
+        cycle(50);
+        let single = crate::alloc_count::allocations(|| (0..1000).for_each(|_| cycle(1)));
+        assert_eq!(single, 0, "one frame at a time");
+        let bursts = crate::alloc_count::allocations(|| (0..1000).for_each(|_| cycle(50)));
+        assert_eq!(bursts, 0, "bursts reuse the spill buffer");
+        // Pushes that come while a batch is being written land in the
+        // buffer the queue kept.
+        let overlapping = crate::alloc_count::allocations(|| {
+            for _ in 0..1000 {
+                (0..20).for_each(|_| assert_eq!(o.push(&frame), Queued::Yes));
+                let mut batch = Batch::default();
+                o.take(&mut batch);
+                (0..20).for_each(|_| assert_eq!(o.push(&frame), Queued::Yes));
+                batch.consume(usize::MAX);
+                assert_eq!(write_all(&o), 24);
+            }
+        });
+        assert_eq!(overlapping, 0, "pushes during a write");
+    }
+
+    #[test]
+    fn the_keepalive_frees_an_idle_spill_buffer() {
+        let o = roomy();
+        (0..100).for_each(|_| {
+            o.push(&Frame::text("x"));
+        });
+        assert_eq!(write_all(&o), 100);
+        assert!(
+            o.lock().queue.more.capacity() >= 99,
+            "kept for the next burst"
+        );
+        o.keepalive(0);
+        assert_eq!(o.lock().queue.more.capacity(), 0, "freed once idle");
+        // A queue of one frame never needs it.
+        o.push(&Frame::text("y"));
+        assert_eq!(o.lock().queue.more.capacity(), 0);
     }
 }

@@ -14,6 +14,7 @@ use super::{Hub, Inner, View, dispatch, epoch_micros};
 use crate::config::Limits;
 use crate::error::BuildError;
 use crate::handler::{Handler, NoopHandler};
+use crate::outbox::Caps;
 use crate::registry::Registry;
 use crate::stats::Counters;
 
@@ -135,6 +136,10 @@ impl HubBuilder {
                 registry: RwLock::new(Registry::new(node.clone())),
                 node,
                 default_kind: self.default_kind,
+                caps: [
+                    outbox_caps(&self.limits, self.limits.ws_idle_timeout),
+                    outbox_caps(&self.limits, self.limits.tcp_idle_timeout),
+                ],
                 limits: self.limits,
                 query_timeout: self.query_timeout,
                 shutdown_timeout: self.shutdown_timeout,
@@ -171,4 +176,13 @@ impl HubBuilder {
         tracing::info!(node = %hub.inner.node, "hub started");
         Ok(hub)
     }
+}
+
+fn outbox_caps(l: &Limits, idle: Option<Duration>) -> Arc<Caps> {
+    Arc::new(Caps {
+        frames: l.outbox_frames,
+        bytes: l.outbox_bytes,
+        policy: l.slow_consumer,
+        idle_ms: idle.map_or(0, |d| d.as_millis().max(1) as u64),
+    })
 }

@@ -80,6 +80,8 @@ pub(crate) struct Inner {
     node: NodeId,
     default_kind: FrameKind,
     limits: Limits,
+    /// Outbox limits for WebSocket and for TCP connections, shared by all.
+    caps: [Arc<Caps>; 2],
     query_timeout: Duration,
     shutdown_timeout: Duration,
     registry: RwLock<Registry>,
@@ -294,17 +296,8 @@ impl Hub {
     /// Registers an accepted connection. Its greeting is queued before it is
     /// visible to any push, so it is always the connection's first frame.
     pub(crate) fn open(&self, conn: &ConnId, accept: Accept, transport: Transport) -> Arc<Outbox> {
-        let l = &self.inner.limits;
-        let idle = match transport {
-            Transport::Tcp => l.tcp_idle_timeout,
-            _ => l.ws_idle_timeout,
-        };
-        let outbox = Arc::new(Outbox::new(Caps {
-            frames: l.outbox_frames,
-            bytes: l.outbox_bytes,
-            policy: l.slow_consumer,
-            idle_ms: idle.map_or(0, |d| d.as_millis().max(1) as u64),
-        }));
+        let caps = &self.inner.caps[usize::from(transport == Transport::Tcp)];
+        let outbox = Arc::new(Outbox::new(caps.clone()));
         outbox.heard(self.clock_ms());
         for f in &accept.greeting {
             outbox.push(f);

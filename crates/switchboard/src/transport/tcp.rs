@@ -1,6 +1,5 @@
 //! Raw TCP connections with line or length-prefixed framing.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::net::TcpStream;
 use crate::conn::{self, Flushed, Incoming, Wire};
 use crate::handler::{CloseReason, ConnectInfo, Decision, Transport};
 use crate::hub::Hub;
-use crate::outbox::Outbox;
+use crate::outbox::{Batch, Outbox};
 use crate::stats::Counters;
 
 /// How a TCP listener frames messages and opens connections.
@@ -46,6 +45,9 @@ impl TcpOptions {
 
 /// Grow the read buffer by this much when it is full.
 const READ_CHUNK: usize = 4096;
+/// Queued frames are framed into one buffer up to about this size before a
+/// write, so a burst leaves in few system calls.
+const WRITE_CHUNK: usize = 64 * 1024;
 
 pub(crate) struct TcpWire {
     stream: TcpStream,
@@ -81,7 +83,7 @@ impl TcpWire {
         }
         // A burst can leave a large buffer behind; an idle connection should
         // not keep it.
-        if self.wbuf.capacity() > 64 * 1024 {
+        if self.wbuf.capacity() > 2 * WRITE_CHUNK {
             self.wbuf = BytesMut::new();
         }
         Ok(true)
@@ -154,6 +156,7 @@ impl Wire for TcpWire {
 
     fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
         let mut skipped = 0;
+        let mut frames = Batch::default();
         loop {
             if !self.write_buffered()? {
                 return Ok(Flushed {
@@ -161,17 +164,21 @@ impl Wire for TcpWire {
                     skipped,
                 });
             }
-            // Take more only once the buffer is out: at most one outbox's worth
-            // is ever buffered here.
-            let mut frames = VecDeque::new();
-            outbox.take(&mut frames);
-            if frames.is_empty() {
+            // Take more only once the buffer is out, and only up to a chunk:
+            // what is buffered here stays bounded.
+            while self.wbuf.len() < WRITE_CHUNK {
+                outbox.take(&mut frames);
+                if frames.is_empty() {
+                    break;
+                }
+                skipped += self.encode(&mut frames);
+            }
+            if self.wbuf.is_empty() {
                 return Ok(Flushed {
                     done: true,
                     skipped,
                 });
             }
-            skipped += self.encode(frames);
         }
     }
 

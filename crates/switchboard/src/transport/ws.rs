@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use crate::conn::{self, Flushed, Incoming, Wire};
 use crate::handler::{CloseReason, ConnectInfo, Decision, Transport};
 use crate::hub::Hub;
-use crate::outbox::Outbox;
+use crate::outbox::{Batch, Outbox};
 use crate::stats::Counters;
 
 /// Bytes of the per-connection read buffer. tungstenite allocates it eagerly,
@@ -236,7 +236,7 @@ fn map_message(m: Option<Result<Message, WsError>>) -> Incoming {
 }
 
 /// Frames written per `writev` (each a header and a payload slice).
-pub(crate) const WRITEV_FRAMES: usize = 16;
+pub(crate) const WRITEV_FRAMES: usize = crate::outbox::BATCH;
 
 /// Writes an unmasked server frame header for `frame`; returns its length.
 fn ws_header(frame: &Frame, out: &mut [u8; 10]) -> usize {
@@ -389,8 +389,8 @@ impl FastWire {
     /// `writev`; what it does not take goes back to the outbox. `Ok(false)`
     /// when the socket is full.
     fn write_queued(&mut self, outbox: &Outbox) -> Result<bool, CloseReason> {
+        let mut batch = Batch::default();
         loop {
-            let mut batch = VecDeque::new();
             let mut offset = outbox.take(&mut batch);
             if batch.is_empty() {
                 return Ok(true);
@@ -398,7 +398,7 @@ impl FastWire {
             while !batch.is_empty() {
                 match write_frames(self.socket(), batch.iter(), offset) {
                     Ok((done, rest)) => {
-                        batch.drain(..done);
+                        batch.consume(done);
                         offset = rest;
                         self.ws.get_mut().data_partial = rest > 0;
                     }
@@ -602,9 +602,9 @@ where
 
     fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
         if self.pending.is_empty() {
-            let mut frames = VecDeque::new();
+            let mut frames = Batch::default();
             outbox.take(&mut frames);
-            self.pending.extend(frames.into_iter().map(to_message));
+            self.pending.extend(frames.map(to_message));
         }
         while let Some(m) = self.pending.front() {
             // `feed` takes the message only once tungstenite has room for it.
