@@ -215,7 +215,7 @@ pub async fn launch_app(
             .await
             .with_context(|| format!("binding the WebSocket listener on {addr}"))?;
         ws = Some(l.local_addr()?);
-        let router = switchboard::axum::router(hub.clone(), &cfg.ws_path)
+        let router = axum::Router::new()
             .route(
                 "/ready",
                 axum::routing::get({
@@ -237,7 +237,7 @@ pub async fn launch_app(
                 &crate::console::node_config(hub.node_id(), &cfg.ws_path),
                 Some(&cfg.ws_path),
             ));
-        server = server.http(l, router);
+        server = server.websocket_with(l, &cfg.ws_path, router);
     }
     let mut tcp = None;
     if let Some(addr) = &cfg.tcp {

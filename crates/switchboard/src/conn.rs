@@ -86,17 +86,21 @@ pub(crate) fn run<W: Wire>(
     outbox: Arc<Outbox>,
     mut wire: W,
     transport: Transport,
+    settled: bool,
 ) -> impl Future<Output = ()> + Send {
     // No span per connection: it would cost every idle connection 40 bytes
     // of task (and a larger allocation class). Events name the connection.
     async move {
         // The greeting waits until the cluster can reach this connection, so
-        // that a welcomed client is reachable from every node.
+        // that a welcomed client is reachable from every node (`settled`: the
+        // caller waited already, and wrote the greeting).
         // Boxed, like every rare path below: the task's future is sized by its
         // largest state, and an idle connection is mostly this future. For the
         // same reason the keep-alive is the hub's (see `Outbox::keepalive`),
         // not a timer here.
-        Box::pin(hub.settle()).await;
+        if !settled {
+            Box::pin(hub.settle()).await;
+        }
         tracing::debug!(node = %hub.node_id(), %conn, ?transport, "open");
 
         let reason = loop {

@@ -10,24 +10,23 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use axum::Router;
-use http::Request;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt;
 
 use crate::hub::Hub;
-use crate::transport::{TcpOptions, tcp};
+use crate::transport::{TcpOptions, http, tcp};
 
 /// Listeners bound to a hub. See the module docs.
 #[must_use]
 pub struct Server {
     hub: Hub,
-    http: Vec<(TcpListener, Router)>,
+    /// Listeners, their routers, and the path of WebSocket connections the
+    /// listener answers itself (see [`crate::transport::http`]).
+    http: Vec<(TcpListener, Router, Option<Arc<str>>)>,
     tcp: Vec<(TcpListener, TcpOptions)>,
 }
 
@@ -53,14 +52,23 @@ impl Server {
 
     /// Serves WebSocket connections at `path` on this listener.
     pub fn websocket(self, listener: TcpListener, path: &str) -> Self {
-        let router = crate::axum::router(self.hub.clone(), path);
-        self.http(listener, router)
+        self.websocket_with(listener, path, Router::new())
+    }
+
+    /// Serves WebSocket connections at `path` on this listener, and every
+    /// other request with `router`. Upgrades at `path` skip the HTTP stack:
+    /// the listener answers them itself, which makes a connection cheaper to
+    /// open than a route mounted with [`Server::http`].
+    pub fn websocket_with(mut self, listener: TcpListener, path: &str, router: Router) -> Self {
+        let router = router.route(path, crate::axum::route(self.hub.clone()));
+        self.http.push((listener, router, Some(Arc::from(path))));
+        self
     }
 
     /// Serves an axum router on this listener (mount [`crate::axum::route`] in it
     /// for WebSocket connections). Connections get a `ConnectInfo<SocketAddr>`.
     pub fn http(mut self, listener: TcpListener, router: Router) -> Self {
-        self.http.push((listener, router));
+        self.http.push((listener, router, None));
         self
     }
 
@@ -76,11 +84,12 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         let loops = TaskTracker::new();
-        for (listener, router) in self.http {
+        for (listener, router, ws_path) in self.http {
             loops.spawn(accept_http(
                 self.hub.clone(),
                 listener,
                 router,
+                ws_path,
                 stop.clone(),
             ));
         }
@@ -126,37 +135,30 @@ async fn accept_failed(error: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-async fn accept_http(hub: Hub, listener: TcpListener, router: Router, stop: CancellationToken) {
+async fn accept_http(
+    hub: Hub,
+    listener: TcpListener,
+    router: Router,
+    ws_path: Option<Arc<str>>,
+    stop: CancellationToken,
+) {
+    // Linux gives accepted sockets the listener's TCP_NODELAY: one system
+    // call per listener instead of one per connection.
+    let inherited = cfg!(target_os = "linux")
+        && socket2::SockRef::from(&listener)
+            .set_tcp_nodelay(true)
+            .is_ok();
     while let Some((stream, peer)) = next_conn(&listener, &stop).await {
-        let _ = stream.set_nodelay(true);
-        let svc = router
-            .clone()
-            .map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo::<SocketAddr>(peer));
-                req
-            });
-        let handshake = hub.limits().handshake_timeout;
-        let closing = hub.closing();
-        hub.spawn_conn(async move {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(handshake)
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
-                .with_upgrades();
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(error) = r {
-                        tracing::debug!(%error, %peer, "http connection ended with an error");
-                    }
-                }
-                () = closing.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
-                }
-            }
-        });
+        if !inherited {
+            let _ = stream.set_nodelay(true);
+        }
+        hub.spawn_conn(http::serve(
+            hub.clone(),
+            stream,
+            peer,
+            router.clone(),
+            ws_path.clone(),
+        ));
     }
 }
 

@@ -2,6 +2,7 @@
 //! same kind of connection; what a connection's user, groups and pushes are
 //! does not depend on how it arrived.
 
+pub(crate) mod http;
 pub(crate) mod tcp;
 pub(crate) mod ws;
 

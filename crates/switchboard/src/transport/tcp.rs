@@ -14,6 +14,8 @@ use crate::handler::{CloseReason, ConnectInfo, Decision, Transport};
 use crate::hub::Hub;
 use crate::outbox::{Batch, Outbox};
 use crate::stats::Counters;
+use std::sync::Arc;
+use switchboard_core::ConnId;
 
 /// How a TCP listener frames messages and opens connections.
 #[derive(Debug, Clone, Copy, Default)]
@@ -294,10 +296,18 @@ pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: 
     // A task of its own: the long-lived task is exactly the connection's
     // driver, without the handshake's state.
     match limits.tcp_ping.clone() {
-        Some(ping) => {
-            let wire = PingingWire { inner: wire, ping };
-            hub.spawn_conn(conn::run(hub.clone(), conn, outbox, wire, Transport::Tcp));
-        }
-        None => hub.spawn_conn(conn::run(hub.clone(), conn, outbox, wire, Transport::Tcp)),
+        Some(ping) => spawn(&hub, conn, outbox, PingingWire { inner: wire, ping }),
+        None => spawn(&hub, conn, outbox, wire),
     }
+}
+
+fn spawn<W: Wire + Send + 'static>(hub: &Hub, conn: ConnId, outbox: Arc<Outbox>, wire: W) {
+    hub.spawn_conn(conn::run(
+        hub.clone(),
+        conn,
+        outbox,
+        wire,
+        Transport::Tcp,
+        false,
+    ));
 }

@@ -22,11 +22,14 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use crate::config::Limits;
 use crate::conn::{self, Flushed, Incoming, Wire};
-use crate::handler::{CloseReason, ConnectInfo, Decision, Transport};
+use crate::handler::{Accept, CloseReason, ConnectInfo, Decision, Transport};
 use crate::hub::Hub;
 use crate::outbox::{Batch, Outbox};
 use crate::stats::Counters;
+use std::sync::Arc;
+use switchboard_core::ConnId;
 
 /// Bytes of the per-connection read buffer. tungstenite allocates it eagerly,
 /// so it is kept small: most messages of a push system are small, and larger
@@ -61,115 +64,36 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 /// The client address is taken from axum's `ConnectInfo<SocketAddr>` request
 /// extension when present.
 pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
-    if hub.is_closing() {
-        return plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    }
-    let headers = req.headers();
-    if req.method() != Method::GET
-        || !has_token(headers, header::CONNECTION, "upgrade")
-        || !has_token(headers, header::UPGRADE, "websocket")
-    {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade request",
-        );
-    }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        let mut r = plain(
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported WebSocket version",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return r;
-    }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key");
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let admitted = match admit(&hub, &mut req, peer).await {
+        Ok(a) => a,
+        Err(response) => return response,
     };
-    let accept_key = derive_accept_key(key.as_bytes());
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return plain(
             StatusCode::INTERNAL_SERVER_ERROR,
             "connection cannot be upgraded",
         );
     };
-
-    let info = ConnectInfo {
-        conn: hub.next_conn_id(),
-        transport: Transport::WebSocket,
-        peer: req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .map(|c| c.0),
-        path: req.uri().path().to_owned(),
-        query: req.uri().query().unwrap_or_default().to_owned(),
-        headers: std::mem::take(req.headers_mut()),
-        hello: None,
-    };
-    let limits = hub.limits();
-    let decision = tokio::time::timeout(
-        limits.handshake_timeout,
-        hub.handler().on_connect(&hub, &info),
-    )
-    .await;
-    let accept = match decision {
-        Ok(Decision::Accept(a)) => a,
-        Ok(Decision::Reject(r)) => {
-            Counters::add(&hub.counters().rejected, 1);
-            return plain(r.status, r.reason);
-        }
-        Err(_) => {
-            Counters::add(&hub.counters().rejected, 1);
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "connection handler timed out",
-            );
-        }
-    };
-
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + limits.outbox_bytes + limits.max_message_size)
-        .max_message_size(Some(limits.max_message_size))
-        .max_frame_size(Some(limits.max_message_size));
-    let conn = info.conn;
+    let Admitted {
+        conn,
+        accept,
+        accept_key,
+    } = admitted;
+    let config = ws_config(hub.limits());
     let task_hub = hub.clone();
     hub.spawn_conn(async move {
         let hub = task_hub;
         match on_upgrade.await {
             // A plain TCP connection (the standalone server, axum::serve):
             // take the socket back so that writes can bypass tungstenite.
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => {
-                    let hyper::upgrade::Parts { io, read_buf, .. } = parts;
-                    // Copy the (normally empty) leftover and let hyper's whole
-                    // read buffer go now, not when the connection ends.
-                    let leftover = read_buf.to_vec();
-                    drop(read_buf);
+            Ok(upgraded) => match super::http::into_tcp(upgraded) {
+                Ok((stream, leftover)) => {
                     let outbox = hub.open(&conn, accept, Transport::WebSocket);
-                    let ws = tokio_tungstenite::tungstenite::WebSocket::from_partially_read(
-                        Sock::new(io.into_inner()),
-                        leftover,
-                        Role::Server,
-                        Some(config),
-                    );
-                    // A task of its own: the connection's long-lived task is
-                    // exactly its driver, without this handshake's state.
-                    let driver = conn::run(
-                        hub.clone(),
-                        conn,
-                        outbox,
-                        FastWire::new(ws),
-                        Transport::WebSocket,
-                    );
-                    hub.spawn_conn(driver);
+                    run_fast(&hub, conn, outbox, stream, leftover, config);
                 }
                 // Any other transport (TLS, a custom listener): tungstenite alone.
                 // Boxed: the rare path must not size every connection's task.
@@ -186,7 +110,7 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                             ws,
                             pending: VecDeque::new(),
                         };
-                        conn::run(hub, conn, outbox, wire, Transport::WebSocket).await;
+                        conn::run(hub, conn, outbox, wire, Transport::WebSocket, false).await;
                     })
                     .await;
                 }
@@ -207,6 +131,243 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// A connection the application accepted, before the `101` goes out.
+pub(crate) struct Admitted {
+    pub(crate) conn: ConnId,
+    pub(crate) accept: Accept,
+    /// The `Sec-WebSocket-Accept` value.
+    pub(crate) accept_key: String,
+}
+
+/// Checks an upgrade request and asks the application about it; the error is
+/// the response to send instead of `101`. Shared by the hyper path and the
+/// listener's own (see [`super::http`]).
+pub(crate) async fn admit<B>(
+    hub: &Hub,
+    req: &mut Request<B>,
+    peer: Option<SocketAddr>,
+) -> Result<Admitted, Response<Body>> {
+    if hub.is_closing() {
+        return Err(plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+    }
+    let headers = req.headers();
+    if req.method() != Method::GET
+        || !has_token(headers, header::CONNECTION, "upgrade")
+        || !has_token(headers, header::UPGRADE, "websocket")
+    {
+        return Err(plain(
+            StatusCode::BAD_REQUEST,
+            "expected a WebSocket upgrade request",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut r = plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(r);
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+    };
+    let accept_key = derive_accept_key(key.as_bytes());
+
+    let info = ConnectInfo {
+        conn: hub.next_conn_id(),
+        transport: Transport::WebSocket,
+        peer,
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().unwrap_or_default().to_owned(),
+        headers: std::mem::take(req.headers_mut()),
+        hello: None,
+    };
+    let decision = tokio::time::timeout(
+        hub.limits().handshake_timeout,
+        hub.handler().on_connect(hub, &info),
+    )
+    .await;
+    match decision {
+        Ok(Decision::Accept(accept)) => Ok(Admitted {
+            conn: info.conn,
+            accept,
+            accept_key,
+        }),
+        Ok(Decision::Reject(r)) => {
+            Counters::add(&hub.counters().rejected, 1);
+            Err(plain(r.status, r.reason))
+        }
+        Err(_) => {
+            Counters::add(&hub.counters().rejected, 1);
+            Err(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection handler timed out",
+            ))
+        }
+    }
+}
+
+/// tungstenite's settings for a connection under these limits.
+pub(crate) fn ws_config(limits: &Limits) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + limits.outbox_bytes + limits.max_message_size)
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_message_size))
+}
+
+/// Runs an upgraded plain-TCP connection in a task of its own: the
+/// connection's long-lived task is exactly its driver, without the
+/// handshake's state. `leftover` is what the client sent after its request.
+pub(crate) fn run_fast(
+    hub: &Hub,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    stream: TcpStream,
+    leftover: Vec<u8>,
+    config: WebSocketConfig,
+) {
+    run_fast_sock(
+        hub,
+        conn,
+        outbox,
+        Sock::new(stream),
+        leftover,
+        config,
+        false,
+    );
+}
+
+fn run_fast_sock(
+    hub: &Hub,
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    sock: Sock,
+    leftover: Vec<u8>,
+    config: WebSocketConfig,
+    settled: bool,
+) {
+    let ws = tokio_tungstenite::tungstenite::WebSocket::from_partially_read(
+        sock,
+        leftover,
+        Role::Server,
+        Some(config),
+    );
+    let driver = conn::run(
+        hub.clone(),
+        conn,
+        outbox,
+        FastWire::new(ws),
+        Transport::WebSocket,
+        settled,
+    );
+    hub.spawn_conn(driver);
+}
+
+/// The listener's own upgrade: writes the `101` and the connection's first
+/// frames (its greeting) in one system call, then runs the connection.
+pub(crate) async fn accept_direct(
+    hub: &Hub,
+    stream: TcpStream,
+    admitted: Admitted,
+    leftover: Vec<u8>,
+) {
+    let Admitted {
+        conn,
+        accept,
+        accept_key,
+    } = admitted;
+    // Registered before the write: from here pushes queue behind the greeting.
+    let outbox = hub.open(&conn, accept, Transport::WebSocket);
+    // The greeting waits until the cluster can reach the connection (see
+    // `conn::run`); so does the `101`, which goes with it. Boxed: rare to wait,
+    // and kept out of the handshake task's size.
+    Box::pin(hub.settle()).await;
+    let mut sock = Sock::new(stream);
+    if let Some(rest) = greet(&mut sock, &outbox, &accept_key) {
+        // The socket would not take the whole response at once (unheard of
+        // for a fresh connection); the driver sends the greeting after it.
+        Box::pin(write_all(&sock.stream, rest)).await;
+    }
+    run_fast_sock(
+        hub,
+        conn,
+        outbox,
+        sock,
+        leftover,
+        ws_config(hub.limits()),
+        true,
+    );
+}
+
+/// Writes the `101` and what the outbox holds, in one `writev` when the
+/// socket takes it all (the frames it does not take stay queued). Returns
+/// the part of the response still to write, if any.
+fn greet(sock: &mut Sock, outbox: &Outbox, accept_key: &str) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 160];
+    let head = {
+        let mut w = &mut buf[..];
+        // 97 bytes and a 28-byte key: always fits.
+        let _ = io::Write::write_all(
+            &mut w,
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: ",
+        );
+        let _ = io::Write::write_all(&mut w, accept_key.as_bytes());
+        let _ = io::Write::write_all(&mut w, b"\r\n\r\n");
+        let left = w.len();
+        &buf[..160 - left]
+    };
+    let mut batch = Batch::default();
+    outbox.take(&mut batch);
+    match write_frames(&sock.stream, head, batch.iter(), 0) {
+        Ok(w) if w.head_left == 0 => {
+            batch.consume(w.done);
+            sock.data_partial = w.rest > 0;
+            outbox.put_back(batch, w.rest);
+            None
+        }
+        Ok(w) => {
+            outbox.put_back(batch, 0);
+            Some(head[head.len() - w.head_left..].to_vec())
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            outbox.put_back(batch, 0);
+            Some(head.to_vec())
+        }
+        Err(error) => {
+            // The driver finds the socket broken and ends the connection the
+            // usual way (the application hears of it).
+            tracing::debug!(%error, "websocket handshake write failed");
+            outbox.put_back(batch, 0);
+            None
+        }
+    }
+}
+
+/// Writes `bytes` to the end, or until the socket fails.
+async fn write_all(stream: &TcpStream, mut bytes: Vec<u8>) {
+    while !bytes.is_empty() {
+        if stream.writable().await.is_err() {
+            return;
+        }
+        match stream.try_write(&bytes) {
+            Ok(n) => {
+                bytes.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 struct WsWire<S> {
@@ -259,15 +420,28 @@ fn ws_header(frame: &Frame, out: &mut [u8; 10]) -> usize {
     }
 }
 
-/// One `writev` of up to [`WRITEV_FRAMES`] of `frames` as WebSocket data
-/// frames (a small header and the shared payload each, no copy), skipping
-/// `offset` bytes already written of the first. Returns how many frames went
-/// whole and how many bytes of the next one went.
+/// What one [`write_frames`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    /// Bytes of the head not written yet (nothing of the frames went).
+    pub(crate) head_left: usize,
+    /// Frames written whole.
+    pub(crate) done: usize,
+    /// Bytes of the next frame written.
+    pub(crate) rest: usize,
+}
+
+/// One `writev` of `head` (raw bytes, e.g. an HTTP response; may be empty)
+/// and up to [`WRITEV_FRAMES`] of `frames` as WebSocket data frames (a small
+/// header and the shared payload each, no copy), skipping `offset` bytes
+/// already written of the first frame (`offset` only with an empty head).
 pub(crate) fn write_frames<'a>(
     stream: &TcpStream,
+    head: &[u8],
     frames: impl Iterator<Item = &'a Frame> + Clone,
     offset: usize,
-) -> io::Result<(usize, usize)> {
+) -> io::Result<Written> {
+    debug_assert!(head.is_empty() || offset == 0);
     let mut headers = [[0u8; 10]; WRITEV_FRAMES];
     let mut lens = [0usize; WRITEV_FRAMES];
     let mut n = 0;
@@ -275,13 +449,14 @@ pub(crate) fn write_frames<'a>(
         lens[i] = ws_header(frame, &mut headers[i]);
         n = i + 1;
     }
-    let mut slices = [IoSlice::new(&[]); WRITEV_FRAMES * 2];
+    let mut slices = [IoSlice::new(&[]); WRITEV_FRAMES * 2 + 1];
+    slices[0] = IoSlice::new(head);
     for (i, frame) in frames.take(n).enumerate() {
-        slices[2 * i] = IoSlice::new(&headers[i][..lens[i]]);
-        slices[2 * i + 1] = IoSlice::new(frame.data());
+        slices[2 * i + 1] = IoSlice::new(&headers[i][..lens[i]]);
+        slices[2 * i + 2] = IoSlice::new(frame.data());
         lens[i] += frame.len();
     }
-    let mut rest: &mut [IoSlice<'_>] = &mut slices[..2 * n];
+    let mut rest: &mut [IoSlice<'_>] = &mut slices[..2 * n + 1];
     IoSlice::advance_slices(&mut rest, offset);
     let written = stream.try_write_vectored(rest)?;
     if written == 0 {
@@ -290,7 +465,14 @@ pub(crate) fn write_frames<'a>(
             "connection closed while writing",
         ));
     }
-    let mut progress = offset + written;
+    if written < head.len() {
+        return Ok(Written {
+            head_left: head.len() - written,
+            done: 0,
+            rest: 0,
+        });
+    }
+    let mut progress = offset + written - head.len();
     let mut done = 0;
     for &len in &lens[..n] {
         if progress < len {
@@ -299,7 +481,11 @@ pub(crate) fn write_frames<'a>(
         progress -= len;
         done += 1;
     }
-    Ok((done, progress))
+    Ok(Written {
+        head_left: 0,
+        done,
+        rest: progress,
+    })
 }
 
 /// tungstenite's view of the socket: non-blocking reads and writes, with
@@ -396,11 +582,11 @@ impl FastWire {
                 return Ok(true);
             }
             while !batch.is_empty() {
-                match write_frames(self.socket(), batch.iter(), offset) {
-                    Ok((done, rest)) => {
-                        batch.consume(done);
-                        offset = rest;
-                        self.ws.get_mut().data_partial = rest > 0;
+                match write_frames(self.socket(), &[], batch.iter(), offset) {
+                    Ok(w) => {
+                        batch.consume(w.done);
+                        offset = w.rest;
+                        self.ws.get_mut().data_partial = w.rest > 0;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         outbox.put_back(batch, offset);
@@ -759,7 +945,7 @@ mod tests {
             crate::handler::Accept::default(),
             Transport::WebSocket,
         );
-        let task = conn::run(hub.clone(), conn, outbox, wire, Transport::WebSocket);
+        let task = conn::run(hub.clone(), conn, outbox, wire, Transport::WebSocket, false);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 536, "the connection's future grew to {size} bytes");
     }
