@@ -191,9 +191,10 @@ async fn respond(mut stream: TcpStream, response: Response<axum::body::Body>) {
         stream.shutdown().await?;
         // Closing with unread input makes the kernel reset the connection,
         // which can destroy the answer before the client reads it: read on
-        // (a little, briefly) until the client closes too.
+        // (a little, briefly) until the client closes too. A small buffer: a
+        // flood of refused clients holds one of these each for a moment.
         let mut drained = 0;
-        let mut sink = [0u8; 4096];
+        let mut sink = [0u8; 512];
         while drained < 64 * 1024 {
             match stream.read(&mut sink).await? {
                 0 => break,
