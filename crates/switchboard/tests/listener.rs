@@ -203,3 +203,28 @@ async fn refusals_get_a_clear_answer() {
     assert_eq!(hub.stats().conns_rejected, 1, "the application's refusal");
     hub.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_silent_client_does_not_hold_up_a_shutdown() {
+    // Both waits long, so that a shutdown held up by the silent client
+    // could not pass for a quick one.
+    let mut limits = switchboard::Limits::default();
+    limits.handshake_timeout = Duration::from_secs(60);
+    let hub = Hub::builder()
+        .handler(Greeter)
+        .limits(limits)
+        .shutdown_timeout(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(hub.clone()).websocket(listener, "/ws");
+    tokio::spawn(server.serve(std::future::pending()));
+    // Connected, request not sent: the listener is waiting for its head.
+    let _silent = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(STEP, hub.shutdown())
+        .await
+        .expect("shutdown did not wait for the silent client");
+}

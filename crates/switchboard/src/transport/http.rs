@@ -50,7 +50,14 @@ pub(crate) async fn serve(
         return Box::pin(serve_hyper(hub, TokioIo::new(stream), peer, router)).await;
     };
     let timeout = hub.limits().handshake_timeout;
-    let (buf, head) = match tokio::time::timeout(timeout, read_head(&stream)).await {
+    let closing = hub.closing();
+    let read = tokio::select! {
+        read = tokio::time::timeout(timeout, read_head(&stream)) => read,
+        // A client that has not sent its request yet does not hold up a
+        // shutdown.
+        () = closing.cancelled() => return,
+    };
+    let (buf, head) = match read {
         Ok(Ok(read)) => read,
         // Closed, failed or too slow before a whole head: nothing to answer.
         Ok(Err(_)) | Err(_) => return,
