@@ -68,6 +68,15 @@ fn server_frame(text: &str) -> Vec<u8> {
 const RESPONSE_101: &str = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
     upgrade: websocket\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
 
+/// The `101` and then these text frames, as the server writes them.
+fn response_then(texts: &[&str]) -> Vec<u8> {
+    let mut wire = RESPONSE_101.as_bytes().to_vec();
+    for t in texts {
+        wire.extend(server_frame(t));
+    }
+    wire
+}
+
 async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     tokio::time::timeout(STEP, s.read_exact(&mut buf))
@@ -103,8 +112,7 @@ async fn the_101_and_the_greeting_leave_together() {
         .unwrap();
     // One read, begun before the server answers: with the response and the
     // greeting written apart it would usually hold the response alone.
-    let mut expected = RESPONSE_101.as_bytes().to_vec();
-    expected.extend(server_frame("hi ann"));
+    let expected = response_then(&["hi ann"]);
     let mut buf = vec![0u8; 1024];
     let n = tokio::time::timeout(STEP, s.read(&mut buf))
         .await
@@ -125,10 +133,7 @@ async fn frames_sent_with_the_request_are_not_lost() {
     wire.extend(client_frame("one"));
     wire.extend(client_frame("two"));
     s.write_all(&wire).await.unwrap();
-    let mut expected = RESPONSE_101.as_bytes().to_vec();
-    for t in ["hi bo", "one", "two"] {
-        expected.extend(server_frame(t));
-    }
+    let expected = response_then(&["hi bo", "one", "two"]);
     let got = read_exactly(&mut s, expected.len()).await;
     assert_same(&got, &expected);
     drop(s);

@@ -52,7 +52,7 @@ pub(crate) async fn serve(
     let timeout = hub.limits().handshake_timeout;
     let closing = hub.closing();
     let read = tokio::select! {
-        read = tokio::time::timeout(timeout, read_head(&stream)) => read,
+        read = tokio::time::timeout(timeout, read_head(&stream, &path)) => read,
         // A client that has not sent its request yet does not hold up a
         // shutdown.
         () = closing.cancelled() => return,
@@ -64,41 +64,45 @@ pub(crate) async fn serve(
     };
     match head {
         Head::TooLarge => {
-            let r = plain(
+            let r = ws::plain(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "request head too large",
             );
             Box::pin(respond(stream, r)).await;
         }
-        Head::Complete(len) => match parse(&buf[..len], &path) {
-            Some(mut req) => match ws::admit(&hub, &mut req, Some(peer)).await {
-                Ok(admitted) => {
-                    ws::accept_direct(&hub, stream, admitted, buf[len..].to_vec()).await;
-                }
-                Err(response) => Box::pin(respond(stream, response)).await,
-            },
-            None => {
-                let io = Prefixed {
-                    prefix: Bytes::from(buf),
-                    stream,
-                };
-                Box::pin(serve_hyper(hub, TokioIo::new(io), peer, router)).await;
+        Head::Upgrade(mut req, len) => match ws::admit(&hub, &mut req, Some(peer)).await {
+            Ok(admitted) => {
+                ws::accept_direct(&hub, stream, admitted, buf[len..].to_vec()).await;
             }
+            Err(response) => Box::pin(respond(stream, response)).await,
         },
+        Head::Other => {
+            let io = Prefixed {
+                prefix: Bytes::from(buf),
+                stream,
+            };
+            Box::pin(serve_hyper(hub, TokioIo::new(io), peer, router)).await;
+        }
     }
 }
 
-/// How far [`read_head`] got.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What [`read_head`] found.
+// Made once per connection and taken apart at once: boxing the request would
+// only add an allocation to every connection.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 enum Head {
-    /// A whole head of this many bytes (more may follow it in the buffer).
-    Complete(usize),
+    /// An HTTP/1.1 `GET` of the WebSocket path, answered here; its head is
+    /// this many bytes (what follows is the client's first frames).
+    Upgrade(Request<()>, usize),
+    /// Anything else, complete or malformed: hyper's to answer.
+    Other,
     TooLarge,
 }
 
 /// Reads until the buffer holds a whole request head (by httparse's
 /// reckoning, which also ends a malformed one), or too much of one.
-async fn read_head(stream: &TcpStream) -> io::Result<(Vec<u8>, Head)> {
+async fn read_head(stream: &TcpStream, ws_path: &str) -> io::Result<(Vec<u8>, Head)> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         stream.readable().await?;
@@ -108,7 +112,7 @@ async fn read_head(stream: &TcpStream) -> io::Result<(Vec<u8>, Head)> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
-        if let Some(head) = check(&buf) {
+        if let Some(head) = check(&buf, ws_path) {
             return Ok((buf, head));
         }
         if buf.len() == buf.capacity() {
@@ -117,14 +121,17 @@ async fn read_head(stream: &TcpStream) -> io::Result<(Vec<u8>, Head)> {
     }
 }
 
-/// Whether `buf` holds a whole request head; `None` to read on.
-fn check(buf: &[u8]) -> Option<Head> {
+/// What `buf` holds so far; `None` to read on.
+fn check(buf: &[u8], ws_path: &str) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut headers).parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Some(Head::Complete(len)),
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            Some(upgrade_request(&req, ws_path).map_or(Head::Other, |r| Head::Upgrade(r, len)))
+        }
         Err(httparse::Error::TooManyHeaders) => Some(Head::TooLarge),
         // hyper answers other malformed requests.
-        Err(_) => Some(Head::Complete(buf.len())),
+        Err(_) => Some(Head::Other),
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => Some(Head::TooLarge),
         Ok(httparse::Status::Partial) => None,
     }
@@ -132,12 +139,7 @@ fn check(buf: &[u8]) -> Option<Head> {
 
 /// The request, if it is an HTTP/1.1 `GET` of `ws_path` this front answers;
 /// `None` hands the connection to hyper.
-fn parse(head: &[u8], ws_path: &str) -> Option<Request<()>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return None;
-    }
+fn upgrade_request(req: &httparse::Request<'_, '_>, ws_path: &str) -> Option<Request<()>> {
     let target = req.path?;
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     if req.method != Some("GET") || req.version != Some(1) || path != ws_path {
@@ -156,12 +158,6 @@ fn parse(head: &[u8], ws_path: &str) -> Option<Request<()>> {
         );
     }
     Some(out)
-}
-
-fn plain(status: StatusCode, text: &'static str) -> Response<axum::body::Body> {
-    let mut r = Response::new(axum::body::Body::from(text));
-    *r.status_mut() = status;
-    r
 }
 
 /// Writes a refusal as an HTTP/1.1 response and closes the connection.

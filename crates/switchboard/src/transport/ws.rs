@@ -14,7 +14,7 @@ use std::io::IoSlice;
 use switchboard_core::{Frame, FrameKind};
 
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -41,7 +41,7 @@ const WRITE_BUFFER: usize = 64 * 1024;
 
 type Body = axum::body::Body;
 
-fn plain(status: StatusCode, text: impl Into<String>) -> Response<Body> {
+pub(crate) fn plain(status: StatusCode, text: impl Into<String>) -> Response<Body> {
     let mut r = Response::new(Body::from(text.into()));
     *r.status_mut() = status;
     r
@@ -83,7 +83,6 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
         accept,
         accept_key,
     } = admitted;
-    let config = ws_config(hub.limits());
     let task_hub = hub.clone();
     hub.spawn_conn(async move {
         let hub = task_hub;
@@ -93,7 +92,7 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
             Ok(upgraded) => match super::http::into_tcp(upgraded) {
                 Ok((stream, leftover)) => {
                     let outbox = hub.open(&conn, accept, Transport::WebSocket);
-                    run_fast(&hub, conn, outbox, stream, leftover, config);
+                    run_fast(&hub, conn, outbox, Sock::new(stream), leftover, false);
                 }
                 // Any other transport (TLS, a custom listener): tungstenite alone.
                 // Boxed: the rare path must not size every connection's task.
@@ -102,7 +101,7 @@ pub async fn upgrade<B>(hub: Hub, mut req: Request<B>) -> Response<Body> {
                         let ws = WebSocketStream::from_raw_socket(
                             TokioIo::new(upgraded),
                             Role::Server,
-                            Some(config),
+                            Some(ws_config(hub.limits())),
                         )
                         .await;
                         let outbox = hub.open(&conn, accept, Transport::WebSocket);
@@ -217,7 +216,7 @@ pub(crate) async fn admit<B>(
 }
 
 /// tungstenite's settings for a connection under these limits.
-pub(crate) fn ws_config(limits: &Limits) -> WebSocketConfig {
+fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -228,40 +227,21 @@ pub(crate) fn ws_config(limits: &Limits) -> WebSocketConfig {
 
 /// Runs an upgraded plain-TCP connection in a task of its own: the
 /// connection's long-lived task is exactly its driver, without the
-/// handshake's state. `leftover` is what the client sent after its request.
-pub(crate) fn run_fast(
-    hub: &Hub,
-    conn: ConnId,
-    outbox: Arc<Outbox>,
-    stream: TcpStream,
-    leftover: Vec<u8>,
-    config: WebSocketConfig,
-) {
-    run_fast_sock(
-        hub,
-        conn,
-        outbox,
-        Sock::new(stream),
-        leftover,
-        config,
-        false,
-    );
-}
-
-fn run_fast_sock(
+/// handshake's state. `leftover` is what the client sent after its request;
+/// `settled`: the caller waited for the backplane already (see `conn::run`).
+fn run_fast(
     hub: &Hub,
     conn: ConnId,
     outbox: Arc<Outbox>,
     sock: Sock,
     leftover: Vec<u8>,
-    config: WebSocketConfig,
     settled: bool,
 ) {
     let ws = tokio_tungstenite::tungstenite::WebSocket::from_partially_read(
         sock,
         leftover,
         Role::Server,
-        Some(config),
+        Some(ws_config(hub.limits())),
     );
     let driver = conn::run(
         hub.clone(),
@@ -297,17 +277,10 @@ pub(crate) async fn accept_direct(
     if let Some(rest) = greet(&mut sock, &outbox, &accept_key) {
         // The socket would not take the whole response at once (unheard of
         // for a fresh connection); the driver sends the greeting after it.
-        Box::pin(write_all(&sock.stream, rest)).await;
+        // (A failed write: the driver finds the socket broken.)
+        let _ = Box::pin(sock.stream.write_all(&rest)).await;
     }
-    run_fast_sock(
-        hub,
-        conn,
-        outbox,
-        sock,
-        leftover,
-        ws_config(hub.limits()),
-        true,
-    );
+    run_fast(hub, conn, outbox, sock, leftover, true);
 }
 
 /// Writes the `101` and what the outbox holds, in one `writev` when the
@@ -350,22 +323,6 @@ fn greet(sock: &mut Sock, outbox: &Outbox, accept_key: &str) -> Option<Vec<u8>> 
             tracing::debug!(%error, "websocket handshake write failed");
             outbox.put_back(batch, 0);
             None
-        }
-    }
-}
-
-/// Writes `bytes` to the end, or until the socket fails.
-async fn write_all(stream: &TcpStream, mut bytes: Vec<u8>) {
-    while !bytes.is_empty() {
-        if stream.writable().await.is_err() {
-            return;
-        }
-        match stream.try_write(&bytes) {
-            Ok(n) => {
-                bytes.drain(..n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
         }
     }
 }
