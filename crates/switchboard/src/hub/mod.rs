@@ -416,10 +416,6 @@ impl Hub {
     }
 }
 
-/// Dispatches envelopes from the cluster to this node until the hub stops.
-///
-/// Holds the hub weakly: a hub dropped without [`Hub::shutdown`] still frees
-/// itself, and this task ends with it.
 /// Heartbeats are spread over this many slices of the period: each tick
 /// visits one slice of the connections, so pings do not all leave at once.
 const KEEPALIVE_SLICES: u64 = 8;
@@ -428,6 +424,7 @@ const KEEPALIVE_SLICES: u64 = 8;
 /// each connection is asked to ping its client, or closed if its client has
 /// been silent past its idle limit. One task for all rather than a timer in
 /// each connection (a timer costs every idle connection about 150 bytes).
+/// Holds the hub weakly, like [`dispatch`].
 async fn keepalive(hub: Weak<Inner>, stop: CancellationToken, period: Duration) {
     let mut tick =
         tokio::time::interval((period / KEEPALIVE_SLICES as u32).max(Duration::from_millis(1)));
@@ -452,6 +449,10 @@ async fn keepalive(hub: Weak<Inner>, stop: CancellationToken, period: Duration) 
     }
 }
 
+/// Dispatches envelopes from the cluster to this node until the hub stops.
+///
+/// Holds the hub weakly: a hub dropped without [`Hub::shutdown`] still frees
+/// itself, and this task ends with it.
 async fn dispatch(hub: Weak<Inner>, stop: CancellationToken, mut inbound: mpsc::Receiver<Bytes>) {
     let mut batch: Vec<Bytes> = Vec::with_capacity(256);
     loop {
