@@ -33,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bundle;
 mod config;
 mod directory;
 mod keys;

@@ -1,7 +1,9 @@
 //! Sending envelopes: a task takes them from a bounded queue in batches,
 //! resolves which nodes need each one (one pipelined round trip of directory
-//! lookups for the whole batch), and sends one message per interested node in
-//! a second pipeline.
+//! lookups for the whole batch), and sends them in a second pipeline: in
+//! pub/sub mode one `PUBLISH` per interested node carrying all of the batch's
+//! envelopes for it (see `bundle`), in queue mode one stream entry per
+//! envelope and interested node.
 //!
 //! Pub/sub: a failed send is dropped and counted (at-most-once). Queue: the
 //! batch is retried after reconnecting, so nothing accepted is lost while the
@@ -18,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::bundle::Bundle;
 use crate::config::Mode;
 
 /// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
@@ -109,50 +112,54 @@ async fn send(
     let mut holders: HashMap<&str, Vec<String>> = HashMap::new();
     let mut fresh: Option<crate::liveness::Liveness> = None;
     if !lookups.is_empty() || fresh_nodes {
-        let mut pipe = redis::pipe();
+        let mut call = crate::scripts::ROUTE_LOOKUP.prepare_invoke();
         for k in &lookups {
-            pipe.hkeys(k);
+            call.key(k);
         }
-        if fresh_nodes {
-            pipe.cmd("TIME");
-            pipe.zrange_withscores(keys.nodes(), 0, -1);
-        }
-        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
+        call.arg(if fresh_nodes { "1" } else { "0" })
+            .arg(keys.nodes());
+        let reply: Vec<redis::Value> = match call.invoke_async(&mut conn).await {
             Ok(r) => r,
             Err(e) => {
                 shared.link.failed(generation, &e);
                 return Err(batch.len() as u64);
             }
         };
-        let mut replies = replies.into_iter();
-        for k in &lookups {
-            let nodes: Vec<String> = replies
-                .next()
-                .and_then(|v| redis::from_redis_value(v).ok())
-                .unwrap_or_default();
+        let mut reply = reply.into_iter();
+        let Some(found) = reply
+            .next()
+            .and_then(|v| redis::from_redis_value::<String>(v).ok())
+        else {
+            tracing::warn!("unexpected reply to the routing lookup; batch not sent");
+            return Err(batch.len() as u64);
+        };
+        let time: Option<(u64, u64)> = reply.next().and_then(|v| redis::from_redis_value(v).ok());
+        let list: Option<Vec<(String, f64)>> =
+            reply.next().and_then(|v| redis::from_redis_value(v).ok());
+        for (k, nodes) in lookups.iter().zip(found.split(' ')) {
+            let nodes = nodes
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect();
             holders.insert(k.as_str(), nodes);
         }
-        if fresh_nodes {
-            let time: Option<(u64, u64)> =
-                replies.next().and_then(|v| redis::from_redis_value(v).ok());
-            let list: Option<Vec<(String, f64)>> =
-                replies.next().and_then(|v| redis::from_redis_value(v).ok());
-            if let (Some((secs, micros)), Some(list)) = (time, list) {
-                fresh = Some(crate::liveness::Liveness::from_read(
-                    secs * 1000 + micros / 1000,
-                    list,
-                ));
-            }
+        if let (Some((secs, micros)), Some(list)) = (time, list) {
+            fresh = Some(crate::liveness::Liveness::from_read(
+                secs * 1000 + micros / 1000,
+                list,
+            ));
         }
     }
 
-    // Round trip 2: one message per envelope and interested node.
+    // Round trip 2: every envelope to every interested node, bundled per
+    // channel (pub/sub) or one entry each, with one expiry renewal per stream
+    // (queue).
     let keep = match shared.cfg.mode {
         Mode::PubSub => std::time::Duration::ZERO,
         Mode::Queue => shared.cfg.queue_age,
     };
-    let mut pipe = redis::pipe();
-    let mut messages = 0u64;
+    let mut out = Out::default();
     // Right after a reconnect the directory may be incomplete (a restarted,
     // empty Redis until every holder has rebuilt its entries): in pub/sub mode
     // a push to users or groups then goes to every node known alive, each on
@@ -196,12 +203,14 @@ async fn send(
                     Dests::Nodes(nodes)
                 }
             };
-            messages += add(&mut pipe, shared, seqs, live, keep, me, dests, &o.envelope);
+            out.add(shared, seqs, live, keep, me, dests, &o.envelope);
         }
     }
+    let messages = out.messages;
     if messages == 0 {
         return Ok(0);
     }
+    let pipe = out.finish(shared, seqs);
     match pipe.query_async::<()>(&mut conn).await {
         Ok(()) => Ok(messages),
         Err(e) => {
@@ -212,85 +221,126 @@ async fn send(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn add(
-    pipe: &mut Pipeline,
-    shared: &Shared,
-    seqs: &mut Sequences,
-    live: &crate::liveness::Liveness,
-    keep: std::time::Duration,
-    me: &str,
-    dests: Dests,
-    env: &Bytes,
-) -> u64 {
-    let keys = &shared.keys;
-    match (shared.cfg.mode, dests) {
-        (Mode::PubSub, Dests::Broadcast) => {
-            publish(pipe, shared, seqs, keys.broadcast(), env);
-            1
-        }
-        (Mode::Queue, Dests::Broadcast) => {
-            let nodes: Vec<String> = live
-                .live()
-                .filter(|n| *n != me)
-                .map(str::to_owned)
-                .collect();
-            nodes.iter().map(|n| xadd(pipe, shared, n, env)).sum()
-        }
-        (mode, Dests::Nodes(nodes)) => {
-            let mut n = 0;
-            for node in nodes
-                .iter()
-                .filter(|n| n.as_str() != me && live.routable(n, keep))
-            {
-                n += match mode {
-                    Mode::PubSub => {
-                        publish(pipe, shared, seqs, keys.channel(node), env);
-                        1
-                    }
-                    Mode::Queue => xadd(pipe, shared, node, env),
-                };
+/// The second round trip of a batch, being built.
+#[derive(Default)]
+struct Out {
+    pipe: Pipeline,
+    /// Pub/sub: the bundle being filled for each channel, in first-use order.
+    bundles: Vec<(String, Bundle)>,
+    /// Queue: the streams written, each to be renewed once.
+    streams: BTreeSet<String>,
+    /// Envelope deliveries to nodes (an envelope sent to two nodes counts 2).
+    messages: u64,
+}
+
+impl Out {
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        shared: &Shared,
+        seqs: &mut Sequences,
+        live: &crate::liveness::Liveness,
+        keep: std::time::Duration,
+        me: &str,
+        dests: Dests,
+        env: &Bytes,
+    ) {
+        let keys = &shared.keys;
+        match (shared.cfg.mode, dests) {
+            (Mode::PubSub, Dests::Broadcast) => {
+                self.publish(shared, seqs, keys.broadcast(), env);
             }
-            n
+            (Mode::Queue, Dests::Broadcast) => {
+                for node in live.live().filter(|n| *n != me) {
+                    self.xadd(shared, node, env);
+                }
+            }
+            (mode, Dests::Nodes(nodes)) => {
+                for node in nodes
+                    .iter()
+                    .filter(|n| n.as_str() != me && live.routable(n, keep))
+                {
+                    match mode {
+                        Mode::PubSub => self.publish(shared, seqs, keys.channel(node), env),
+                        Mode::Queue => self.xadd(shared, node, env),
+                    }
+                }
+            }
         }
+    }
+
+    /// Adds the envelope to the channel's bundle; a full bundle goes into the
+    /// pipeline first.
+    fn publish(&mut self, shared: &Shared, seqs: &mut Sequences, channel: String, env: &Bytes) {
+        self.messages += 1;
+        let at = match self.bundles.iter().position(|(c, _)| *c == channel) {
+            Some(at) => at,
+            None => {
+                self.bundles
+                    .push((channel, Bundle::new(crate::receive::HEADER)));
+                self.bundles.len() - 1
+            }
+        };
+        if !self.bundles[at].1.fits(env.len()) {
+            let (channel, full) = &mut self.bundles[at];
+            let full = std::mem::replace(full, Bundle::new(crate::receive::HEADER));
+            publish(&mut self.pipe, shared, seqs, channel.clone(), full);
+        }
+        self.bundles[at].1.push(env);
+    }
+
+    fn xadd(&mut self, shared: &Shared, node: &str, env: &Bytes) {
+        self.messages += 1;
+        let queue = shared.keys.queue(node);
+        self.pipe
+            .cmd("XADD")
+            .arg(&queue)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(shared.cfg.queue_cap)
+            .arg("*")
+            .arg("e")
+            .arg(env.as_ref())
+            .ignore();
+        self.streams.insert(queue);
+    }
+
+    /// The pipeline, with the open bundles and the streams' renewals.
+    fn finish(mut self, shared: &Shared, seqs: &mut Sequences) -> Pipeline {
+        for (channel, bundle) in self.bundles {
+            publish(&mut self.pipe, shared, seqs, channel, bundle);
+        }
+        // A stream whose node never shows up again must not live forever: it
+        // expires unless its owner, renewing it every heartbeat, is alive.
+        let expiry = crate::queue_expiry(&shared.cfg).as_millis() as u64;
+        for queue in &self.streams {
+            self.pipe
+                .cmd("PEXPIRE")
+                .arg(queue)
+                .arg(expiry)
+                .arg("NX")
+                .ignore();
+        }
+        self.pipe
     }
 }
 
-/// PUBLISH with the sequenced header (see `receive::SEQUENCED`). A number is
-/// used even if the pipeline later fails: the receiver then sees the gap.
+/// PUBLISH of a bundle with the sequenced header (see `receive::BUNDLED`):
+/// its envelopes take the channel's next numbers. They are used even if the
+/// pipeline later fails: the receiver then sees the gap.
 fn publish(
     pipe: &mut Pipeline,
     shared: &Shared,
     seqs: &mut Sequences,
     channel: String,
-    env: &Bytes,
+    mut bundle: Bundle,
 ) {
     let seq = seqs.entry(channel.clone()).or_insert(0);
-    *seq += 1;
-    let mut payload = Vec::with_capacity(crate::receive::HEADER + env.len());
-    payload.push(crate::receive::SEQUENCED);
-    payload.extend_from_slice(&shared.epoch.to_be_bytes());
-    payload.extend_from_slice(&seq.to_be_bytes());
-    payload.extend_from_slice(env);
-    pipe.publish(channel, payload).ignore();
-}
-
-fn xadd(pipe: &mut Pipeline, shared: &Shared, node: &str, env: &Bytes) -> u64 {
-    pipe.cmd("XADD")
-        .arg(shared.keys.queue(node))
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(shared.cfg.queue_cap)
-        .arg("*")
-        .arg("e")
-        .arg(env.as_ref())
-        .ignore();
-    // A stream whose node never shows up again must not live forever: it
-    // expires unless its owner, renewing it every heartbeat, is alive.
-    pipe.cmd("PEXPIRE")
-        .arg(shared.keys.queue(node))
-        .arg(crate::queue_expiry(&shared.cfg).as_millis() as u64)
-        .arg("NX")
-        .ignore();
-    1
+    let first = *seq + 1;
+    *seq += bundle.count();
+    let header = bundle.header_mut();
+    header[0] = crate::receive::BUNDLED;
+    header[1..9].copy_from_slice(&shared.epoch.to_be_bytes());
+    header[9..17].copy_from_slice(&first.to_be_bytes());
+    pipe.publish(channel, bundle.into_bytes()).ignore();
 }

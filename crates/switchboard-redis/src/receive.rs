@@ -17,14 +17,21 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::bundle;
 use crate::link::{self, backoff};
 
 /// A pub/sub payload starting with this byte is a liveness probe.
 pub(crate) const PROBE: u8 = 0;
-/// A pub/sub payload starting with this byte is a sequenced envelope: the
+/// A pub/sub payload starting with this byte is one sequenced envelope: the
 /// sender's epoch (u64 BE), its sequence number on this channel (u64 BE), then
-/// the envelope. Receivers count the numbers they never saw as lost.
+/// the envelope. Sent by earlier versions; still understood.
 pub(crate) const SEQUENCED: u8 = 2;
+/// A pub/sub payload starting with this byte is a sequenced bundle: the
+/// sender's epoch (u64 BE), the sequence number of its first envelope on this
+/// channel (u64 BE; the others follow on), then the envelopes (see `bundle`).
+/// Receivers count the numbers they never saw as lost.
+pub(crate) const BUNDLED: u8 = 3;
+/// Length of the header of both.
 pub(crate) const HEADER: usize = 17;
 
 /// Counts what a subscriber missed, per sender and channel.
@@ -34,19 +41,20 @@ struct Gaps {
 }
 
 impl Gaps {
-    /// Records `seq` of `epoch` from `origin`; returns how many were skipped.
-    fn record(&mut self, origin: &str, broadcast: bool, epoch: u64, seq: u64) -> u64 {
+    /// Records numbers `first..=last` of `epoch` from `origin`; returns how
+    /// many were skipped before them.
+    fn record(&mut self, origin: &str, broadcast: bool, epoch: u64, first: u64, last: u64) -> u64 {
         let entry = self
             .last
             .entry((origin.to_owned(), broadcast))
-            .or_insert((epoch, seq.saturating_sub(1)));
-        let missed = if entry.0 == epoch && seq > entry.1 {
-            seq - entry.1 - 1
+            .or_insert((epoch, first.saturating_sub(1)));
+        let missed = if entry.0 == epoch && first > entry.1 {
+            first - entry.1 - 1
         } else {
             0
         };
-        if entry.0 != epoch || seq > entry.1 {
-            *entry = (epoch, seq);
+        if entry.0 != epoch || last > entry.1 {
+            *entry = (epoch, last);
         }
         missed
     }
@@ -123,21 +131,40 @@ pub(crate) async fn subscriber(
                                 shared.last_probe.store(now_ms(), Ordering::Relaxed);
                                 continue;
                             }
-                            Some(&SEQUENCED) if payload.len() > HEADER => {
+                            Some(&kind @ (SEQUENCED | BUNDLED)) if payload.len() > HEADER => {
                                 let epoch = u64::from_be_bytes(payload[1..9].try_into().unwrap_or_default());
-                                let seq = u64::from_be_bytes(payload[9..17].try_into().unwrap_or_default());
-                                let envelope = &payload[HEADER..];
-                                if let Some((origin, _)) = switchboard_core::envelope::peek_id(envelope) {
+                                let first = u64::from_be_bytes(payload[9..17].try_into().unwrap_or_default());
+                                // One copy of the whole message; the envelopes share it.
+                                let body = Bytes::copy_from_slice(&payload[HEADER..]);
+                                let envelopes: Vec<Bytes> = if kind == SEQUENCED {
+                                    vec![body]
+                                } else {
+                                    let mut all = Vec::new();
+                                    for e in bundle::envelopes(body) {
+                                        match e {
+                                            Ok(e) => all.push(e),
+                                            Err(bundle::Truncated) => {
+                                                tracing::warn!("truncated pub/sub bundle: its tail is dropped");
+                                            }
+                                        }
+                                    }
+                                    all
+                                };
+                                let Some(head) = envelopes.first() else { continue };
+                                if let Some((origin, _)) = switchboard_core::envelope::peek_id(head) {
                                     let broadcast = m.get_channel_name() == broadcast_channel;
-                                    let missed = gaps.record(origin, broadcast, epoch, seq);
+                                    let last = first + envelopes.len() as u64 - 1;
+                                    let missed = gaps.record(origin, broadcast, epoch, first, last);
                                     if missed > 0 {
                                         tracing::warn!(%origin, missed, "pub/sub messages lost");
                                         shared.stats.receive_dropped.fetch_add(missed, Ordering::Relaxed);
                                     }
                                 }
-                                shared.stats.received.fetch_add(1, Ordering::Relaxed);
-                                if inbound.send(Bytes::copy_from_slice(envelope)).await.is_err() {
-                                    return;
+                                shared.stats.received.fetch_add(envelopes.len() as u64, Ordering::Relaxed);
+                                for envelope in envelopes {
+                                    if inbound.send(envelope).await.is_err() {
+                                        return;
+                                    }
                                 }
                             }
                             _ => {
@@ -381,25 +408,42 @@ mod tests {
     #[test]
     fn gaps_count_skipped_numbers_per_sender_epoch_and_channel() {
         let mut g = Gaps::default();
-        assert_eq!(g.record("a", false, 1, 1), 0);
-        assert_eq!(g.record("a", false, 1, 2), 0);
-        assert_eq!(g.record("a", false, 1, 5), 2);
-        assert_eq!(g.record("a", true, 1, 1), 0, "channels are counted apart");
+        assert_eq!(g.record("a", false, 1, 1, 1), 0);
+        assert_eq!(g.record("a", false, 1, 2, 2), 0);
+        assert_eq!(g.record("a", false, 1, 5, 5), 2);
         assert_eq!(
-            g.record("a", false, 1, 4),
+            g.record("a", true, 1, 1, 1),
+            0,
+            "channels are counted apart"
+        );
+        assert_eq!(
+            g.record("a", false, 1, 4, 4),
             0,
             "late or repeated numbers are not losses"
         );
         assert_eq!(
-            g.record("a", false, 2, 1),
+            g.record("a", false, 2, 1, 1),
             0,
             "a new epoch (restarted sender) starts over"
         );
         assert_eq!(
-            g.record("b", false, 9, 7),
+            g.record("b", false, 9, 7, 7),
             0,
             "first message seen from a sender is not a gap"
         );
-        assert_eq!(g.record("b", false, 9, 9), 1);
+        assert_eq!(g.record("b", false, 9, 9, 9), 1);
+    }
+
+    #[test]
+    fn a_bundle_covers_a_range_of_numbers() {
+        let mut g = Gaps::default();
+        assert_eq!(g.record("a", false, 1, 1, 10), 0);
+        assert_eq!(g.record("a", false, 1, 11, 11), 0, "the bundle took 1..=10");
+        assert_eq!(
+            g.record("a", false, 1, 15, 20),
+            3,
+            "12, 13 and 14 were lost"
+        );
+        assert_eq!(g.record("a", false, 1, 21, 30), 0);
     }
 }

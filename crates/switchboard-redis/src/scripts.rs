@@ -123,3 +123,25 @@ return redis.error_reply('unknown query ' .. kind)
 "#
     ))
 });
+
+/// KEYS: the user and group node hashes a batch of pushes needs. ARGV: "1" to
+/// also read the clock and the nodes, the nodes key. Returns the holders of
+/// every key as one string (nodes joined by `,`, keys by ` `; node ids never
+/// contain either), then, if asked, `TIME` and the nodes with their deadlines.
+///
+/// One string instead of one reply per key: the replies, not Redis's work,
+/// were most of what a lookup cost the publishing node.
+pub(crate) static ROUTE_LOOKUP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i, k in ipairs(KEYS) do out[i] = table.concat(redis.call('HKEYS', k), ',') end
+local r = {table.concat(out, ' ')}
+if ARGV[1] == '1' then
+  r[2] = redis.call('TIME')
+  r[3] = redis.call('ZRANGE', ARGV[2], 0, -1, 'WITHSCORES')
+end
+return r
+"#,
+    )
+});

@@ -301,18 +301,19 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
         .await
         .unwrap();
     watcher.psubscribe(format!("{prefix}:*")).await.unwrap();
-    let counts: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
+    // Per channel: (Redis messages, envelopes in them).
+    let counts: Arc<std::sync::Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
     let watch = tokio::spawn({
         let counts = counts.clone();
         async move {
             let mut s = watcher.into_on_message();
             while let Some(m) = s.next().await {
-                if m.get_payload_bytes().first() != Some(&0) {
-                    *counts
-                        .lock()
-                        .unwrap()
-                        .entry(m.get_channel_name().to_owned())
-                        .or_default() += 1;
+                let payload = m.get_payload_bytes();
+                if payload.first() != Some(&0) {
+                    let mut counts = counts.lock().unwrap();
+                    let c = counts.entry(m.get_channel_name().to_owned()).or_default();
+                    c.0 += 1;
+                    c.1 += bundled_envelopes(payload);
                 }
             }
         }
@@ -351,19 +352,76 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
         s.recv().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    watch.abort();
-    let counts = counts.lock().unwrap().clone();
-    let get = |c: &str| counts.get(&format!("{prefix}:{c}")).copied().unwrap_or(0);
-    eprintln!("messages per channel: {counts:?}");
+    let first = counts.lock().unwrap().clone();
+    let get = |c: &str| {
+        first
+            .get(&format!("{prefix}:{c}"))
+            .copied()
+            .unwrap_or((0, 0))
+    };
+    eprintln!("(messages, envelopes) per channel: {first:?}");
     assert_eq!(
         get("ch:n0"),
-        0,
+        (0, 0),
         "the sender's node needs nothing from Redis"
     );
-    assert_eq!(get("ch:n1"), 20, "n1: 10 to_user + 10 to_group");
-    assert_eq!(get("ch:n2"), 20, "n2: 10 to_group + 10 to_conn");
-    assert_eq!(get("bc"), 10, "to_all: one broadcast message per push");
+    assert_eq!(get("ch:n1").1, 20, "n1: 10 to_user + 10 to_group");
+    assert_eq!(get("ch:n2").1, 20, "n2: 10 to_group + 10 to_conn");
+    assert_eq!(get("bc").1, 10, "to_all: one broadcast envelope per push");
+    for c in ["ch:n1", "ch:n2", "bc"] {
+        assert!(get(c).0 >= 1 && get(c).0 <= get(c).1, "{c}: {:?}", get(c));
+    }
+
+    // A burst to one node travels in far fewer Redis messages than pushes:
+    // the envelopes of each batch share one PUBLISH.
+    const BURST: u64 = 500;
+    for i in 0..BURST {
+        s.send(json!({"op":"to_user","uid":"only1","data":format!("b{i}")}))
+            .await
+            .unwrap();
+    }
+    for i in 0..BURST {
+        let m = u1.recv().await.unwrap();
+        assert_eq!(m, format!("b{i}"), "in order");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    watch.abort();
+    let (before, after) = (get("ch:n1"), {
+        let c = counts.lock().unwrap();
+        c.get(&format!("{prefix}:ch:n1")).copied().unwrap_or((0, 0))
+    });
+    let (messages, envelopes) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("burst: {envelopes} envelopes in {messages} messages");
+    assert_eq!(envelopes, BURST);
+    assert!(
+        messages <= BURST / 2,
+        "{envelopes} envelopes took {messages} messages"
+    );
+    assert_eq!(
+        stats(&p.nodes[1]).await["backplane"]["receive_dropped"].as_u64(),
+        Some(0),
+        "bundles keep the sequence numbers whole"
+    );
     Box::new(p).shutdown_all().await;
+}
+
+/// Envelopes in one pub/sub message: a bundle (kind 3, 17-byte header, then
+/// u32-length-prefixed envelopes) or a single envelope (kind 2).
+fn bundled_envelopes(payload: &[u8]) -> u64 {
+    match payload.first() {
+        Some(3) => {
+            let (mut rest, mut n) = (&payload[17..], 0);
+            while rest.len() >= 4 {
+                let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                rest = &rest[4 + len..];
+                n += 1;
+            }
+            assert!(rest.is_empty(), "a bundle's lengths add up");
+            n
+        }
+        Some(2) => 1,
+        other => panic!("unexpected pub/sub message kind {other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

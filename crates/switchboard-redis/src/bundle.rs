@@ -1,0 +1,159 @@
+//! Several envelopes in one Redis message, as pure functions over bytes.
+//!
+//! Each Redis command costs the broker a parse and a dispatch, and each reply
+//! or pub/sub message costs both nodes a parse, whatever its size. So the
+//! publisher packs every envelope of a batch that goes to the same channel or
+//! stream into one bundle: under load, a `PUBLISH` or `XADD` carries up to a
+//! batch of envelopes; under light traffic a bundle holds one, and nothing
+//! waits to fill it.
+//!
+//! A bundle is a sequence of `length (u32 BE) + envelope`, after whatever
+//! header the mode puts in front (see `receive`).
+
+use bytes::{BufMut, Bytes};
+
+/// A bundle stops growing at this size, so one message never approaches the
+/// broker's per-client output limits.
+pub(crate) const MAX_BYTES: usize = 256 * 1024;
+
+/// A bundle being filled.
+pub(crate) struct Bundle {
+    buf: Vec<u8>,
+    header: usize,
+    count: u64,
+}
+
+impl Bundle {
+    /// An empty bundle whose first `header` bytes the caller fills in later.
+    pub(crate) fn new(header: usize) -> Self {
+        Self {
+            buf: vec![0; header],
+            header,
+            count: 0,
+        }
+    }
+
+    /// Whether `len` more bytes of envelope fit. An empty bundle takes any
+    /// envelope, however large: envelopes are never split.
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        self.count == 0 || self.buf.len() + 4 + len <= MAX_BYTES
+    }
+
+    pub(crate) fn push(&mut self, envelope: &[u8]) {
+        // Invariant: envelopes are bounded by the hub's frame limit, far below 4 GiB.
+        let len = u32::try_from(envelope.len()).expect("envelope under 4 GiB");
+        self.buf.put_u32(len);
+        self.buf.extend_from_slice(envelope);
+        self.count += 1;
+    }
+
+    /// Envelopes in the bundle.
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// The header, to fill in.
+    pub(crate) fn header_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.header]
+    }
+
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// The bundle's envelopes, in order, each sharing `body`'s buffer.
+pub(crate) fn envelopes(body: Bytes) -> Envelopes {
+    Envelopes { rest: body }
+}
+
+/// Iterator over a bundle's envelopes; yields `Err` once, at the first entry
+/// that does not fit in what is left, and then stops.
+pub(crate) struct Envelopes {
+    rest: Bytes,
+}
+
+/// A bundle whose lengths do not add up.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Truncated;
+
+impl Iterator for Envelopes {
+    type Item = Result<Bytes, Truncated>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let entry = self
+            .rest
+            .get(..4)
+            .map(|l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize)
+            .filter(|&len| self.rest.len() - 4 >= len);
+        match entry {
+            Some(len) => {
+                let envelope = self.rest.slice(4..4 + len);
+                self.rest = self.rest.slice(4 + len..);
+                Some(Ok(envelope))
+            }
+            None => {
+                self.rest = Bytes::new();
+                Some(Err(Truncated))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(envelopes: &[&[u8]]) -> Bytes {
+        let mut b = Bundle::new(3);
+        for e in envelopes {
+            assert!(b.fits(e.len()));
+            b.push(e);
+        }
+        b.header_mut().copy_from_slice(b"hdr");
+        Bytes::from(b.into_bytes())
+    }
+
+    #[test]
+    fn envelopes_come_back_in_order_after_the_header() {
+        let body = bundle(&[b"one", b"", b"three"]);
+        assert_eq!(&body[..3], b"hdr");
+        let got: Vec<_> = envelopes(body.slice(3..)).collect();
+        assert_eq!(
+            got,
+            vec![
+                Ok(Bytes::from_static(b"one")),
+                Ok(Bytes::new()),
+                Ok(Bytes::from_static(b"three"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_truncated_bundle_yields_what_is_whole_then_one_error() {
+        let body = bundle(&[b"one", b"three"]);
+        let cut = body.slice(3..body.len() - 1);
+        let got: Vec<_> = envelopes(cut).collect();
+        assert_eq!(got, vec![Ok(Bytes::from_static(b"one")), Err(Truncated)]);
+        let got: Vec<_> = envelopes(Bytes::from_static(&[0, 0])).collect();
+        assert_eq!(got, vec![Err(Truncated)]);
+    }
+
+    #[test]
+    fn a_bundle_stops_growing_at_its_limit_but_takes_one_large_envelope() {
+        let big = vec![7u8; MAX_BYTES];
+        let mut b = Bundle::new(0);
+        assert!(b.fits(big.len()), "an empty bundle takes anything");
+        b.push(&big);
+        assert!(!b.fits(1));
+        let mut b = Bundle::new(17);
+        let half = vec![1u8; MAX_BYTES / 2];
+        b.push(&half);
+        assert!(!b.fits(half.len()));
+        assert!(b.fits(MAX_BYTES / 2 - 17 - 8));
+        assert_eq!(b.count(), 1);
+    }
+}
