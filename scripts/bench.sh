@@ -7,8 +7,9 @@
 #   SCENARIOS="fanout2k_r0 idle10k" scripts/bench.sh
 #
 # Every invocation first measures the floor (mode "floor": what the kernel
-# alone charges for the writes, at this moment), so that each table can be
-# read against the machine's state when it was measured.
+# alone charges for the writes, and what waking an event loop for each sparse
+# message costs, at this moment), so that each table can be read against the
+# machine's state when it was measured.
 #
 # Needs Redis on 127.0.0.1:6379 for the redis modes and RabbitMQ on
 # 127.0.0.1:5672 (guest/guest) for the amqp modes. Everything runs on this
@@ -94,11 +95,12 @@ args_for() { # scenario
     floor_paced) echo "floor --conns 1000 --messages 100 --rate 25" ;;
     floor_burst) echo "floor --conns 1000 --messages 100" ;;
     floor_batch16) echo "floor --conns 1000 --messages 96 --batch 16" ;;
+    floor_relay5000) echo "relay --conns 1000 --messages 100 --rate 5000" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
 
-for scenario in floor_paced floor_burst floor_batch16; do
+for scenario in floor_paced floor_burst floor_batch16 floor_relay5000; do
   for run in $(seq "$RUNS"); do
     # shellcheck disable=SC2046
     line=$("$BIN" bench $(args_for "$scenario") --label floor 2>/dev/null | tail -1)

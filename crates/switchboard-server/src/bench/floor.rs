@@ -8,6 +8,11 @@
 //! any server's CPU per delivery: a server does at least this, plus its own
 //! work. Measuring it beside a run tells how much of a figure is the kernel's
 //! (on a virtual machine, mostly waking the reader on the other core).
+//!
+//! `relay` measures the other floor, the one under traffic too sparse to
+//! batch: a thread with an event loop that is woken for each message, reads
+//! it from one socket and writes it to another, as every process a message
+//! passes through (a node, a broker) must at least do.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -164,6 +169,146 @@ pub fn run(f: Floor) -> Result<serde_json::Value> {
     }))
 }
 
+/// Runs the relay measurement (blocking: call it off the async runtime):
+/// `messages` frames per socket pair, `rate` frames per second in total, one
+/// at a time round-robin over the pairs, relayed by a single-threaded event
+/// loop. Reports the relay thread's CPU per message.
+pub fn relay(f: Floor) -> Result<serde_json::Value> {
+    if f.conns == 0 || f.messages == 0 {
+        bail!("relay needs --conns and --messages above 0");
+    }
+    if f.conns > 4_000 {
+        bail!("relay holds four sockets per pair in this process: at most 4,000 --conns");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    let addr = listener.local_addr()?;
+    let pair = || -> Result<(std::net::TcpStream, std::net::TcpStream)> {
+        let a = std::net::TcpStream::connect(addr)?;
+        let (b, _) = listener.accept()?;
+        a.set_nodelay(true)?;
+        b.set_nodelay(true)?;
+        Ok((a, b))
+    };
+    let (mut inputs, mut relayed, mut outputs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..f.conns {
+        let (w, r) = pair()?;
+        let (rw, sink) = pair()?;
+        r.set_nonblocking(true)?;
+        rw.set_nonblocking(true)?;
+        sink.set_nonblocking(true)?;
+        inputs.push(w);
+        relayed.push((r, rw));
+        outputs.push(sink);
+    }
+    let one = frame(f.size);
+    let per_socket = f.messages as usize * one.len();
+    let total = f.messages * f.conns as u64;
+
+    // Each end in its own thread, each thread one event loop.
+    let event_loop = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let relay = std::thread::spawn({
+        let rt = event_loop()?;
+        move || -> Result<u64> {
+            rt.block_on(async move {
+                let mut tasks = Vec::with_capacity(relayed.len());
+                for (r, w) in relayed {
+                    let mut r = tokio::net::TcpStream::from_std(r)?;
+                    let mut w = tokio::net::TcpStream::from_std(w)?;
+                    tasks.push(tokio::spawn(async move {
+                        use tokio::io::AsyncWriteExt;
+                        let mut buf = vec![0u8; 4096];
+                        let mut got = 0;
+                        while got < per_socket {
+                            match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    got += n;
+                                    if w.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }));
+                }
+                // Counted from here: the pairs are idle until the sender starts.
+                let cpu0 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                for t in tasks {
+                    let _ = t.await;
+                }
+                let cpu1 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                Ok(cpu1 - cpu0)
+            })
+        }
+    });
+    let sink = std::thread::spawn({
+        let rt = event_loop()?;
+        move || -> Result<()> {
+            rt.block_on(async move {
+                let mut tasks = Vec::with_capacity(outputs.len());
+                for s in outputs {
+                    let mut s = tokio::net::TcpStream::from_std(s)?;
+                    tasks.push(tokio::spawn(async move {
+                        let mut buf = vec![0u8; 4096];
+                        let mut got = 0;
+                        while got < per_socket {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got += n,
+                            }
+                        }
+                        got
+                    }));
+                }
+                for t in tasks {
+                    if t.await? < per_socket {
+                        bail!("the sink did not get every frame");
+                    }
+                }
+                Ok(())
+            })
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
+    let interval = (f.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / f.rate));
+    let t0 = Instant::now();
+    let mut next = t0;
+    for _ in 0..f.messages {
+        for s in &mut inputs {
+            (&*s).write_all(&one)?;
+            if let Some(i) = interval {
+                next += i;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+    }
+    let cpu_ns = relay
+        .join()
+        .map_err(|_| anyhow::anyhow!("the relay panicked"))??;
+    let elapsed = t0.elapsed();
+    sink.join()
+        .map_err(|_| anyhow::anyhow!("the sink panicked"))??;
+    let cpu_us = cpu_ns as f64 / 1000.0;
+    Ok(json!({
+        "scenario": "relay",
+        "conns": f.conns,
+        "messages": f.messages,
+        "rate": f.rate,
+        "size": f.size,
+        "deliveries": total,
+        "duration_s": elapsed.as_secs_f64(),
+        "relay_cpu_us": cpu_us,
+        "cpu_us_per_delivery": cpu_us / total as f64,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +336,23 @@ mod tests {
         .unwrap();
         assert_eq!(batched["writes"], 40, "5 frames per write");
         assert_eq!(batched["deliveries"], 200);
+    }
+
+    #[test]
+    fn the_relay_passes_every_frame_and_charges_its_thread() {
+        let r = relay(Floor {
+            conns: 10,
+            messages: 20,
+            rate: 2000.0,
+            size: 64,
+            batch: 1,
+        })
+        .unwrap();
+        assert_eq!(r["deliveries"], 200);
+        assert!(r["relay_cpu_us"].as_f64().unwrap() > 0.0);
+        assert!(
+            r["duration_s"].as_f64().unwrap() >= 0.09,
+            "paced at 2,000 per second"
+        );
     }
 }

@@ -157,7 +157,7 @@ fn progress(text: &str) {
 /// Runs a benchmark and prints a table and one JSON line to stdout.
 #[allow(clippy::print_stdout)]
 pub async fn run(a: BenchArgs) -> Result<()> {
-    if a.scenario == Scenario::Floor {
+    if matches!(a.scenario, Scenario::Floor | Scenario::Relay) {
         let f = floor::Floor {
             conns: a.conns,
             messages: a.messages.unwrap_or(100),
@@ -165,7 +165,12 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             size: a.size,
             batch: a.batch,
         };
-        let mut out = tokio::task::spawn_blocking(move || floor::run(f)).await??;
+        let scenario = a.scenario;
+        let mut out = tokio::task::spawn_blocking(move || match scenario {
+            Scenario::Relay => floor::relay(f),
+            _ => floor::run(f),
+        })
+        .await??;
         out["label"] = json!(a.label);
         print_table(&out);
         println!("{out}");
@@ -281,7 +286,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 out["cpu_us_per_conn"] = json!((c1 - c0) as f64 / 1000.0 / opened.max(1) as f64);
             }
         }
-        Scenario::Floor => unreachable!("measured without a server, above"),
+        Scenario::Floor | Scenario::Relay => unreachable!("measured without a server, above"),
         Scenario::Fanout | Scenario::P2p => {
             let cpu0 = cpu(&all_pids);
             let t0 = client::now_ns();

@@ -22,6 +22,10 @@ pub enum Scenario {
     /// No server: the kernel's CPU per small write to N loopback sockets, the
     /// floor under CPU per delivery on this machine.
     Floor,
+    /// No server: the CPU of an event loop woken for each message, reading it
+    /// from one socket and writing it to another, at --rate messages/s in all;
+    /// the floor under each process a sparse message passes through.
+    Relay,
 }
 
 /// What one worker opens and does.
