@@ -96,11 +96,12 @@ args_for() { # scenario
     floor_burst) echo "floor --conns 1000 --messages 100" ;;
     floor_batch16) echo "floor --conns 1000 --messages 96 --batch 16" ;;
     floor_relay5000) echo "relay --conns 1000 --messages 100 --rate 5000" ;;
+    floor_accept) echo "accept --conns 5000 --in-flight 200" ;;
     *) echo "unknown scenario $1" >&2; exit 2 ;;
   esac
 }
 
-for scenario in floor_paced floor_burst floor_batch16 floor_relay5000; do
+for scenario in floor_paced floor_burst floor_batch16 floor_relay5000 floor_accept; do
   for run in $(seq "$RUNS"); do
     # shellcheck disable=SC2046
     line=$("$BIN" bench $(args_for "$scenario") --label floor 2>/dev/null | tail -1)

@@ -29,7 +29,7 @@ def ms(runs, sub):
     as_ms = [{"latency_ms": {k: v / 1000 for k, v in (r.get("latency_us") or {}).items()}} for r in runs]
     return stat(as_ms, "latency_ms", sub, "{:.2f}")
 
-order = ["floor_paced", "floor_burst", "floor_batch16", "floor_relay5000",
+order = ["floor_paced", "floor_burst", "floor_batch16", "floor_relay5000", "floor_accept",
          "fanout2k_r0", "fanout2k_r25", "fanout10k_r0", "fanout10k_r5", "p2p1k_r0", "p2p1k_r5000",
          "idle10k", "idle19k", "connect10k"]
 modes = []
@@ -55,7 +55,10 @@ for mode in modes:
             other = f"CPU µs/conn {stat(runs, 'cpu_us_per_conn')}; connect p99 {stat(runs, 'connect_us', 'p99', '{:.0f}')} µs"
         if failed:
             other += f"; {failed} connections failed"
-        if name == "floor_relay5000":
+        if name == "floor_accept":
+            other = f"event-loop CPU µs per accepted connection {stat(runs, 'cpu_us_per_conn')}"
+            out.append(f"| {name} | {len(runs)} | - | - | - | - | - | - | {other} |")
+        elif name == "floor_relay5000":
             other = f"event-loop CPU µs per relayed message {stat(runs, 'cpu_us_per_delivery')}"
             out.append(f"| {name} | {len(runs)} | {stat(runs, 'deliveries', fmt='{:.0f}')} | - | - | - | "
                        f"{stat(runs, 'cpu_us_per_delivery')} | - | {other} |")

@@ -13,6 +13,11 @@
 //! batch: a thread with an event loop that is woken for each message, reads
 //! it from one socket and writes it to another, as every process a message
 //! passes through (a node, a broker) must at least do.
+//!
+//! `accept` measures the floor under a new connection: a single-threaded
+//! event loop that accepts, reads a WebSocket upgrade request and answers with
+//! a canned `101` and welcome frame in one write, with no parsing, hashing or
+//! state of its own; what it costs is the kernel's and the event loop's.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -309,6 +314,126 @@ pub fn relay(f: Floor) -> Result<serde_json::Value> {
     }))
 }
 
+/// A WebSocket upgrade request as the load tool sends it.
+const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// A `101` and a welcome frame of the reference application's size.
+fn accepted() -> Vec<u8> {
+    let mut r = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        .to_vec();
+    r.extend(frame(90));
+    r
+}
+
+/// Runs the accept measurement (blocking: call it off the async runtime):
+/// `conns` connections opened, `in_flight` at a time, each kept open once
+/// answered. Reports the accepting thread's CPU per connection.
+pub fn accept(conns: usize, in_flight: usize) -> Result<serde_json::Value> {
+    use tokio::io::AsyncWriteExt;
+    if conns == 0 || in_flight == 0 {
+        bail!("accept needs --conns and --in-flight above 0");
+    }
+    if conns > 9_000 {
+        bail!("accept holds both ends of each socket in this process: at most 9,000 --conns");
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let answer = accepted();
+    let answer_len = answer.len();
+    let event_loop = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let server = std::thread::spawn({
+        let rt = event_loop()?;
+        move || -> Result<u64> {
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let answer: Arc<[u8]> = answer.into();
+                let served = Arc::new(tokio::sync::Semaphore::new(0));
+                let held = Arc::new(std::sync::Mutex::new(Vec::with_capacity(conns)));
+                let cpu0 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                for _ in 0..conns {
+                    let (mut s, _) = listener.accept().await?;
+                    s.set_nodelay(true)?;
+                    let (answer, served, held) = (answer.clone(), served.clone(), held.clone());
+                    tokio::spawn(async move {
+                        let mut head = [0u8; 1024];
+                        let mut got = 0;
+                        while !head[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut head[got..]).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got += n,
+                            }
+                        }
+                        if s.write_all(&answer).await.is_ok() {
+                            held.lock().unwrap_or_else(|p| p.into_inner()).push(s);
+                            served.add_permits(1);
+                        }
+                    });
+                }
+                let all = served.acquire_many(u32::try_from(conns)?);
+                let _all = tokio::time::timeout(Duration::from_secs(30), all)
+                    .await
+                    .context("not every connection was answered")?
+                    .context("the server stopped")?;
+                let cpu1 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                Ok(cpu1 - cpu0)
+            })
+        }
+    });
+    let client = std::thread::spawn({
+        let rt = event_loop()?;
+        move || -> Result<Vec<tokio::net::TcpStream>> {
+            rt.block_on(async move {
+                let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..conns {
+                    let permit = slots.clone().acquire_owned().await?;
+                    tasks.spawn(async move {
+                        let _permit = permit;
+                        let mut s = tokio::net::TcpStream::connect(addr).await?;
+                        s.set_nodelay(true)?;
+                        s.write_all(UPGRADE).await?;
+                        let mut buf = vec![0u8; answer_len];
+                        s.read_exact(&mut buf).await?;
+                        Ok::<_, anyhow::Error>(s)
+                    });
+                }
+                let mut open = Vec::with_capacity(conns);
+                while let Some(s) = tasks.join_next().await {
+                    open.push(s??);
+                }
+                Ok(open)
+            })
+        }
+    });
+    let t0 = Instant::now();
+    let open = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client panicked"))??;
+    let elapsed = t0.elapsed();
+    let cpu_ns = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the server panicked"))??;
+    drop(open);
+    let cpu_us = cpu_ns as f64 / 1000.0;
+    Ok(json!({
+        "scenario": "accept",
+        "conns": conns,
+        "in_flight": in_flight,
+        "opened": conns,
+        "duration_s": elapsed.as_secs_f64(),
+        "server_cpu_us": cpu_us,
+        "cpu_us_per_conn": cpu_us / conns as f64,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,5 +479,12 @@ mod tests {
             r["duration_s"].as_f64().unwrap() >= 0.09,
             "paced at 2,000 per second"
         );
+    }
+
+    #[test]
+    fn the_accept_floor_answers_every_connection() {
+        let r = accept(50, 10).unwrap();
+        assert_eq!(r["opened"], 50);
+        assert!(r["cpu_us_per_conn"].as_f64().unwrap() > 0.0);
     }
 }

@@ -157,7 +157,10 @@ fn progress(text: &str) {
 /// Runs a benchmark and prints a table and one JSON line to stdout.
 #[allow(clippy::print_stdout)]
 pub async fn run(a: BenchArgs) -> Result<()> {
-    if matches!(a.scenario, Scenario::Floor | Scenario::Relay) {
+    if matches!(
+        a.scenario,
+        Scenario::Floor | Scenario::Relay | Scenario::Accept
+    ) {
         let f = floor::Floor {
             conns: a.conns,
             messages: a.messages.unwrap_or(100),
@@ -165,9 +168,10 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             size: a.size,
             batch: a.batch,
         };
-        let scenario = a.scenario;
+        let (scenario, in_flight) = (a.scenario, a.in_flight);
         let mut out = tokio::task::spawn_blocking(move || match scenario {
             Scenario::Relay => floor::relay(f),
+            Scenario::Accept => floor::accept(f.conns, in_flight),
             _ => floor::run(f),
         })
         .await??;
@@ -286,7 +290,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 out["cpu_us_per_conn"] = json!((c1 - c0) as f64 / 1000.0 / opened.max(1) as f64);
             }
         }
-        Scenario::Floor | Scenario::Relay => unreachable!("measured without a server, above"),
+        Scenario::Floor | Scenario::Relay | Scenario::Accept => {
+            unreachable!("measured without a server, above")
+        }
         Scenario::Fanout | Scenario::P2p => {
             let cpu0 = cpu(&all_pids);
             let t0 = client::now_ns();

@@ -26,6 +26,10 @@ pub enum Scenario {
     /// from one socket and writing it to another, at --rate messages/s in all;
     /// the floor under each process a sparse message passes through.
     Relay,
+    /// No server: the CPU of an event loop accepting N connections (at most
+    /// --in-flight at once), each answered with a canned 101 and welcome; the
+    /// floor under CPU per connection.
+    Accept,
 }
 
 /// What one worker opens and does.

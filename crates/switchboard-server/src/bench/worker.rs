@@ -156,7 +156,11 @@ pub async fn run() -> Result<()> {
                             plan.push((format!("{}-r{i}", s.run), None, (i + 1) % n, true));
                             plan.push((format!("{}-s{i}", s.run), None, i % n, false));
                         }
-                        Scenario::Idle | Scenario::Connect | Scenario::Floor | Scenario::Relay => {
+                        Scenario::Idle
+                        | Scenario::Connect
+                        | Scenario::Floor
+                        | Scenario::Relay
+                        | Scenario::Accept => {
                             plan.push((format!("{}-c{i}", s.run), None, i % n, false))
                         }
                     }
