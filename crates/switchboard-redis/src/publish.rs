@@ -160,13 +160,13 @@ async fn send(
         Mode::Queue => shared.cfg.queue_age,
     };
     let mut out = Out::default();
-    // Right after a reconnect the directory may be incomplete (a restarted,
-    // empty Redis until every holder has rebuilt its entries): in pub/sub mode
-    // a push to users or groups then goes to every node known alive, each on
-    // its own channel so that its sequence numbers still reveal losses. Queue
-    // mode relies on a durable Redis, whose directory survives.
-    let unsure =
-        shared.cfg.mode == Mode::PubSub && shared.link.recently_reconnected(shared.cfg.node_ttl);
+    // Right after a reconnect the directory may be incomplete: a restarted,
+    // empty Redis until every holder has rebuilt its entries, and even a
+    // durable one while a holder rebuilds (it clears its entries, then writes
+    // them again). So for one TTL a push to users or groups goes to every node
+    // known alive, each on its own channel or stream (pub/sub sequence numbers
+    // still reveal losses; a node that holds none of them delivers nothing).
+    let unsure = shared.link.recently_reconnected(shared.cfg.node_ttl);
     {
         let cached = shared.live.read().unwrap_or_else(|p| p.into_inner());
         let live = fresh.as_ref().unwrap_or(&cached);
