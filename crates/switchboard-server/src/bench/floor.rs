@@ -45,13 +45,31 @@ pub struct Floor {
 }
 
 /// CPU time of the calling thread, in nanoseconds.
-fn thread_cpu_ns() -> Option<u64> {
+fn thread_cpu_ns() -> Result<u64> {
     std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
         .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .context("this system has no per-thread schedstat")
+}
+
+/// One single-threaded event loop: each end of a measurement runs on its own.
+fn event_loop() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Reads `bytes` from `s`, or until it ends; returns how many it read.
+async fn drain(s: &mut tokio::net::TcpStream, bytes: usize) -> usize {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < bytes {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    got
 }
 
 fn frame(size: usize) -> Vec<u8> {
@@ -87,23 +105,14 @@ pub fn run(f: Floor) -> Result<serde_json::Value> {
     let reader = {
         let remaining = remaining.clone();
         std::thread::spawn(move || -> Result<()> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = event_loop()?;
             rt.block_on(async move {
                 let mut tasks = Vec::with_capacity(f.conns);
                 for _ in 0..f.conns {
                     let mut s = tokio::net::TcpStream::connect(addr).await?;
                     let remaining = remaining.clone();
                     tasks.push(tokio::spawn(async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        let mut got = 0;
-                        while got < per_socket {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => got += n,
-                            }
-                        }
+                        drain(&mut s, per_socket).await;
                         remaining.fetch_sub(1, Ordering::AcqRel);
                     }));
                 }
@@ -128,7 +137,7 @@ pub fn run(f: Floor) -> Result<serde_json::Value> {
 
     let write = one.repeat(f.batch);
     let interval = (f.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / f.rate));
-    let cpu0 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+    let cpu0 = thread_cpu_ns()?;
     let t0 = Instant::now();
     let mut next = t0;
     for _ in 0..rounds {
@@ -142,7 +151,7 @@ pub fn run(f: Floor) -> Result<serde_json::Value> {
             }
         }
     }
-    let cpu1 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+    let cpu1 = thread_cpu_ns()?;
     let elapsed = t0.elapsed();
     let deadline = Instant::now() + Duration::from_secs(30);
     while remaining.load(Ordering::Acquire) > 0 {
@@ -210,11 +219,6 @@ pub fn relay(f: Floor) -> Result<serde_json::Value> {
     let total = f.messages * f.conns as u64;
 
     // Each end in its own thread, each thread one event loop.
-    let event_loop = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
     let relay = std::thread::spawn({
         let rt = event_loop()?;
         move || -> Result<u64> {
@@ -241,11 +245,11 @@ pub fn relay(f: Floor) -> Result<serde_json::Value> {
                     }));
                 }
                 // Counted from here: the pairs are idle until the sender starts.
-                let cpu0 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                let cpu0 = thread_cpu_ns()?;
                 for t in tasks {
                     let _ = t.await;
                 }
-                let cpu1 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                let cpu1 = thread_cpu_ns()?;
                 Ok(cpu1 - cpu0)
             })
         }
@@ -257,17 +261,7 @@ pub fn relay(f: Floor) -> Result<serde_json::Value> {
                 let mut tasks = Vec::with_capacity(outputs.len());
                 for s in outputs {
                     let mut s = tokio::net::TcpStream::from_std(s)?;
-                    tasks.push(tokio::spawn(async move {
-                        let mut buf = vec![0u8; 4096];
-                        let mut got = 0;
-                        while got < per_socket {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => got += n,
-                            }
-                        }
-                        got
-                    }));
+                    tasks.push(tokio::spawn(async move { drain(&mut s, per_socket).await }));
                 }
                 for t in tasks {
                     if t.await? < per_socket {
@@ -344,11 +338,6 @@ pub fn accept(conns: usize, in_flight: usize) -> Result<serde_json::Value> {
     let addr = listener.local_addr()?;
     let answer = accepted();
     let answer_len = answer.len();
-    let event_loop = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    };
     let server = std::thread::spawn({
         let rt = event_loop()?;
         move || -> Result<u64> {
@@ -357,7 +346,7 @@ pub fn accept(conns: usize, in_flight: usize) -> Result<serde_json::Value> {
                 let answer: Arc<[u8]> = answer.into();
                 let served = Arc::new(tokio::sync::Semaphore::new(0));
                 let held = Arc::new(std::sync::Mutex::new(Vec::with_capacity(conns)));
-                let cpu0 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                let cpu0 = thread_cpu_ns()?;
                 for _ in 0..conns {
                     let (mut s, _) = listener.accept().await?;
                     s.set_nodelay(true)?;
@@ -382,7 +371,7 @@ pub fn accept(conns: usize, in_flight: usize) -> Result<serde_json::Value> {
                     .await
                     .context("not every connection was answered")?
                     .context("the server stopped")?;
-                let cpu1 = thread_cpu_ns().context("this system has no per-thread schedstat")?;
+                let cpu1 = thread_cpu_ns()?;
                 Ok(cpu1 - cpu0)
             })
         }
