@@ -225,8 +225,9 @@ async fn send(
 #[derive(Default)]
 struct Out {
     pipe: Pipeline,
-    /// Pub/sub: the bundle being filled for each channel, in first-use order.
-    bundles: Vec<(String, Bundle)>,
+    /// Pub/sub: the bundle being filled for each destination node (`None`:
+    /// the broadcast channel), with its channel, in first-use order.
+    bundles: Vec<(Option<String>, String, Bundle)>,
     /// Queue: the streams written, each to be renewed once.
     streams: BTreeSet<String>,
     /// Envelope deliveries to nodes (an envelope sent to two nodes counts 2).
@@ -245,10 +246,9 @@ impl Out {
         dests: Dests,
         env: &Bytes,
     ) {
-        let keys = &shared.keys;
         match (shared.cfg.mode, dests) {
             (Mode::PubSub, Dests::Broadcast) => {
-                self.publish(shared, seqs, keys.broadcast(), env);
+                self.publish(shared, seqs, None, env);
             }
             (Mode::Queue, Dests::Broadcast) => {
                 for node in live.live().filter(|n| *n != me) {
@@ -261,7 +261,7 @@ impl Out {
                     .filter(|n| n.as_str() != me && live.routable(n, keep))
                 {
                     match mode {
-                        Mode::PubSub => self.publish(shared, seqs, keys.channel(node), env),
+                        Mode::PubSub => self.publish(shared, seqs, Some(node), env),
                         Mode::Queue => self.xadd(shared, node, env),
                     }
                 }
@@ -269,24 +269,30 @@ impl Out {
         }
     }
 
-    /// Adds the envelope to the channel's bundle; a full bundle goes into the
-    /// pipeline first.
-    fn publish(&mut self, shared: &Shared, seqs: &mut Sequences, channel: String, env: &Bytes) {
+    /// Adds the envelope to the bundle for `node` (`None`: every node); a full
+    /// bundle goes into the pipeline first. The channel's name is built once
+    /// per bundle, not per envelope.
+    fn publish(&mut self, shared: &Shared, seqs: &mut Sequences, node: Option<&str>, env: &Bytes) {
         self.messages += 1;
-        let at = match self.bundles.iter().position(|(c, _)| *c == channel) {
+        let at = match self.bundles.iter().position(|(n, ..)| n.as_deref() == node) {
             Some(at) => at,
             None => {
+                let channel = match node {
+                    Some(n) => shared.keys.channel(n),
+                    None => shared.keys.broadcast(),
+                };
+                let header = Bundle::new(crate::receive::HEADER);
                 self.bundles
-                    .push((channel, Bundle::new(crate::receive::HEADER)));
+                    .push((node.map(str::to_owned), channel, header));
                 self.bundles.len() - 1
             }
         };
-        if !self.bundles[at].1.fits(env.len()) {
-            let (channel, full) = &mut self.bundles[at];
-            let full = std::mem::replace(full, Bundle::new(crate::receive::HEADER));
+        let (_, channel, bundle) = &mut self.bundles[at];
+        if !bundle.fits(env.len()) {
+            let full = std::mem::replace(bundle, Bundle::new(crate::receive::HEADER));
             publish(&mut self.pipe, shared, seqs, channel.clone(), full);
         }
-        self.bundles[at].1.push(env);
+        bundle.push(env);
     }
 
     fn xadd(&mut self, shared: &Shared, node: &str, env: &Bytes) {
@@ -307,7 +313,7 @@ impl Out {
 
     /// The pipeline, with the open bundles and the streams' renewals.
     fn finish(mut self, shared: &Shared, seqs: &mut Sequences) -> Pipeline {
-        for (channel, bundle) in self.bundles {
+        for (_, channel, bundle) in self.bundles {
             publish(&mut self.pipe, shared, seqs, channel, bundle);
         }
         // A stream whose node never shows up again must not live forever: it
