@@ -4,10 +4,12 @@
 //! A node reports every local membership change; a writer task applies them
 //! in order, in pipelined batches, as absolute (idempotent) writes. Whenever
 //! the Redis connection is re-established, and whenever a change had to be
-//! dropped, the writer rebuilds the node's entries from scratch: clear them,
-//! then replay the node's current state. Re-applying a change the replay
-//! already reflects is harmless, because every write states a final value.
+//! dropped, the writer rebuilds the node's entries: it removes those its
+//! current state no longer has, then replays that state. Re-applying a change
+//! the replay already reflects is harmless, because every write states a
+//! final value.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -142,8 +144,15 @@ impl Directory {
         }
     }
 
-    /// Clears the node's entries and writes its current state. Returns the
+    /// Brings the node's entries in line with its current state. Returns the
     /// sequence number the state covers at least.
+    ///
+    /// Prune, then write, never clear-then-write: an entry the node still
+    /// holds is never missing, not even for a round trip. A clear would leave
+    /// every user and group of the node without a holder until the rewrite
+    /// reached it, and a push routed in that window would go nowhere. Only
+    /// this node writes its entries (peers remove them only once it is dead),
+    /// so reading them in several round trips sees no one else's changes.
     async fn rebuild(
         &self,
         conn: &mut MultiplexedConnection,
@@ -154,16 +163,76 @@ impl Directory {
         let covered = self.reported.load(Ordering::Acquire);
         let mut state = Vec::new();
         local.replay(&mut |c| state.push(c));
-        clear_node(conn, &self.keys, node.as_str()).await?;
-        for chunk in state.chunks(BATCH) {
+        let holding = Holding::from_replay(&state);
+        let written = self.written(conn, node).await?;
+        let stale = stale(&written, &holding);
+        in_batches(conn, &stale, |pipe, s| self.remove(pipe, node, s)).await?;
+        in_batches(conn, &state, |pipe, c| self.add(pipe, node, c)).await?;
+        tracing::info!(node = %node, conns = holding.conns.len(), pruned = stale.len(), "directory entries rebuilt");
+        Ok(covered)
+    }
+
+    /// The node's connections as Redis holds them.
+    async fn written(
+        &self,
+        conn: &mut MultiplexedConnection,
+        node: &NodeId,
+    ) -> Result<Vec<Written>, RedisError> {
+        let k = &self.keys;
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(k.node_conns(node))
+            .query_async(conn)
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for c in chunk {
-                self.add(&mut pipe, node, c);
+                pipe.hget(k.conn(c), "user")
+                    .smembers(k.conn_groups(c))
+                    .exists(k.session(c));
             }
-            pipe.query_async::<()>(conn).await?;
+            let replies: Vec<(Option<String>, Vec<String>, bool)> = pipe.query_async(conn).await?;
+            out.extend(
+                chunk
+                    .iter()
+                    .zip(replies)
+                    .map(|(c, (user, groups, session))| Written {
+                        conn: c.clone(),
+                        user,
+                        groups,
+                        session,
+                    }),
+            );
         }
-        tracing::info!(node = %node, conns = state.iter().filter(|c| matches!(c, MembershipChange::Opened { .. })).count(), "directory entries rebuilt");
-        Ok(covered)
+        Ok(out)
+    }
+
+    fn remove(&self, pipe: &mut Pipeline, node: &NodeId, stale: &Stale) {
+        let k = &self.keys;
+        match stale {
+            Stale::Conn(c) => {
+                pipe.del(&[k.conn(c), k.conn_groups(c), k.session(c)])
+                    .ignore();
+                pipe.srem(k.node_conns(node), c).ignore();
+            }
+            Stale::UserMember { user, conn } => {
+                pipe.srem(k.user(user), conn).ignore();
+                pipe.hdel(k.conn(conn), "user").ignore();
+            }
+            Stale::UserHolder(user) => {
+                pipe.hdel(k.user_nodes(user), node.as_str()).ignore();
+            }
+            Stale::GroupMember { group, conn } => {
+                pipe.srem(k.group(group), conn).ignore();
+                pipe.srem(k.conn_groups(conn), group).ignore();
+            }
+            Stale::GroupHolder(group) => {
+                pipe.hdel(k.group_nodes(group), node.as_str()).ignore();
+            }
+            Stale::Session(c) => {
+                pipe.del(k.session(c)).ignore();
+            }
+        }
     }
 
     /// Applies reported changes until `stop`. `ttl` is the node's liveness
@@ -227,7 +296,11 @@ impl Directory {
                 }
             }
             let last = batch.last().map_or(0, |(s, _)| *s);
+            // Atomic, so a batch cut off by a lost connection is in Redis
+            // entirely or not at all: the entries stay consistent with each
+            // other, which is what a rebuild's pruning reads them by.
             let mut pipe = redis::pipe();
+            pipe.atomic();
             for (seq, change) in batch.drain(..) {
                 if seq > skip_until {
                     self.add(&mut pipe, &node, &change);
@@ -249,6 +322,23 @@ impl Directory {
     }
 }
 
+/// Writes `items` in atomic pipelines of [`BATCH`], each built by `each`.
+async fn in_batches<T>(
+    conn: &mut MultiplexedConnection,
+    items: &[T],
+    mut each: impl FnMut(&mut Pipeline, &T),
+) -> Result<(), RedisError> {
+    for chunk in items.chunks(BATCH) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for item in chunk {
+            each(&mut pipe, item);
+        }
+        pipe.query_async::<()>(conn).await?;
+    }
+    Ok(())
+}
+
 /// Removes every directory entry of `node`.
 pub(crate) async fn clear_node(
     conn: &mut MultiplexedConnection,
@@ -260,4 +350,258 @@ pub(crate) async fn clear_node(
         .arg(node)
         .invoke_async(conn)
         .await
+}
+
+/// One connection's entries as Redis holds them.
+#[derive(Debug)]
+struct Written {
+    conn: String,
+    user: Option<String>,
+    groups: Vec<String>,
+    session: bool,
+}
+
+/// One connection as the node holds it now.
+#[derive(Debug, Default)]
+struct Held {
+    user: Option<String>,
+    groups: HashSet<String>,
+    session: bool,
+}
+
+/// What the node holds now, from its replay.
+#[derive(Debug, Default)]
+struct Holding {
+    conns: HashMap<String, Held>,
+    users: HashSet<String>,
+    groups: HashSet<String>,
+}
+
+impl Holding {
+    fn from_replay(changes: &[MembershipChange]) -> Self {
+        let mut h = Holding::default();
+        for change in changes {
+            match change {
+                MembershipChange::Opened { conn } => {
+                    h.conns.entry(conn.to_string()).or_default();
+                }
+                MembershipChange::Bound { conn, user, .. } => {
+                    h.conns.entry(conn.to_string()).or_default().user = Some(user.to_string());
+                    h.users.insert(user.to_string());
+                }
+                MembershipChange::Joined { conn, group, .. } => {
+                    h.conns
+                        .entry(conn.to_string())
+                        .or_default()
+                        .groups
+                        .insert(group.to_string());
+                    h.groups.insert(group.to_string());
+                }
+                MembershipChange::Session { conn, session } => {
+                    h.conns.entry(conn.to_string()).or_default().session = !session.is_empty();
+                }
+                // A replay states what is; it has no removals.
+                _ => {}
+            }
+        }
+        h
+    }
+}
+
+/// An entry of the node's that its current state no longer has.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Stale {
+    /// The connection is gone: its hash, group set, session and index entry.
+    Conn(String),
+    /// The connection is no longer the user's.
+    UserMember { user: String, conn: String },
+    /// The node holds no connection of the user any more.
+    UserHolder(String),
+    /// The connection is no longer in the group.
+    GroupMember { group: String, conn: String },
+    /// The node holds no member of the group any more.
+    GroupHolder(String),
+    /// The connection's session is empty now.
+    Session(String),
+}
+
+/// What must be removed from `written` so that, once `now` is written over
+/// it, Redis holds exactly `now`. Never names an entry `now` still has.
+fn stale(written: &[Written], now: &Holding) -> Vec<Stale> {
+    let mut out = BTreeSet::new();
+    for w in written {
+        let held = now.conns.get(&w.conn);
+        if let Some(user) = &w.user
+            && held.and_then(|h| h.user.as_ref()) != Some(user)
+        {
+            out.insert(Stale::UserMember {
+                user: user.clone(),
+                conn: w.conn.clone(),
+            });
+            if !now.users.contains(user) {
+                out.insert(Stale::UserHolder(user.clone()));
+            }
+        }
+        for group in &w.groups {
+            if !held.is_some_and(|h| h.groups.contains(group)) {
+                out.insert(Stale::GroupMember {
+                    group: group.clone(),
+                    conn: w.conn.clone(),
+                });
+                if !now.groups.contains(group) {
+                    out.insert(Stale::GroupHolder(group.clone()));
+                }
+            }
+        }
+        match held {
+            None => {
+                out.insert(Stale::Conn(w.conn.clone()));
+            }
+            Some(h) if w.session && !h.session => {
+                out.insert(Stale::Session(w.conn.clone()));
+            }
+            Some(_) => {}
+        }
+    }
+    out.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn written(conn: &str, user: Option<&str>, groups: &[&str], session: bool) -> Written {
+        Written {
+            conn: conn.into(),
+            user: user.map(Into::into),
+            groups: groups.iter().map(|g| (*g).into()).collect(),
+            session,
+        }
+    }
+
+    fn holding(conns: &[(&str, Option<&str>, &[&str], bool)]) -> Holding {
+        let mut h = Holding::default();
+        for (conn, user, groups, session) in conns {
+            let held = Held {
+                user: user.map(Into::into),
+                groups: groups.iter().map(|g| (*g).into()).collect(),
+                session: *session,
+            };
+            h.users.extend(held.user.clone());
+            h.groups.extend(held.groups.iter().cloned());
+            h.conns.insert((*conn).into(), held);
+        }
+        h
+    }
+
+    fn s(v: &str) -> String {
+        v.into()
+    }
+
+    #[test]
+    fn an_unchanged_state_prunes_nothing() {
+        let w = [written("n.1", Some("u"), &["g", "h"], true)];
+        let now = holding(&[("n.1", Some("u"), &["g", "h"], true)]);
+        assert_eq!(stale(&w, &now), vec![]);
+    }
+
+    #[test]
+    fn a_gone_connection_takes_its_memberships_and_only_unheld_holders() {
+        let w = [
+            written("n.1", Some("u"), &["g", "h"], true),
+            written("n.2", Some("u"), &["g"], false),
+        ];
+        // n.2 still holds user u and group g: their holder entries stay.
+        let now = holding(&[("n.2", Some("u"), &["g"], false)]);
+        assert_eq!(
+            stale(&w, &now),
+            vec![
+                Stale::Conn(s("n.1")),
+                Stale::UserMember {
+                    user: s("u"),
+                    conn: s("n.1")
+                },
+                Stale::GroupMember {
+                    group: s("g"),
+                    conn: s("n.1")
+                },
+                Stale::GroupMember {
+                    group: s("h"),
+                    conn: s("n.1")
+                },
+                Stale::GroupHolder(s("h")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_changed_connection_loses_only_what_changed() {
+        let w = [written("n.1", Some("old"), &["kept", "left"], true)];
+        let now = holding(&[("n.1", Some("new"), &["kept", "joined"], false)]);
+        assert_eq!(
+            stale(&w, &now),
+            vec![
+                Stale::UserMember {
+                    user: s("old"),
+                    conn: s("n.1")
+                },
+                Stale::UserHolder(s("old")),
+                Stale::GroupMember {
+                    group: s("left"),
+                    conn: s("n.1")
+                },
+                Stale::GroupHolder(s("left")),
+                Stale::Session(s("n.1")),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_holder_entry_stays_while_another_connection_holds_it() {
+        // n.1 moved from u to nobody, but n.2 is u's too.
+        let w = [
+            written("n.1", Some("u"), &[], false),
+            written("n.2", Some("u"), &[], false),
+        ];
+        let now = holding(&[("n.1", None, &[], false), ("n.2", Some("u"), &[], false)]);
+        assert_eq!(
+            stale(&w, &now),
+            vec![Stale::UserMember {
+                user: s("u"),
+                conn: s("n.1")
+            }]
+        );
+    }
+
+    #[test]
+    fn the_state_is_read_from_a_replay() {
+        use switchboard_core::{ConnId, GroupId, UserId};
+        let conn: ConnId = "n.1".parse().unwrap();
+        let replay = [
+            MembershipChange::Opened { conn: conn.clone() },
+            MembershipChange::Bound {
+                conn: conn.clone(),
+                user: UserId::from("u"),
+                first: true,
+                count: 1,
+            },
+            MembershipChange::Joined {
+                conn: conn.clone(),
+                group: GroupId::from("g"),
+                first: true,
+                count: 1,
+            },
+            MembershipChange::Opened {
+                conn: "n.2".parse().unwrap(),
+            },
+        ];
+        let h = Holding::from_replay(&replay);
+        assert_eq!(h.conns.len(), 2);
+        assert_eq!(h.conns["n.1"].user.as_deref(), Some("u"));
+        assert!(h.conns["n.1"].groups.contains("g"));
+        assert!(h.conns["n.2"].user.is_none());
+        assert!(h.users.contains("u") && h.groups.contains("g"));
+    }
 }

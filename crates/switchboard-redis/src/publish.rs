@@ -160,12 +160,13 @@ async fn send(
         Mode::Queue => shared.cfg.queue_age,
     };
     let mut out = Out::default();
-    // Right after a reconnect the directory may be incomplete: a restarted,
-    // empty Redis until every holder has rebuilt its entries, and even a
-    // durable one while a holder rebuilds (it clears its entries, then writes
-    // them again). So for one TTL a push to users or groups goes to every node
+    // Right after a reconnect the directory may be incomplete: a Redis that
+    // restarted without persistence is empty until every holder has rebuilt
+    // its entries. So for one TTL a push to users or groups goes to every node
     // known alive, each on its own channel or stream (pub/sub sequence numbers
     // still reveal losses; a node that holds none of them delivers nothing).
+    // A durable Redis needs none of this: a rebuild never removes an entry
+    // its node still holds.
     let unsure = shared.link.recently_reconnected(shared.cfg.node_ttl);
     {
         let cached = shared.live.read().unwrap_or_else(|p| p.into_inner());

@@ -545,3 +545,153 @@ impl ShutdownAll for Box<Process> {
         self.shutdown().await;
     }
 }
+
+/// A rebuild of a node's directory entries (here: after its Redis connections
+/// are killed) never leaves an entry the node still holds missing, not even
+/// for a round trip, and removes the entries it no longer holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_rebuild_never_drops_what_the_node_holds() {
+    const GROUPS: usize = 3000;
+    // Its own Redis: killing every client of the shared one would hit the
+    // tests running beside this one.
+    let Some(rs) = RedisServer::start(false).unwrap() else {
+        return;
+    };
+    let url = rs.url();
+    let prefix = unique_prefix("rebuild");
+    let cluster = format!("{url}?mode=queue&prefix={prefix}");
+    let p = Process::start_cluster(BIN, 1, &cluster).await.unwrap();
+    let node = &p.nodes[0];
+    let n = node.node_id.clone();
+    let mut c = Client::tcp(node.tcp.unwrap(), "holder", Some("g0"))
+        .await
+        .unwrap();
+    // Enough groups that writing them all takes several round trips.
+    for i in 1..GROUPS {
+        c.send(json!({"op":"join","group":format!("g{i}")}))
+            .await
+            .unwrap();
+    }
+    let last = format!("g{}", GROUPS - 1);
+    faults::ask_until(
+        &mut c,
+        json!({"op":"group_count","group":last}),
+        |r| r["count"] == 1,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
+    // Entries the node no longer holds, as a lost change would leave them: a
+    // closed connection of user "ghost" in group "gone", and a group "left"
+    // the live connection left.
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let ghost = format!("{n}.dead");
+    let k = |kind: &str, id: &str| format!("{prefix}:{kind}:{id}");
+    redis::pipe()
+        .sadd(k("nc", &n), &ghost)
+        .hset_multiple(
+            k("conn", &ghost),
+            &[("node", n.as_str()), ("user", "ghost")],
+        )
+        .sadd(k("user", "ghost"), &ghost)
+        .hset(k("uc", "ghost"), &n, 1)
+        .sadd(k("cg", &ghost), "gone")
+        .sadd(k("group", "gone"), &ghost)
+        .hset(k("gc", "gone"), &n, 1)
+        .sadd(k("cg", &c.conn), "left")
+        .sadd(k("group", "left"), &c.conn)
+        .hset(k("gc", "left"), &n, 1)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(&mut c, json!({"op":"online","uid":"ghost"})).await["online"],
+        true
+    );
+    assert_eq!(
+        answer(&mut c, json!({"op":"group_count","group":"left"})).await["count"],
+        1
+    );
+
+    // What the node holds, read in one round trip: its user, its first and
+    // last group, its connection.
+    let mut held = redis::pipe();
+    held.hexists(k("uc", "holder"), &n)
+        .hexists(k("gc", "g0"), &n)
+        .hexists(k("gc", &last), &n)
+        .sismember(k("nc", &n), &c.conn);
+    let (mut polls, mut missing) = (0u64, 0u64);
+    for round in 0..3 {
+        let before = faults::backplane(node, "reconnects").await.unwrap();
+        // Kills every normal client but this one: the node's links.
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(killed >= 1, "round {round}: killed no connection");
+        let started = Instant::now();
+        loop {
+            for _ in 0..20 {
+                let present: (bool, bool, bool, bool) = held.query_async(&mut redis).await.unwrap();
+                polls += 1;
+                if present != (true, true, true, true) {
+                    missing += 1;
+                }
+            }
+            if faults::backplane(node, "reconnects").await.unwrap() > before
+                && http_get(node.ws.unwrap(), "/ready").await.unwrap().0 == 200
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "round {round}: no rebuild within 10 s"
+            );
+        }
+    }
+    eprintln!("directory rebuild: {polls} polls over 3 rebuilds, {missing} found an entry missing");
+    assert_eq!(missing, 0, "a rebuild left held entries missing");
+
+    assert_eq!(
+        answer(&mut c, json!({"op":"online","uid":"ghost"})).await["online"],
+        false
+    );
+    assert_eq!(
+        answer(&mut c, json!({"op":"group_count","group":"gone"})).await["count"],
+        0
+    );
+    assert_eq!(
+        answer(&mut c, json!({"op":"group_count","group":"left"})).await["count"],
+        0
+    );
+    let leftovers: (bool, bool, bool, bool) = redis::pipe()
+        .exists(k("conn", &ghost))
+        .sismember(k("nc", &n), &ghost)
+        .sismember(k("group", "left"), &c.conn)
+        .sismember(k("cg", &c.conn), "left")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(leftovers, (false, false, false, false));
+    assert_eq!(
+        answer(&mut c, json!({"op":"online","uid":"holder"})).await["online"],
+        true
+    );
+    assert_eq!(
+        answer(&mut c, json!({"op":"group_count","group":last})).await["count"],
+        1
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+async fn answer(c: &mut Client, q: Value) -> Value {
+    c.ask(q).await.unwrap()
+}
