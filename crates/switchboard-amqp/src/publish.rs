@@ -1,6 +1,7 @@
-//! Sending envelopes: a task takes them from a bounded queue, picks each one's
-//! routing keys, numbers it on its stream, and publishes one message per key
-//! on the session's confirm-mode channel. Up to [`IN_FLIGHT`] messages await
+//! Sending envelopes: a task takes them from a bounded queue in batches, picks
+//! each one's routing keys, numbers it on its stream, and publishes one
+//! message per key (a run of envelopes for the same key shares one message, a
+//! bundle) on the session's confirm-mode channel. Up to [`IN_FLIGHT`] messages await
 //! the broker's confirmation at once; an acknowledged message counts as
 //! published, anything else (negative acknowledgement, returned as
 //! unroutable, session lost before the confirmation) as dropped.
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::BasicPublishOptions;
@@ -21,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Mode;
-use crate::wire::{self, Copy, Sequences};
+use crate::wire::{self, Bundle, Copy, Sequences};
 use crate::{Shared, poll_once};
 use switchboard_core::backplane::StatCounters;
 
@@ -35,7 +37,7 @@ const STREAMS: usize = 100_000;
 
 /// One message to publish: its routing key, and whether the broker must
 /// return it when no queue takes it (an envelope for a node that is gone).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Key {
     pub(crate) key: String,
     pub(crate) mandatory: bool,
@@ -94,62 +96,137 @@ pub(crate) fn keys(mode: Mode, route: &Route, me: &NodeId) -> Vec<Key> {
     }
 }
 
-/// A publication awaiting its confirmation, with its session's generation.
-type Pending = Pin<Box<dyn Future<Output = (u64, lapin::Result<Confirmation>)> + Send>>;
+/// A publication awaiting its confirmation: its session's generation and the
+/// envelopes it carries.
+type Pending = Pin<Box<dyn Future<Output = (u64, u64, lapin::Result<Confirmation>)> + Send>>;
+
+/// The envelopes of a batch waiting to go out together: consecutive, for one
+/// routing key, each the only copy of its envelope.
+struct Open {
+    key: Key,
+    bundle: Bundle,
+    /// The first envelope: a bundle of one goes out as a plain envelope.
+    first: Bytes,
+}
 
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Outgoing>,
     stop: CancellationToken,
 ) {
-    let mut seqs = Sequences::new(shared.epoch, STREAMS);
-    let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut out = Publisher {
+        seqs: Sequences::new(shared.epoch, STREAMS),
+        shared,
+        inflight: FuturesUnordered::new(),
+    };
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            Some((generation, done)) = inflight.next(), if !inflight.is_empty() => {
-                shared.confirmed(generation, done);
+            Some((generation, count, done)) = out.inflight.next(), if !out.inflight.is_empty() => {
+                out.shared.confirmed(generation, count, done);
             }
-            n = rx.recv_many(&mut batch, BATCH), if inflight.len() < IN_FLIGHT => {
+            n = rx.recv_many(&mut batch, BATCH), if out.inflight.len() < IN_FLIGHT => {
                 if n == 0 {
                     return;
                 }
-                for o in batch.drain(..) {
-                    send(&shared, &mut seqs, &mut inflight, o).await;
-                }
+                out.batch(&mut batch).await;
             }
         }
     }
 }
 
-/// Publishes the messages of one envelope, in order.
-async fn send(
-    shared: &Arc<Shared>,
-    seqs: &mut Sequences,
-    inflight: &mut FuturesUnordered<Pending>,
-    o: Outgoing,
-) {
-    let keys = keys(shared.cfg.mode, &o.route, shared.node());
-    let Some(session) = shared.link.current() else {
-        // At-most-once: nothing waits for the broker to come back.
-        StatCounters::add(&shared.stats.publish_dropped, keys.len() as u64);
-        return;
-    };
-    let copies = keys.len();
-    for (i, Key { key, mandatory }) in keys.into_iter().enumerate() {
-        let copy = match (copies, i) {
-            (1, _) => Copy::Only,
-            (_, 0) => Copy::First,
-            _ => Copy::Later,
-        };
-        let stream = match shared.cfg.mode {
+struct Publisher {
+    shared: Arc<Shared>,
+    seqs: Sequences,
+    inflight: FuturesUnordered<Pending>,
+}
+
+impl Publisher {
+    /// Publishes a batch in order. Runs of envelopes for the same routing key
+    /// travel as one bundle: under load a burst costs the broker one message
+    /// per run, not one per push; under light load a batch holds one envelope
+    /// and nothing waits to fill a bundle. An envelope with several copies
+    /// (routing mode, several keys) goes out alone, copies back to back, as
+    /// receivers recognise repeated copies by their adjacency.
+    async fn batch(&mut self, batch: &mut Vec<Outgoing>) {
+        let mut open: Option<Open> = None;
+        for o in batch.drain(..) {
+            let mut keys = keys(self.shared.cfg.mode, &o.route, self.shared.node());
+            if keys.len() == 1 {
+                let key = keys.remove(0);
+                match &mut open {
+                    Some(b) if b.key == key && b.bundle.fits(o.envelope.len()) => {
+                        b.bundle.push(&o.envelope);
+                    }
+                    _ => {
+                        if let Some(b) = open.take() {
+                            self.flush(b).await;
+                        }
+                        let mut bundle = Bundle::new();
+                        bundle.push(&o.envelope);
+                        open = Some(Open {
+                            key,
+                            bundle,
+                            first: o.envelope,
+                        });
+                    }
+                }
+            } else {
+                if let Some(b) = open.take() {
+                    self.flush(b).await;
+                }
+                self.copies(keys, &o.envelope).await;
+            }
+        }
+        if let Some(b) = open.take() {
+            self.flush(b).await;
+        }
+    }
+
+    fn stream<'k>(&self, key: &'k str) -> &'k str {
+        match self.shared.cfg.mode {
             Mode::Fanout => "",
-            Mode::Routing => key.as_str(),
+            Mode::Routing => key,
+        }
+    }
+
+    async fn flush(&mut self, open: Open) {
+        let count = open.bundle.count();
+        let (epoch, first) = self.seqs.take(self.stream(&open.key.key), count);
+        let body = if count == 1 {
+            wire::envelope_message(epoch, first, Copy::Only, &open.first)
+        } else {
+            open.bundle.finish(epoch, first)
         };
-        let (epoch, seq) = seqs.next(stream);
-        let body = wire::envelope_message(epoch, seq, copy, &o.envelope);
+        self.publish(open.key, body, count).await;
+    }
+
+    /// The copies of an envelope with several routing keys, back to back.
+    async fn copies(&mut self, keys: Vec<Key>, envelope: &Bytes) {
+        let copies = keys.len();
+        for (i, key) in keys.into_iter().enumerate() {
+            let copy = match (copies, i) {
+                (1, _) => Copy::Only,
+                (_, 0) => Copy::First,
+                _ => Copy::Later,
+            };
+            let (epoch, seq) = self.seqs.next(self.stream(&key.key));
+            let body = wire::envelope_message(epoch, seq, copy, envelope);
+            self.publish(key, body, 1).await;
+        }
+    }
+
+    /// Publishes one message carrying `count` envelopes.
+    async fn publish(&mut self, Key { key, mandatory }: Key, body: Vec<u8>, count: u64) {
+        let shared = &self.shared;
+        let Some(session) = shared.link.current() else {
+            // At-most-once: nothing waits for the broker to come back. The
+            // numbers stay taken: receivers count the gap.
+            StatCounters::add(&shared.stats.publish_dropped, count);
+            return;
+        };
         let channel = session.publish.clone();
         let exchange = shared.link.names().exchange.clone();
         let generation = session.generation;
@@ -171,35 +248,35 @@ async fn send(
                 Ok(confirm) => confirm.await,
                 Err(e) => Err(e),
             };
-            (generation, confirmed)
+            (generation, count, confirmed)
         });
         // Polled once here so that its frames are queued before the next
         // message's: the numbers of a stream reach the broker in order.
         match poll_once(fut.as_mut()).await {
-            Poll::Ready((generation, done)) => shared.confirmed(generation, done),
-            Poll::Pending => inflight.push(fut),
+            Poll::Ready((generation, count, done)) => shared.confirmed(generation, count, done),
+            Poll::Pending => self.inflight.push(fut),
         }
     }
 }
 
 impl Shared {
     /// Counts a publication's outcome; a failed session is handed to the supervisor.
-    pub(crate) fn confirmed(&self, generation: u64, done: lapin::Result<Confirmation>) {
+    pub(crate) fn confirmed(&self, generation: u64, count: u64, done: lapin::Result<Confirmation>) {
         let stats = &self.stats;
         match done {
             Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => {
-                stats.published.fetch_add(1, Ordering::Relaxed);
+                stats.published.fetch_add(count, Ordering::Relaxed);
             }
             Ok(Confirmation::Ack(Some(returned))) => {
                 tracing::debug!(key = %returned.delivery.routing_key, "unroutable envelope returned");
-                stats.publish_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.publish_dropped.fetch_add(count, Ordering::Relaxed);
             }
             Ok(Confirmation::Nack(_)) => {
                 // A node's queue is full (or the broker could not take it).
-                stats.publish_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.publish_dropped.fetch_add(count, Ordering::Relaxed);
             }
             Err(e) => {
-                stats.publish_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.publish_dropped.fetch_add(count, Ordering::Relaxed);
                 self.link.failed(generation, &e);
             }
         }

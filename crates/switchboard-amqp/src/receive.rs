@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Mode;
 use crate::link::Session;
-use crate::wire::{self, Control, Message, Seen};
+use crate::wire::{self, Control, Copy, Message, Seen};
 use crate::{Shared, publish_control};
 
 /// Deliveries acknowledged at once, at most.
@@ -139,7 +139,6 @@ async fn handle(shared: &Shared, session: &Session, d: Delivery, inbound: &Inbou
         tracing::warn!(key = %key, "malformed message dropped");
         return true;
     };
-    let me = shared.node();
     match message {
         Message::Envelope {
             epoch,
@@ -147,55 +146,97 @@ async fn handle(shared: &Shared, session: &Session, d: Delivery, inbound: &Inbou
             copy,
             envelope,
         } => {
-            let Some((origin, id)) = switchboard_core::envelope::peek_id(&envelope) else {
-                tracing::warn!(key = %key, "malformed envelope dropped");
-                return true;
-            };
-            if origin == me.as_str() {
-                // The broker brings a node's own messages back when it holds
-                // a recipient too; it delivered to them already.
-                return true;
-            }
-            let stream = match shared.cfg.mode {
-                Mode::Fanout => "",
-                Mode::Routing => key.as_str(),
-            };
-            let stats = &shared.stats;
-            {
-                let mut t = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
-                match t.record(origin, stream, epoch, seq) {
-                    Seen::Again => {
-                        stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                        return true;
-                    }
-                    Seen::New { missed } if missed > 0 => {
-                        tracing::warn!(%origin, key = %key, missed, "envelopes lost on the way");
-                        stats.receive_dropped.fetch_add(missed, Ordering::Relaxed);
-                    }
-                    Seen::New { .. } => {}
-                }
-                if key.as_str().starts_with("n.") && key.as_str() != shared.my_key() {
-                    // Fanout: addressed to another node.
-                    return true;
-                }
-                if t.repeated_copy(origin, copy, id) {
-                    stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-            }
-            stats.received.fetch_add(1, Ordering::Relaxed);
-            // Waiting for room in the node's queue is not deafness.
-            shared.blocked.store(true, Ordering::Relaxed);
-            let taken = inbound.send(envelope).await.is_ok();
-            shared.blocked.store(false, Ordering::Relaxed);
-            shared.heard_self();
-            taken
+            let one = std::iter::once(envelope);
+            deliver(shared, key.as_str(), epoch, seq, copy, one, inbound).await
+        }
+        Message::Bundle {
+            epoch,
+            first,
+            envelopes,
+        } => {
+            deliver(
+                shared,
+                key.as_str(),
+                epoch,
+                first,
+                Copy::Only,
+                envelopes.into_iter(),
+                inbound,
+            )
+            .await
         }
         Message::Control(c) => {
             control(shared, session, c, key.as_str()).await;
             true
         }
     }
+}
+
+/// Hands one sender's envelopes, numbered from `first` on the stream of
+/// `key`, to the node, after the checks for loss, redelivery, address and
+/// repeated copies. False when the node no longer takes envelopes.
+async fn deliver(
+    shared: &Shared,
+    key: &str,
+    epoch: u64,
+    first: u64,
+    copy: Copy,
+    envelopes: impl ExactSizeIterator<Item = Bytes>,
+    inbound: &Inbound,
+) -> bool {
+    let count = envelopes.len() as u64;
+    let mut envelopes = envelopes.peekable();
+    let Some((origin, id)) = envelopes
+        .peek()
+        .and_then(|e| switchboard_core::envelope::peek_id(e))
+    else {
+        tracing::warn!(key = %key, "malformed envelope dropped");
+        return true;
+    };
+    if origin == shared.node().as_str() {
+        // The broker brings a node's own messages back when it holds a
+        // recipient too; it delivered to them already.
+        return true;
+    }
+    let stream = match shared.cfg.mode {
+        Mode::Fanout => "",
+        Mode::Routing => key,
+    };
+    let stats = &shared.stats;
+    {
+        let mut t = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        match t.record_range(origin, stream, epoch, first, first + count - 1) {
+            Seen::Again => {
+                stats.duplicates.fetch_add(count, Ordering::Relaxed);
+                return true;
+            }
+            Seen::New { missed } if missed > 0 => {
+                tracing::warn!(%origin, key = %key, missed, "envelopes lost on the way");
+                stats.receive_dropped.fetch_add(missed, Ordering::Relaxed);
+            }
+            Seen::New { .. } => {}
+        }
+        if key.starts_with("n.") && key != shared.my_key() {
+            // Fanout: addressed to another node.
+            return true;
+        }
+        if t.repeated_copy(origin, copy, id) {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+    }
+    for envelope in envelopes {
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        // Waiting for room in the node's queue is not deafness.
+        shared.blocked.store(true, Ordering::Relaxed);
+        let taken = inbound.send(envelope).await.is_ok();
+        shared.blocked.store(false, Ordering::Relaxed);
+        if !taken {
+            return false;
+        }
+    }
+    shared.heard_self();
+    true
 }
 
 async fn control(shared: &Shared, session: &Session, c: Control, key: &str) {

@@ -8,7 +8,12 @@
 //! | kind | body |
 //! |---|---|
 //! | `2` envelope | epoch (u64 BE), sequence number (u64 BE), copy marker (u8), the envelope |
+//! | `3` bundle | epoch (u64 BE), number of its first envelope (u64 BE), then per envelope its length (u32 BE) and bytes |
 //! | `1` control | op (u8), node id (u8 length + bytes), op-specific data |
+//!
+//! A bundle carries consecutive envelopes of one sender for one routing key,
+//! each the only copy of its envelope, numbered one after the other from the
+//! first: a burst costs the broker one message, not one per push.
 //!
 //! A sender numbers its envelopes per *stream*: per routing key in routing
 //! mode, one stream in fanout mode (every node receives all of it). Within one
@@ -25,6 +30,13 @@ use switchboard_core::NodeId;
 const ENVELOPE: u8 = 2;
 /// Kind byte of a control message.
 const CONTROL: u8 = 1;
+/// Kind byte of a bundle of envelopes.
+const BUNDLE: u8 = 3;
+/// Length of a bundle's header.
+const BUNDLE_HEADER: usize = 17;
+/// Most bytes of a bundle: a queue's cap counts messages, so this also bounds
+/// what one message of a full queue holds.
+pub(crate) const MAX_BUNDLE: usize = 64 * 1024;
 /// Length of an envelope message's header.
 pub(crate) const HEADER: usize = 18;
 
@@ -115,6 +127,47 @@ pub(crate) fn envelope_message(epoch: u64, seq: u64, copy: Copy, envelope: &[u8]
     b
 }
 
+/// Envelopes packed for one message (kind `3`), in order.
+#[derive(Debug)]
+pub(crate) struct Bundle {
+    buf: Vec<u8>,
+    count: u64,
+}
+
+impl Bundle {
+    pub(crate) fn new() -> Self {
+        let mut buf = Vec::with_capacity(1024);
+        buf.resize(BUNDLE_HEADER, 0);
+        Self { buf, count: 0 }
+    }
+
+    /// Envelopes in it.
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether an envelope of `len` bytes still fits (the first always does).
+    pub(crate) fn fits(&self, len: usize) -> bool {
+        self.count == 0 || self.buf.len() + 4 + len <= MAX_BUNDLE
+    }
+
+    pub(crate) fn push(&mut self, envelope: &[u8]) {
+        // Envelopes are far below 4 GiB: the hub caps frames well under it.
+        self.buf
+            .extend_from_slice(&(envelope.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(envelope);
+        self.count += 1;
+    }
+
+    /// The message body, its envelopes numbered from `first`.
+    pub(crate) fn finish(mut self, epoch: u64, first: u64) -> Vec<u8> {
+        self.buf[0] = BUNDLE;
+        self.buf[1..9].copy_from_slice(&epoch.to_be_bytes());
+        self.buf[9..17].copy_from_slice(&first.to_be_bytes());
+        self.buf
+    }
+}
+
 /// A decoded message body.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Message {
@@ -128,6 +181,15 @@ pub(crate) enum Message {
         copy: Copy,
         /// The envelope itself (a slice of the body, no copy).
         envelope: Bytes,
+    },
+    /// Envelopes numbered `first`, `first + 1`, ..., each an only copy.
+    Bundle {
+        /// The sender's epoch.
+        epoch: u64,
+        /// The number of the first.
+        first: u64,
+        /// The envelopes (slices of the body, no copy).
+        envelopes: Vec<Bytes>,
     },
     /// A liveness message.
     Control(Control),
@@ -204,6 +266,9 @@ impl Reader<'_> {
     fn u16(&mut self) -> Option<u16> {
         self.take(2)?.try_into().ok().map(u16::from_be_bytes)
     }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)?.try_into().ok().map(u32::from_be_bytes)
+    }
     fn u64(&mut self) -> Option<u64> {
         self.take(8)?.try_into().ok().map(u64::from_be_bytes)
     }
@@ -227,6 +292,26 @@ pub(crate) fn decode(body: Bytes) -> Option<Message> {
                 seq,
                 copy,
                 envelope: body.slice(HEADER..),
+            })
+        }
+        BUNDLE => {
+            let epoch = r.u64()?;
+            let first = r.u64()?;
+            let mut envelopes = Vec::new();
+            let mut at = BUNDLE_HEADER;
+            while !r.0.is_empty() {
+                let len = r.u32()? as usize;
+                r.take(len)?;
+                envelopes.push(body.slice(at + 4..at + 4 + len));
+                at += 4 + len;
+            }
+            if envelopes.is_empty() {
+                return None;
+            }
+            Some(Message::Bundle {
+                epoch,
+                first,
+                envelopes,
             })
         }
         CONTROL => {
@@ -273,15 +358,21 @@ impl Sequences {
 
     /// The epoch and number of the next message on `stream`.
     pub(crate) fn next(&mut self, stream: &str) -> (u64, u64) {
+        self.take(stream, 1)
+    }
+
+    /// The epoch and the first of the next `count` numbers on `stream`.
+    pub(crate) fn take(&mut self, stream: &str, count: u64) -> (u64, u64) {
         if let Some(n) = self.next.get_mut(stream) {
-            *n += 1;
-            return (self.epoch, *n);
+            let first = *n + 1;
+            *n += count;
+            return (self.epoch, first);
         }
         if self.next.len() >= self.cap {
             self.next.clear();
             self.epoch = self.epoch.wrapping_add(1);
         }
-        self.next.insert(stream.to_owned(), 1);
+        self.next.insert(stream.to_owned(), count);
         (self.epoch, 1)
     }
 }
@@ -315,7 +406,21 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     /// Records message `seq` of `epoch` on `origin`'s `stream`.
+    #[cfg(test)]
     pub(crate) fn record(&mut self, origin: &str, stream: &str, epoch: u64, seq: u64) -> Seen {
+        self.record_range(origin, stream, epoch, seq, seq)
+    }
+
+    /// Records the messages `first..=last` of `epoch` on `origin`'s `stream`,
+    /// which arrive together (one bundle) or not at all.
+    pub(crate) fn record_range(
+        &mut self,
+        origin: &str,
+        stream: &str,
+        epoch: u64,
+        first: u64,
+        last: u64,
+    ) -> Seen {
         if !self.streams.contains_key(origin) && self.streams.len() >= MAX_ORIGINS {
             // Senders that died without a goodbye pile up: start over (what
             // is lost meanwhile is not counted, the counts are a lower bound).
@@ -326,20 +431,20 @@ impl Tracker {
             Some(s) => s,
             None => self.streams.entry(origin.to_owned()).or_default(),
         };
-        let Some(last) = streams.get_mut(stream) else {
-            streams.insert(stream.to_owned(), (epoch, seq));
+        let Some(seen) = streams.get_mut(stream) else {
+            streams.insert(stream.to_owned(), (epoch, last));
             return Seen::New { missed: 0 };
         };
-        if last.0 != epoch {
+        if seen.0 != epoch {
             // A restarted sender, or one that started over: not a loss.
-            *last = (epoch, seq);
+            *seen = (epoch, last);
             return Seen::New { missed: 0 };
         }
-        if seq <= last.1 {
+        if first <= seen.1 {
             return Seen::Again;
         }
-        let missed = seq - last.1 - 1;
-        last.1 = seq;
+        let missed = first - seen.1 - 1;
+        seen.1 = last;
         Seen::New { missed }
     }
 
@@ -460,6 +565,60 @@ mod tests {
     }
 
     #[test]
+    fn bundles_round_trip_and_stay_within_their_size() {
+        let mut b = Bundle::new();
+        assert!(b.fits(MAX_BUNDLE * 2), "the first envelope always fits");
+        b.push(b"one");
+        b.push(b"");
+        b.push(b"three");
+        assert_eq!(b.count(), 3);
+        let body = b.finish(7, 40);
+        assert_eq!(
+            decode(Bytes::from(body.clone())),
+            Some(Message::Bundle {
+                epoch: 7,
+                first: 40,
+                envelopes: vec![
+                    Bytes::from_static(b"one"),
+                    Bytes::new(),
+                    Bytes::from_static(b"three")
+                ],
+            })
+        );
+        // Cut anywhere inside an envelope, it is malformed, not shorter.
+        for cut in [body.len() - 1, BUNDLE_HEADER + 2, BUNDLE_HEADER + 5] {
+            assert_eq!(decode(Bytes::copy_from_slice(&body[..cut])), None, "{cut}");
+        }
+        assert_eq!(
+            decode(Bytes::from(Bundle::new().finish(1, 1))),
+            None,
+            "empty"
+        );
+
+        let mut full = Bundle::new();
+        let env = vec![0u8; 1000];
+        while full.fits(env.len()) {
+            full.push(&env);
+        }
+        let body = full.finish(1, 1);
+        assert!(body.len() <= MAX_BUNDLE && body.len() + 1004 > MAX_BUNDLE);
+    }
+
+    #[test]
+    fn a_bundle_takes_its_range_of_numbers() {
+        let mut t = Tracker::default();
+        assert_eq!(t.record_range("a", "", 1, 1, 5), Seen::New { missed: 0 });
+        assert_eq!(t.record("a", "", 1, 6), Seen::New { missed: 0 });
+        assert_eq!(t.record_range("a", "", 1, 9, 20), Seen::New { missed: 2 });
+        assert_eq!(
+            t.record_range("a", "", 1, 9, 20),
+            Seen::Again,
+            "redelivered"
+        );
+        assert_eq!(t.record("a", "", 1, 21), Seen::New { missed: 0 });
+    }
+
+    #[test]
     fn sequences_count_per_stream_and_start_over_when_full() {
         let mut s = Sequences::new(5, 2);
         assert_eq!(s.next("a"), (5, 1));
@@ -467,6 +626,8 @@ mod tests {
         assert_eq!(s.next("b"), (5, 1));
         assert_eq!(s.next("c"), (6, 1), "a third stream starts a new epoch");
         assert_eq!(s.next("a"), (6, 1));
+        assert_eq!(s.take("a", 10), (6, 2), "a bundle takes a range");
+        assert_eq!(s.next("a"), (6, 12));
     }
 
     #[test]

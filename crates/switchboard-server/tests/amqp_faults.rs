@@ -506,3 +506,111 @@ async fn an_unreachable_broker_fails_the_start_with_a_clear_error() {
         "{err}"
     );
 }
+
+/// Envelopes in a message on the wire: a bundle (kind 3) holds several, an
+/// envelope message (kind 2) one, a control message (kind 1) none.
+fn envelopes_in(body: &[u8]) -> u64 {
+    match body.first() {
+        Some(2) => 1,
+        Some(3) => {
+            let (mut at, mut n) = (17, 0);
+            while at + 4 <= body.len() {
+                let len = u32::from_be_bytes(body[at..at + 4].try_into().unwrap()) as usize;
+                at += 4 + len;
+                n += 1;
+            }
+            assert_eq!(at, body.len(), "a bundle cut short");
+            n
+        }
+        _ => 0,
+    }
+}
+
+/// A burst travels in bundles: 500 pushes from one node to a user on another
+/// cost the broker a few messages, not 500, and arrive whole and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_sends_a_burst_in_few_messages() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    let Some(url) = amqp_url() else { return };
+    let prefix = unique_prefix("bundle");
+    let cluster = format!("{url}?mode=fanout&prefix={prefix}");
+    let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
+    let mut s = Client::tcp(p.nodes[0].tcp.unwrap(), "s", None)
+        .await
+        .unwrap();
+    let mut r = Client::ws(p.nodes[1].ws.unwrap(), "r", None).await.unwrap();
+
+    // A queue of our own on the cluster's exchange sees every message.
+    let conn = lapin::Connection::connect_uri(url.parse().unwrap(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let spy = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        spy.name().clone(),
+        format!("{prefix}.fanout").into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            spy.name().clone(),
+            "spy".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // One write: the sending node reads the whole burst at once.
+    let burst: String = (0..500)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"op":"to_user","uid":"r","data":format!("b{i}")})
+            )
+        })
+        .collect();
+    s.send_raw(burst.as_bytes()).await.unwrap();
+    for i in 0..500 {
+        assert_eq!(r.recv().await.unwrap(), format!("b{i}"));
+    }
+    let (mut messages, mut envelopes) = (0u64, 0u64);
+    while envelopes < 500 {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the spy saw fewer than 500 envelopes")
+            .unwrap()
+            .unwrap();
+        let n = envelopes_in(&d.data);
+        if n > 0 {
+            messages += 1;
+            envelopes += n;
+        }
+    }
+    eprintln!("fanout burst: 500 pushes in {messages} messages");
+    assert_eq!(envelopes, 500);
+    assert!(messages <= 250, "500 pushes took {messages} messages");
+    assert_eq!(backplane(&p.nodes[1], "receive_dropped").await.unwrap(), 0);
+    p.stop().await;
+}
