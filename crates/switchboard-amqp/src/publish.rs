@@ -23,9 +23,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Mode;
-use crate::wire::{self, Bundle, Copy, Sequences};
+use crate::wire::{self, Copy, Sequences};
 use crate::{Shared, poll_once};
 use switchboard_core::backplane::StatCounters;
+use switchboard_core::bundle::Bundle;
 
 /// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
 pub(crate) const QUEUE: usize = 64 * 1024;
@@ -37,7 +38,7 @@ const STREAMS: usize = 100_000;
 
 /// One message to publish: its routing key, and whether the broker must
 /// return it when no queue takes it (an envelope for a node that is gone).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Key {
     pub(crate) key: String,
     pub(crate) mandatory: bool,
@@ -164,7 +165,7 @@ impl Publisher {
                         if let Some(b) = open.take() {
                             self.flush(b).await;
                         }
-                        let mut bundle = Bundle::new();
+                        let mut bundle = wire::bundle();
                         bundle.push(&o.envelope);
                         open = Some(Open {
                             key,
@@ -185,20 +186,15 @@ impl Publisher {
         }
     }
 
-    fn stream<'k>(&self, key: &'k str) -> &'k str {
-        match self.shared.cfg.mode {
-            Mode::Fanout => "",
-            Mode::Routing => key,
-        }
-    }
-
     async fn flush(&mut self, open: Open) {
         let count = open.bundle.count();
-        let (epoch, first) = self.seqs.take(self.stream(&open.key.key), count);
+        let (epoch, first) = self
+            .seqs
+            .take(wire::stream(self.shared.cfg.mode, &open.key.key), count);
         let body = if count == 1 {
             wire::envelope_message(epoch, first, Copy::Only, &open.first)
         } else {
-            open.bundle.finish(epoch, first)
+            wire::bundle_message(open.bundle, epoch, first)
         };
         self.publish(open.key, body, count).await;
     }
@@ -212,7 +208,7 @@ impl Publisher {
                 (_, 0) => Copy::First,
                 _ => Copy::Later,
             };
-            let (epoch, seq) = self.seqs.next(self.stream(&key.key));
+            let (epoch, seq) = self.seqs.next(wire::stream(self.shared.cfg.mode, &key.key));
             let body = wire::envelope_message(epoch, seq, copy, envelope);
             self.publish(key, body, 1).await;
         }

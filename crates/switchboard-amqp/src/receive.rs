@@ -20,7 +20,6 @@ use lapin::{Acker, Consumer};
 use switchboard_core::backplane::Inbound;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Mode;
 use crate::link::Session;
 use crate::wire::{self, Control, Copy, Message, Seen};
 use crate::{Shared, publish_control};
@@ -198,10 +197,7 @@ async fn deliver(
         // recipient too; it delivered to them already.
         return true;
     }
-    let stream = match shared.cfg.mode {
-        Mode::Fanout => "",
-        Mode::Routing => key,
-    };
+    let stream = wire::stream(shared.cfg.mode, key);
     let stats = &shared.stats;
     {
         let mut t = shared.tracker.lock().unwrap_or_else(|p| p.into_inner());

@@ -24,7 +24,10 @@
 use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::config::Mode;
 use switchboard_core::NodeId;
+use switchboard_core::bundle::{self, Bundle};
 
 /// Kind byte of an envelope message.
 const ENVELOPE: u8 = 2;
@@ -45,6 +48,15 @@ const MAX_KEY: usize = 255;
 
 /// The routing key of everything addressed to every node.
 pub(crate) const BROADCAST_KEY: &str = "b";
+
+/// The stream a message under `key` is numbered on: its routing key in
+/// routing mode; one stream in fanout mode, where every node gets them all.
+pub(crate) fn stream(mode: Mode, key: &str) -> &str {
+    match mode {
+        Mode::Fanout => "",
+        Mode::Routing => key,
+    }
+}
 
 /// The routing key of one node.
 pub(crate) fn node_key(node: &str) -> String {
@@ -127,45 +139,18 @@ pub(crate) fn envelope_message(epoch: u64, seq: u64, copy: Copy, envelope: &[u8]
     b
 }
 
-/// Envelopes packed for one message (kind `3`), in order.
-#[derive(Debug)]
-pub(crate) struct Bundle {
-    buf: Vec<u8>,
-    count: u64,
+/// An empty bundle (kind `3`) to fill with envelopes.
+pub(crate) fn bundle() -> Bundle {
+    Bundle::new(BUNDLE_HEADER, MAX_BUNDLE)
 }
 
-impl Bundle {
-    pub(crate) fn new() -> Self {
-        let mut buf = Vec::with_capacity(1024);
-        buf.resize(BUNDLE_HEADER, 0);
-        Self { buf, count: 0 }
-    }
-
-    /// Envelopes in it.
-    pub(crate) fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Whether an envelope of `len` bytes still fits (the first always does).
-    pub(crate) fn fits(&self, len: usize) -> bool {
-        self.count == 0 || self.buf.len() + 4 + len <= MAX_BUNDLE
-    }
-
-    pub(crate) fn push(&mut self, envelope: &[u8]) {
-        // Envelopes are far below 4 GiB: the hub caps frames well under it.
-        self.buf
-            .extend_from_slice(&(envelope.len() as u32).to_be_bytes());
-        self.buf.extend_from_slice(envelope);
-        self.count += 1;
-    }
-
-    /// The message body, its envelopes numbered from `first`.
-    pub(crate) fn finish(mut self, epoch: u64, first: u64) -> Vec<u8> {
-        self.buf[0] = BUNDLE;
-        self.buf[1..9].copy_from_slice(&epoch.to_be_bytes());
-        self.buf[9..17].copy_from_slice(&first.to_be_bytes());
-        self.buf
-    }
+/// The message body of a filled bundle, its envelopes numbered from `first`.
+pub(crate) fn bundle_message(mut bundle: Bundle, epoch: u64, first: u64) -> Vec<u8> {
+    let header = bundle.header_mut();
+    header[0] = BUNDLE;
+    header[1..9].copy_from_slice(&epoch.to_be_bytes());
+    header[9..17].copy_from_slice(&first.to_be_bytes());
+    bundle.into_bytes()
 }
 
 /// A decoded message body.
@@ -266,9 +251,6 @@ impl Reader<'_> {
     fn u16(&mut self) -> Option<u16> {
         self.take(2)?.try_into().ok().map(u16::from_be_bytes)
     }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)?.try_into().ok().map(u32::from_be_bytes)
-    }
     fn u64(&mut self) -> Option<u64> {
         self.take(8)?.try_into().ok().map(u64::from_be_bytes)
     }
@@ -297,14 +279,9 @@ pub(crate) fn decode(body: Bytes) -> Option<Message> {
         BUNDLE => {
             let epoch = r.u64()?;
             let first = r.u64()?;
-            let mut envelopes = Vec::new();
-            let mut at = BUNDLE_HEADER;
-            while !r.0.is_empty() {
-                let len = r.u32()? as usize;
-                r.take(len)?;
-                envelopes.push(body.slice(at + 4..at + 4 + len));
-                at += 4 + len;
-            }
+            let envelopes = bundle::envelopes(body.slice(BUNDLE_HEADER..))
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
             if envelopes.is_empty() {
                 return None;
             }
@@ -566,13 +543,11 @@ mod tests {
 
     #[test]
     fn bundles_round_trip_and_stay_within_their_size() {
-        let mut b = Bundle::new();
-        assert!(b.fits(MAX_BUNDLE * 2), "the first envelope always fits");
+        let mut b = bundle();
         b.push(b"one");
         b.push(b"");
         b.push(b"three");
-        assert_eq!(b.count(), 3);
-        let body = b.finish(7, 40);
+        let body = bundle_message(b, 7, 40);
         assert_eq!(
             decode(Bytes::from(body.clone())),
             Some(Message::Bundle {
@@ -590,17 +565,17 @@ mod tests {
             assert_eq!(decode(Bytes::copy_from_slice(&body[..cut])), None, "{cut}");
         }
         assert_eq!(
-            decode(Bytes::from(Bundle::new().finish(1, 1))),
+            decode(Bytes::from(bundle_message(bundle(), 1, 1))),
             None,
             "empty"
         );
 
-        let mut full = Bundle::new();
+        let mut full = bundle();
         let env = vec![0u8; 1000];
         while full.fits(env.len()) {
             full.push(&env);
         }
-        let body = full.finish(1, 1);
+        let body = bundle_message(full, 1, 1);
         assert!(body.len() <= MAX_BUNDLE && body.len() + 1004 > MAX_BUNDLE);
     }
 

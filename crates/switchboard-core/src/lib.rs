@@ -10,6 +10,7 @@
 //!   in-process implementation.
 
 pub mod backplane;
+pub mod bundle;
 pub mod envelope;
 pub mod frame;
 pub mod framing;

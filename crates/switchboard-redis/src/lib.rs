@@ -33,7 +33,6 @@
 //! # Ok(()) }
 //! ```
 
-mod bundle;
 mod config;
 mod directory;
 mod keys;

@@ -19,13 +19,17 @@ use switchboard_core::backplane::{Outgoing, Route};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use switchboard_core::bundle::Bundle;
+
 use crate::Shared;
-use crate::bundle::Bundle;
 use crate::config::Mode;
 
 /// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
 pub(crate) const QUEUE: usize = 64 * 1024;
 const BATCH: usize = 256;
+/// A bundle stops growing at this size, so one message never approaches
+/// Redis's per-client output limits.
+const MAX_BUNDLE: usize = 256 * 1024;
 
 /// Destinations of one envelope.
 enum Dests {
@@ -282,7 +286,7 @@ impl Out {
                     Some(n) => shared.keys.channel(n),
                     None => shared.keys.broadcast(),
                 };
-                let header = Bundle::new(crate::receive::HEADER);
+                let header = Bundle::new(crate::receive::HEADER, MAX_BUNDLE);
                 self.bundles
                     .push((node.map(str::to_owned), channel, header));
                 self.bundles.len() - 1
@@ -290,7 +294,7 @@ impl Out {
         };
         let (_, channel, bundle) = &mut self.bundles[at];
         if !bundle.fits(env.len()) {
-            let full = std::mem::replace(bundle, Bundle::new(crate::receive::HEADER));
+            let full = std::mem::replace(bundle, Bundle::new(crate::receive::HEADER, MAX_BUNDLE));
             publish(&mut self.pipe, shared, seqs, channel.clone(), full);
         }
         bundle.push(env);

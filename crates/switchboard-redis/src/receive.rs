@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::bundle;
 use crate::link::{self, backoff};
+use switchboard_core::bundle;
 
 /// A pub/sub payload starting with this byte is a liveness probe.
 pub(crate) const PROBE: u8 = 0;

@@ -1,45 +1,46 @@
-//! Several envelopes in one Redis message, as pure functions over bytes.
+//! Several envelopes in one broker message, as pure functions over bytes.
 //!
-//! Each Redis command costs the broker a parse and a dispatch, and each reply
-//! or pub/sub message costs both nodes a parse, whatever its size. So the
-//! publisher packs every envelope of a batch that goes to the same channel or
-//! stream into one bundle: under load, a `PUBLISH` or `XADD` carries up to a
-//! batch of envelopes; under light traffic a bundle holds one, and nothing
-//! waits to fill it.
+//! Each broker message costs the broker a parse and a dispatch, and each
+//! delivery costs the receiving node a parse, whatever its size. So a
+//! backplane's publisher packs the envelopes of a batch that go the same way
+//! into one bundle: under load, one message carries up to a batch of
+//! envelopes; under light traffic a bundle holds one, and nothing waits to
+//! fill it.
 //!
 //! A bundle is a sequence of `length (u32 BE) + envelope`, after whatever
-//! header the mode puts in front (see `receive`).
+//! header the backplane puts in front.
 
 use bytes::{BufMut, Bytes};
 
-/// A bundle stops growing at this size, so one message never approaches the
-/// broker's per-client output limits.
-pub(crate) const MAX_BYTES: usize = 256 * 1024;
-
 /// A bundle being filled.
-pub(crate) struct Bundle {
+#[derive(Debug)]
+pub struct Bundle {
     buf: Vec<u8>,
     header: usize,
+    max: usize,
     count: u64,
 }
 
 impl Bundle {
-    /// An empty bundle whose first `header` bytes the caller fills in later.
-    pub(crate) fn new(header: usize) -> Self {
+    /// An empty bundle whose first `header` bytes the caller fills in later,
+    /// that stops growing at `max` bytes (header included).
+    pub fn new(header: usize, max: usize) -> Self {
         Self {
             buf: vec![0; header],
             header,
+            max,
             count: 0,
         }
     }
 
     /// Whether `len` more bytes of envelope fit. An empty bundle takes any
     /// envelope, however large: envelopes are never split.
-    pub(crate) fn fits(&self, len: usize) -> bool {
-        self.count == 0 || self.buf.len() + 4 + len <= MAX_BYTES
+    pub fn fits(&self, len: usize) -> bool {
+        self.count == 0 || self.buf.len() + 4 + len <= self.max
     }
 
-    pub(crate) fn push(&mut self, envelope: &[u8]) {
+    /// Appends an envelope.
+    pub fn push(&mut self, envelope: &[u8]) {
         // Invariant: envelopes are bounded by the hub's frame limit, far below 4 GiB.
         let len = u32::try_from(envelope.len()).expect("envelope under 4 GiB");
         self.buf.put_u32(len);
@@ -48,34 +49,37 @@ impl Bundle {
     }
 
     /// Envelopes in the bundle.
-    pub(crate) fn count(&self) -> u64 {
+    pub fn count(&self) -> u64 {
         self.count
     }
 
     /// The header, to fill in.
-    pub(crate) fn header_mut(&mut self) -> &mut [u8] {
+    pub fn header_mut(&mut self) -> &mut [u8] {
         &mut self.buf[..self.header]
     }
 
-    pub(crate) fn into_bytes(self) -> Vec<u8> {
+    /// The bundle, header first.
+    pub fn into_bytes(self) -> Vec<u8> {
         self.buf
     }
 }
 
-/// The bundle's envelopes, in order, each sharing `body`'s buffer.
-pub(crate) fn envelopes(body: Bytes) -> Envelopes {
+/// The envelopes of `body` (a bundle after its header), in order, each
+/// sharing `body`'s buffer.
+pub fn envelopes(body: Bytes) -> Envelopes {
     Envelopes { rest: body }
 }
 
 /// Iterator over a bundle's envelopes; yields `Err` once, at the first entry
 /// that does not fit in what is left, and then stops.
-pub(crate) struct Envelopes {
+#[derive(Debug)]
+pub struct Envelopes {
     rest: Bytes,
 }
 
 /// A bundle whose lengths do not add up.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Truncated;
+pub struct Truncated;
 
 impl Iterator for Envelopes {
     type Item = Result<Bytes, Truncated>;
@@ -107,8 +111,10 @@ impl Iterator for Envelopes {
 mod tests {
     use super::*;
 
+    const MAX_BYTES: usize = 256 * 1024;
+
     fn bundle(envelopes: &[&[u8]]) -> Bytes {
-        let mut b = Bundle::new(3);
+        let mut b = Bundle::new(3, MAX_BYTES);
         for e in envelopes {
             assert!(b.fits(e.len()));
             b.push(e);
@@ -145,11 +151,11 @@ mod tests {
     #[test]
     fn a_bundle_stops_growing_at_its_limit_but_takes_one_large_envelope() {
         let big = vec![7u8; MAX_BYTES];
-        let mut b = Bundle::new(0);
+        let mut b = Bundle::new(0, MAX_BYTES);
         assert!(b.fits(big.len()), "an empty bundle takes anything");
         b.push(&big);
         assert!(!b.fits(1));
-        let mut b = Bundle::new(17);
+        let mut b = Bundle::new(17, MAX_BYTES);
         let half = vec![1u8; MAX_BYTES / 2];
         b.push(&half);
         assert!(!b.fits(half.len()));
