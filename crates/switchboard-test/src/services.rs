@@ -2,7 +2,10 @@
 //! RabbitMQ on 127.0.0.1:5672, and private `redis-server` and
 //! `rabbitmq-server` processes for tests that restart or kill the broker.
 //!
-//! When `CI=true`, an unreachable service fails the test instead of skipping it.
+//! A test whose service is missing fails: it never passes silently. Outside
+//! CI, `scripts/test.sh` probes the services first and leaves out the tests of
+//! those that are missing, so the runner reports them as skipped (see
+//! `docs/TESTING.md`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -11,11 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-
-/// Whether this run is CI, where missing services are failures.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
 
 /// Answers `hello` with a reply that starts with `expect`, within a second?
 fn answers(addr: &str, hello: &[u8], expect: &[u8]) -> bool {
@@ -36,21 +34,22 @@ fn redis_answers(addr: &str) -> bool {
     answers(addr, b"PING\r\n", b"+PONG\r\n")
 }
 
-/// Decides what a test does when a service is missing: `Ok(false)` to skip
-/// (outside CI), an error in CI.
+/// Checks that a service a test needs is there: `Ok(true)`, or an error that
+/// names it. A missing service is a failure, never a silent pass; the test
+/// script leaves such tests out beforehand, so the runner counts them as
+/// skipped, when it runs outside CI.
 pub fn require(service: &str, reachable: bool) -> Result<bool> {
     if reachable {
         return Ok(true);
     }
-    if in_ci() {
-        bail!("{service} is not available and CI=true: this is a failure, not a skip");
-    }
-    eprintln!("SKIPPED: {service} is not available (set CI=true to make this a failure)");
-    Ok(false)
+    bail!(
+        "{service} is not available: this test needs it (scripts/test.sh leaves \
+         out the tests of missing services outside CI, and fails them in CI)"
+    )
 }
 
 /// The shared Redis (`SWITCHBOARD_TEST_REDIS`, default 127.0.0.1:6379) as a
-/// URL, or `None` to skip outside CI. Panics in CI if it is unreachable.
+/// URL. Panics if it is unreachable (`Option` only for the callers' sake).
 pub fn redis_url() -> Option<String> {
     let addr = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
     match require(&format!("Redis at {addr}"), redis_answers(&addr)) {
@@ -67,8 +66,7 @@ fn amqp_answers(addr: &str) -> bool {
 }
 
 /// The shared RabbitMQ (`SWITCHBOARD_TEST_AMQP`, default 127.0.0.1:5672,
-/// guest/guest, vhost `/`) as a URL, or `None` to skip outside CI. Panics in
-/// CI if it is unreachable.
+/// guest/guest, vhost `/`) as a URL. Panics if it is unreachable.
 pub fn amqp_url() -> Option<String> {
     let addr = std::env::var("SWITCHBOARD_TEST_AMQP").unwrap_or_else(|_| "127.0.0.1:5672".into());
     match require(&format!("RabbitMQ at {addr}"), amqp_answers(&addr)) {
@@ -394,19 +392,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_missing_service_fails_in_ci_and_skips_outside() {
+    fn a_missing_service_is_a_failure() {
         assert!(!redis_answers("127.0.0.1:1"));
         assert!(!amqp_answers("127.0.0.1:1"));
-        let ci = in_ci();
         let r = require("nothing on port 1", false);
-        if ci {
-            assert!(
-                r.is_err(),
-                "CI=true must turn a missing service into a failure"
-            );
-        } else {
-            assert!(matches!(r, Ok(false)));
-        }
+        assert!(
+            r.as_ref().is_err_and(|e| e.to_string().contains("nothing on port 1")),
+            "a missing service must fail the test: {r:?}"
+        );
         assert!(matches!(require("x", true), Ok(true)));
     }
 }
