@@ -162,34 +162,67 @@ async fn abrupt_disconnects_leave_nothing_behind() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_clients_are_timed_out() -> Result<()> {
     let c = small_limits().await?;
-    // TCP without a hello: closed after the handshake timeout.
+    // (handshake timeout 500 ms, idle timeout 600 ms: see `small_limits`.)
+    let handshake = Duration::from_millis(500);
+    let idle = Duration::from_millis(600);
+
+    // TCP without a hello: closed once the handshake timeout has passed, not before.
+    let started = tokio::time::Instant::now();
     let mut s = TcpStream::connect(c.nodes[0].tcp.unwrap()).await?;
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
-    assert_eq!(n, 0, "hello-less TCP client not closed");
-    // HTTP without a complete request: closed after the handshake timeout.
+    let got = read_until_closed(&mut s).await?;
+    within("a hello-less TCP client", started.elapsed(), handshake)?;
+    assert!(got.is_empty(), "nothing is sent before the hello: {got:?}");
+
+    // HTTP without a complete request head: the same.
+    let started = tokio::time::Instant::now();
     let mut s = TcpStream::connect(c.nodes[0].ws.unwrap()).await?;
     s.write_all(b"GET /ws HTTP/1.1\r\n").await?;
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
-    let _ = n; // hyper may answer 408 before closing; either way the read ends.
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut Vec::new())).await??;
-    let _ = n;
-    // A WebSocket client that never reads never answers pings: idle timeout.
-    let url = format!("ws://{}/ws?uid=sleepy", c.nodes[0].ws.unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut closed_with = None;
-    while let Some(Ok(m)) = ws.next().await {
-        if let Message::Close(cf) = m {
-            closed_with = cf.map(|c| u16::from(c.code));
-            break;
-        }
-    }
-    assert_eq!(
-        closed_with,
-        Some(1000),
-        "idle client closed with 1000 (idle timeout)"
+    let got = read_until_closed(&mut s).await?;
+    within("an incomplete request head", started.elapsed(), handshake)?;
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || got.starts_with("HTTP/1.1 408"),
+        "only a 408 may come before the close: {got:?}"
     );
+
+    // A WebSocket client that never answers pings: closed with 1000 once the
+    // idle timeout has passed. A raw socket, because a WebSocket library
+    // answers pings by itself whenever it reads.
+    let mut s = TcpStream::connect(c.nodes[0].ws.unwrap()).await?;
+    s.write_all(
+        b"GET /ws?uid=sleepy HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await?;
+    let upgraded = tokio::time::Instant::now();
+    // Timed at the close frame: the socket itself closes later, once the
+    // server gives up waiting for a close reply that never comes.
+    let mut got = Vec::new();
+    let frames = loop {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(switchboard_test::STEP, s.read(&mut buf)).await??;
+        assert!(n > 0, "closed without a close frame: {got:?}");
+        got.extend_from_slice(&buf[..n]);
+        let Some(head) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        assert!(got.starts_with(b"HTTP/1.1 101"), "{got:?}");
+        let frames = server_frames(&got[head + 4..]);
+        if frames.iter().any(|(op, _)| *op == 0x8) {
+            break frames;
+        }
+    };
+    let elapsed = upgraded.elapsed();
+    assert!(
+        frames.iter().any(|(op, _)| *op == 0x9),
+        "the server pinged before giving up: {frames:?}"
+    );
+    let (op, body) = frames.last().expect("frames");
+    assert_eq!(*op, 0x8, "the last frame is a close: {frames:?}");
+    assert_eq!(body.get(..2), Some(&1000u16.to_be_bytes()[..]), "idle close code");
+    within("a client that does not answer pings", elapsed, idle)?;
+
     // A client that answers pings stays.
     let mut alive = Client::ws(c.nodes[0].ws.unwrap(), "alive", None).await?;
     alive.expect_silence(Duration::from_millis(1200)).await?;
@@ -199,6 +232,39 @@ async fn silent_clients_are_timed_out() -> Result<()> {
     );
     Box::new(c).shutdown_all().await;
     Ok(())
+}
+
+/// Reads from `s` until the server closes it; what it sent meanwhile.
+async fn read_until_closed(s: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut got = Vec::new();
+    tokio::time::timeout(switchboard_test::STEP, s.read_to_end(&mut got))
+        .await
+        .map_err(|_| anyhow::anyhow!("not closed within {:?}", switchboard_test::STEP))??;
+    Ok(got)
+}
+
+/// Fails unless a timeout of `limit` fired when it should: after `limit`
+/// (the server started its clock after we started ours), and well before
+/// twice the limit plus scheduling slack.
+fn within(what: &str, elapsed: Duration, limit: Duration) -> Result<()> {
+    anyhow::ensure!(
+        elapsed >= limit && elapsed < limit * 2 + Duration::from_millis(1500),
+        "{what}: closed after {elapsed:?}, the timeout is {limit:?}"
+    );
+    Ok(())
+}
+
+/// The (opcode, payload) of each whole unmasked frame a server sent (payloads
+/// under 126 bytes, which is all a welcome, ping or close carries here).
+fn server_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 2 && b.len() >= 2 + usize::from(b[1] & 0x7f) {
+        let (op, len) = (b[0] & 0x0f, usize::from(b[1] & 0x7f));
+        assert!(len < 126 && b[1] & 0x80 == 0, "unexpected frame: {b:?}");
+        out.push((op, b[2..2 + len].to_vec()));
+        b = &b[2 + len..];
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
