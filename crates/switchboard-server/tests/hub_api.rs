@@ -1,6 +1,8 @@
-//! The Hub API across nodes: membership, sessions, closes and queries made on
-//! one node about connections of another, and honest answers when a node does
-//! not respond.
+//! The Hub API across nodes, in every mode the conformance suite runs:
+//! membership, sessions, closes, queries and pushes with exclusions made
+//! from one side of the cluster about connections of the other (one suite,
+//! [`switchboard_test::hub_api`]); and honest answers when a node does not
+//! respond.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,86 +13,53 @@ use anyhow::Result;
 use switchboard::core::backplane::NoLocalState;
 use switchboard::core::{Backplane, JoinContext, MemoryBus};
 use switchboard::{ConnId, NodeId, OpError};
-use switchboard_server::config::ClusterUrl;
 use switchboard_server::node::{self, Running};
 use switchboard_test::Client;
 use switchboard_test::cluster::test_config;
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// One standalone node: both sides are the node, every operation local.
+mod local {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::local());
+}
+
+mod memory {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::memory());
+}
+
+mod redis_pubsub {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::redis("pubsub"));
+}
+
+mod redis_queue {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::redis("queue"));
+}
+
+mod amqp_fanout {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::amqp("fanout"));
+}
+
+mod amqp_routing {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::amqp("routing"));
+}
+
+/// Register and gateways as processes, the acting hubs on in-process workers.
+mod gateway {
+    use switchboard_test::hub_api::GatewaySides;
+    switchboard_test::hub_api_suite!(GatewaySides::start(super::BIN));
+}
 
 async fn two_nodes(bus: &MemoryBus) -> Result<(Running, Running)> {
     let a = node::launch(&test_config("a"), Arc::new(bus.backplane())).await?;
     let b = node::launch(&test_config("b"), Arc::new(bus.backplane())).await?;
     Ok((a, b))
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_sessions_from_another_node() -> Result<()> {
-    let bus = MemoryBus::new();
-    let (a, b) = two_nodes(&bus).await?;
-    switchboard_test::hub_api::across_nodes(&a, &b).await?;
-    a.shutdown().await;
-    b.shutdown().await;
-    Ok(())
-}
-
-/// Two nodes, `a` and `b`, in this process on the shared RabbitMQ in `mode`;
-/// `None` to skip when RabbitMQ is missing outside CI.
-async fn on_rabbitmq_nodes(mode: &str) -> Result<Option<Vec<Running>>> {
-    let Some(url) = switchboard_test::services::amqp_url() else {
-        return Ok(None);
-    };
-    let prefix = switchboard_test::services::unique_prefix("hub");
-    let cluster: ClusterUrl = format!("{url}?mode={mode}&prefix={prefix}").parse()?;
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        let mut cfg = test_config(id);
-        cfg.cluster = cluster.clone();
-        nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
-    }
-    Ok(Some(nodes))
-}
-
-/// The same checks on two nodes in this process on the shared RabbitMQ, in `mode`.
-async fn on_rabbitmq(mode: &str) -> Result<()> {
-    let Some(nodes) = on_rabbitmq_nodes(mode).await? else {
-        return Ok(());
-    };
-    switchboard_test::hub_api::across_nodes(&nodes[0], &nodes[1]).await?;
-    for n in nodes {
-        n.shutdown().await;
-    }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_sessions_from_another_node_on_rabbitmq_routing() -> Result<()> {
-    on_rabbitmq("routing").await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_remote_bind_returns_once_pushes_reach_the_connection() -> Result<()> {
-    let Some(nodes) = on_rabbitmq_nodes("routing").await? else {
-        return Ok(());
-    };
-    let mut on_a = Client::ws(nodes[0].ws.unwrap(), "first", None).await?;
-    let conn: ConnId = on_a.conn.parse()?;
-    let hub_b = &nodes[1].hub;
-    // Node b moves a connection of node a from user to user and pushes to
-    // the new user at once: the bind's reply means the broker routes the
-    // user's key to node a already.
-    for i in 0..30 {
-        hub_b.bind(&conn, format!("user{i}")).await?;
-        hub_b.to_user(format!("user{i}"), format!("m{i}"))?;
-        assert_eq!(on_a.recv().await?, format!("m{i}"));
-    }
-    for n in nodes {
-        n.shutdown().await;
-    }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_sessions_from_another_node_on_rabbitmq_fanout() -> Result<()> {
-    on_rabbitmq("fanout").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
