@@ -15,18 +15,23 @@
 //! client should get has arrived: see [`delivered`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use async_trait::async_trait;
-use switchboard::core::Session;
-use switchboard::core::backplane::Handoff;
+use bytes::Bytes;
+use switchboard::core::backplane::{Handoff, JoinContext, NoLocalState};
+use switchboard::core::memory::MemoryBackplane;
+use switchboard::core::{Backplane, MemoryBus, Session};
 use switchboard::{CloseReport, ConnId, Hub, NodeId, OpError, Target};
 use switchboard_gateway::Worker;
-use switchboard_server::node::Running;
+use switchboard_server::node::{self, AppSpec, Running};
+use tokio::sync::{mpsc, watch};
 
 use crate::client::{Client, Kind};
-use crate::cluster::{InProcess, Mode};
+use crate::cluster::{InProcess, Mode, test_config};
 use crate::conformance::{check_delivery, settle};
 use crate::gateway::{GatewayCluster, Listeners};
 use crate::{Cluster, STEP};
@@ -619,4 +624,78 @@ macro_rules! hub_api_suite {
             }
         )*
     };
+}
+
+/// A node of the in-memory bus that joined and never answers (hung, or cut
+/// off): what the cluster asks of it goes unanswered.
+pub struct DeafNode {
+    backplane: MemoryBackplane,
+    // Held so the bus sees a live node: envelopes to it are taken, never read.
+    _inbound: mpsc::Receiver<Bytes>,
+    _handled: watch::Sender<u64>,
+}
+
+impl DeafNode {
+    /// Joins `bus` as node `id`.
+    pub async fn join(bus: &MemoryBus, id: &str) -> Result<Self> {
+        let backplane = bus.backplane();
+        let (tx, inbound) = mpsc::channel(1024);
+        let (handled_tx, handled) = watch::channel(0);
+        backplane
+            .join(JoinContext::new(
+                NodeId::new(id)?,
+                tx,
+                handled,
+                Arc::new(NoLocalState),
+            ))
+            .await?;
+        Ok(Self {
+            backplane,
+            _inbound: inbound,
+            _handled: handled_tx,
+        })
+    }
+
+    /// Leaves the bus: from then on nobody waits for it.
+    pub async fn leave(&self) {
+        self.backplane.leave().await;
+    }
+}
+
+/// Two reference-app nodes, `a` and `b`, on the in-memory bus with the
+/// [`DeafNode`] "deaf": every cluster-wide question waits for it in vain.
+pub struct WithDeafNode {
+    pub bus: MemoryBus,
+    pub a: Running,
+    pub b: Running,
+    pub deaf: DeafNode,
+}
+
+impl WithDeafNode {
+    /// Starts the nodes; their questions wait at most `query_timeout`.
+    pub async fn start(query_timeout: Duration) -> Result<Self> {
+        let bus = MemoryBus::new();
+        let a = node_on(&bus, "a", query_timeout).await?;
+        let b = node_on(&bus, "b", query_timeout).await?;
+        let deaf = DeafNode::join(&bus, "deaf").await?;
+        Ok(Self { bus, a, b, deaf })
+    }
+
+    /// Stops the nodes.
+    pub async fn shutdown(self) {
+        self.a.shutdown().await;
+        self.b.shutdown().await;
+    }
+}
+
+/// A reference-app node `id` on `bus` whose cluster queries and remote
+/// operations wait at most `query_timeout`.
+pub async fn node_on(bus: &MemoryBus, id: &str, query_timeout: Duration) -> Result<Running> {
+    node::launch_app(
+        &test_config(id),
+        Arc::new(bus.backplane()),
+        AppSpec::reference(),
+        |b| b.query_timeout(query_timeout),
+    )
+    .await
 }
