@@ -1,119 +1,69 @@
-//! The Hub API across nodes: membership, sessions, closes and queries made on
-//! one node about connections of another, and honest answers when a node does
-//! not respond.
+//! The Hub API across nodes, in every mode the conformance suite runs:
+//! membership, sessions, closes, queries and pushes with exclusions made
+//! from one side of the cluster about connections of the other (one suite,
+//! [`switchboard_test::hub_api`]); and honest answers when a node does not
+//! respond, down to what a client is told.
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use switchboard::core::backplane::NoLocalState;
-use switchboard::core::{Backplane, JoinContext, MemoryBus};
+use serde_json::json;
 use switchboard::{ConnId, NodeId, OpError};
-use switchboard_server::config::ClusterUrl;
-use switchboard_server::node::{self, Running};
-use switchboard_test::Client;
-use switchboard_test::cluster::test_config;
+use switchboard_test::hub_api::WithDeafNode;
+use switchboard_test::{Client, Kind};
 
-async fn two_nodes(bus: &MemoryBus) -> Result<(Running, Running)> {
-    let a = node::launch(&test_config("a"), Arc::new(bus.backplane())).await?;
-    let b = node::launch(&test_config("b"), Arc::new(bus.backplane())).await?;
-    Ok((a, b))
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// One standalone node: both sides are the node, every operation local.
+mod local {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::local());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_sessions_from_another_node() -> Result<()> {
-    let bus = MemoryBus::new();
-    let (a, b) = two_nodes(&bus).await?;
-    switchboard_test::hub_api::across_nodes(&a, &b).await?;
-    a.shutdown().await;
-    b.shutdown().await;
-    Ok(())
+mod memory {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::memory());
 }
 
-/// Two nodes, `a` and `b`, in this process on the shared RabbitMQ in `mode`;
-/// `None` to skip when RabbitMQ is missing outside CI.
-async fn on_rabbitmq_nodes(mode: &str) -> Result<Option<Vec<Running>>> {
-    let Some(url) = switchboard_test::services::amqp_url() else {
-        return Ok(None);
-    };
-    let prefix = switchboard_test::services::unique_prefix("hub");
-    let cluster: ClusterUrl = format!("{url}?mode={mode}&prefix={prefix}").parse()?;
-    let mut nodes = Vec::new();
-    for id in ["a", "b"] {
-        let mut cfg = test_config(id);
-        cfg.cluster = cluster.clone();
-        nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
-    }
-    Ok(Some(nodes))
+mod redis_pubsub {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::redis("pubsub"));
 }
 
-/// The same checks on two nodes in this process on the shared RabbitMQ, in `mode`.
-async fn on_rabbitmq(mode: &str) -> Result<()> {
-    let Some(nodes) = on_rabbitmq_nodes(mode).await? else {
-        return Ok(());
-    };
-    switchboard_test::hub_api::across_nodes(&nodes[0], &nodes[1]).await?;
-    for n in nodes {
-        n.shutdown().await;
-    }
-    Ok(())
+mod redis_queue {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::redis("queue"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_sessions_from_another_node_on_rabbitmq_routing() -> Result<()> {
-    on_rabbitmq("routing").await
+mod amqp_fanout {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::amqp("fanout"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_remote_bind_returns_once_pushes_reach_the_connection() -> Result<()> {
-    let Some(nodes) = on_rabbitmq_nodes("routing").await? else {
-        return Ok(());
-    };
-    let mut on_a = Client::ws(nodes[0].ws.unwrap(), "first", None).await?;
-    let conn: ConnId = on_a.conn.parse()?;
-    let hub_b = &nodes[1].hub;
-    // Node b moves a connection of node a from user to user and pushes to
-    // the new user at once: the bind's reply means the broker routes the
-    // user's key to node a already.
-    for i in 0..30 {
-        hub_b.bind(&conn, format!("user{i}")).await?;
-        hub_b.to_user(format!("user{i}"), format!("m{i}"))?;
-        assert_eq!(on_a.recv().await?, format!("m{i}"));
-    }
-    for n in nodes {
-        n.shutdown().await;
-    }
-    Ok(())
+mod amqp_routing {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::amqp("routing"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn membership_and_sessions_from_another_node_on_rabbitmq_fanout() -> Result<()> {
-    on_rabbitmq("fanout").await
+/// Register and gateways as processes, the acting hubs on in-process workers.
+mod gateway {
+    use switchboard_test::hub_api::GatewaySides;
+    switchboard_test::hub_api_suite!(GatewaySides::start(super::BIN));
 }
+
+/// Short, so that waiting for the node that never answers costs little.
+const QUERY_TIMEOUT: Duration = Duration::from_millis(300);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_name_the_nodes_that_did_not_answer() -> Result<()> {
-    let bus = MemoryBus::new();
-    let (a, b) = two_nodes(&bus).await?;
-    // A node that joined the bus but never answers (hung, or partitioned).
-    let deaf = bus.backplane();
-    let (tx, _rx) = tokio::sync::mpsc::channel(1024);
-    let (_handled_tx, handled) = tokio::sync::watch::channel(0);
-    deaf.join(JoinContext::new(
-        NodeId::new("deaf")?,
-        tx,
-        handled,
-        Arc::new(NoLocalState),
-    ))
-    .await?;
-
-    let _u = Client::ws(b.ws.unwrap(), "bob", Some("g")).await?;
+    let c = WithDeafNode::start(QUERY_TIMEOUT).await?;
+    let u = Client::ws(c.b.ws.unwrap(), "bob", Some("g")).await?;
     let hub = switchboard::Hub::builder()
         .node_id(NodeId::new("asker")?)
-        .backplane(bus.backplane())
-        .query_timeout(Duration::from_millis(300))
+        .backplane(c.bus.backplane())
+        .query_timeout(QUERY_TIMEOUT)
         .start()
         .await?;
 
@@ -138,10 +88,79 @@ async fn answers_name_the_nodes_that_did_not_answer() -> Result<()> {
     );
 
     // Once the node leaves, answers are complete again.
-    deaf.leave().await;
+    c.deaf.leave().await;
     assert!(hub.group_count("g").await.is_complete());
+    // Gone before the nodes stop, which would otherwise wait for its close.
+    drop(u);
     hub.shutdown().await;
-    a.shutdown().await;
-    b.shutdown().await;
+    c.shutdown().await;
+    Ok(())
+}
+
+/// A client's `group_count` and `online` replies say when a node did not
+/// answer (`"complete":false` and the `"missing"` nodes, as the README
+/// documents), keep what the live nodes said, and drop both fields once
+/// every node answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_told_which_nodes_did_not_answer() -> Result<()> {
+    let c = WithDeafNode::start(QUERY_TIMEOUT).await?;
+    let member = Client::tcp(c.b.tcp.unwrap(), "bob", Some("g")).await?;
+    let mut askers = vec![
+        Client::connect(Kind::Ws, c.a.ws.unwrap(), "ws-asker", None).await?,
+        Client::connect(Kind::Tcp, c.a.tcp.unwrap(), "tcp-asker", None).await?,
+    ];
+    // Each request, the answer the live nodes give, and whether the answer
+    // needs every node: found online is definitive whoever else is silent.
+    let asks = [
+        (
+            json!({"op": "group_count", "group": "g"}),
+            json!({"count": 1}),
+            true,
+        ),
+        (
+            json!({"op": "online", "uid": "nobody"}),
+            json!({"online": false}),
+            true,
+        ),
+        (
+            json!({"op": "online", "uid": "bob"}),
+            json!({"online": true}),
+            false,
+        ),
+    ];
+    replies(&mut askers, &asks, Some("deaf")).await?;
+    c.deaf.leave().await;
+    replies(&mut askers, &asks, None).await?;
+    // Gone before the nodes stop, which would otherwise wait for their close.
+    drop((askers, member));
+    c.shutdown().await;
+    Ok(())
+}
+
+/// Each client asks each request and must get back exactly the request's
+/// fields and the answer's, marked incomplete with `silent` missing where the
+/// answer needs every node.
+async fn replies(
+    clients: &mut [Client],
+    asks: &[(serde_json::Value, serde_json::Value, bool)],
+    silent: Option<&str>,
+) -> Result<()> {
+    for c in clients {
+        for (request, answer, needs_all) in asks {
+            let mut expected = request.clone();
+            for (k, v) in answer.as_object().unwrap() {
+                expected[k] = v.clone();
+            }
+            if let (true, Some(node)) = (needs_all, silent) {
+                expected["complete"] = json!(false);
+                expected["missing"] = json!([node]);
+            }
+            assert_eq!(
+                c.ask(request.clone()).await?,
+                expected,
+                "{c:?} asked {request}"
+            );
+        }
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow};
 use async_trait::async_trait;
 use switchboard::NodeId;
 use switchboard::core::MemoryBus;
-use switchboard_server::config::ServeConfig;
+use switchboard_server::config::{ClusterUrl, ServeConfig};
 use switchboard_server::node::{self, Running};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -90,6 +90,24 @@ impl InProcess {
     /// Boxed, for the conformance suite.
     pub async fn boxed(mode: Mode) -> Option<Box<dyn Cluster>> {
         Some(Box::new(Self::start(mode).await.expect("cluster starts")))
+    }
+
+    /// `n` nodes in this process, named n0, n1, ..., on the broker at `url`
+    /// (from [`crate::services`]) in `mode`, under a prefix of their own: for
+    /// tests that need the nodes' hubs, which processes of the binary hide.
+    pub async fn on_broker(url: &str, mode: &str, n: usize) -> Result<Self> {
+        let cluster: ClusterUrl = format!(
+            "{url}?mode={mode}&prefix={}",
+            crate::services::unique_prefix(mode)
+        )
+        .parse()?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let mut cfg = test_config(&format!("n{i}"));
+            cfg.cluster = cluster.clone();
+            nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
+        }
+        Ok(Self { nodes })
     }
 }
 

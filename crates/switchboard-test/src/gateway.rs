@@ -3,10 +3,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use async_trait::async_trait;
+use switchboard_gateway::{Worker, WorkerConfig};
+use switchboard_server::app::ReferenceApp;
 use tokio::process::{Child, Command};
 
 use crate::client::Kind;
@@ -190,6 +193,31 @@ impl GatewayCluster {
         };
         c.wait_attached(workers).await?;
         Ok(c)
+    }
+
+    /// Starts a register and one gateway per entry of `gateways` as
+    /// processes, and `workers` workers running the reference app in this
+    /// process, so that a test holds their hubs (a worker process hides its
+    /// hub); waits until every worker is attached to every gateway. The
+    /// workers are the caller's to shut down.
+    pub async fn start_with_workers_here(
+        bin: &str,
+        gateways: &[Listeners],
+        workers: usize,
+        secret: &str,
+    ) -> Result<(Self, Vec<Worker>)> {
+        let c = Self::start(bin, gateways, 0, secret).await?;
+        let mut started = Vec::new();
+        for i in 0..workers {
+            // Keys tell a host's workers apart: the default, from the process
+            // id, would make each worker here replace the one before.
+            let cfg = WorkerConfig::new(c.register.addr.to_string())
+                .secret(secret)
+                .key(format!("test:{i}"));
+            started.push(Worker::start(cfg, Arc::new(ReferenceApp)).await?);
+        }
+        c.wait_attached(workers).await?;
+        Ok((c, started))
     }
 
     /// Boxed, for the conformance suite.

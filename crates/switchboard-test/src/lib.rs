@@ -7,6 +7,8 @@
 //! - [`browser`]: headless Chromium through chromedriver, for the web pages.
 //! - [`conformance`]: the checks every mode must pass, and the
 //!   [`conformance_suite!`] macro that turns them into tests for one mode.
+//! - [`hub_api`]: the Hub API checks across two sides of a cluster, and the
+//!   [`hub_api_suite!`] macro that turns them into tests for one mode.
 
 #![allow(missing_docs, unreachable_pub, clippy::unwrap_used)]
 
