@@ -472,4 +472,61 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn a_standalone_node_has_no_peers_and_says_so() {
+        assert!(Standalone.is_standalone());
+        assert!(Standalone.peers().is_empty());
+        assert_eq!(Standalone.status(), Status::Ready);
+    }
+
+    /// A backplane that relies on every default of the trait.
+    struct Minimal;
+
+    #[async_trait]
+    impl Backplane for Minimal {
+        async fn join(&self, _ctx: JoinContext) -> Result<(), JoinError> {
+            Ok(())
+        }
+        fn publish(&self, _dest: Dest<'_>, _envelope: Bytes) -> Handoff {
+            Handoff::default()
+        }
+        fn peers(&self) -> Vec<NodeId> {
+            Vec::new()
+        }
+        fn status(&self) -> Status {
+            Status::Ready
+        }
+        fn stats(&self) -> BackplaneStats {
+            BackplaneStats::default()
+        }
+        async fn leave(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_backplane_is_not_standalone_and_has_no_directory_by_default() {
+        assert!(
+            !Minimal.is_standalone(),
+            "peers may come: envelopes are encoded"
+        );
+        let q = Query::Totals;
+        assert_eq!(Minimal.query(&q, Duration::from_secs(1)).await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_waits_about_the_pause_then_doubles_it_up_to_the_maximum() {
+        let max = Duration::from_secs(1);
+        let mut wait = Duration::from_millis(400);
+        for expected_next in [800, 1000, 1000] {
+            let before = wait;
+            let started = tokio::time::Instant::now();
+            backoff(&mut wait, max).await;
+            let slept = started.elapsed();
+            assert!(
+                slept >= before.mul_f64(0.75) && slept <= before.mul_f64(1.25),
+                "slept {slept:?} for a pause of {before:?}"
+            );
+            assert_eq!(wait, Duration::from_millis(expected_next));
+        }
+    }
 }

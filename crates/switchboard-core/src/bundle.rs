@@ -162,4 +162,16 @@ mod tests {
         assert!(b.fits(MAX_BYTES / 2 - 17 - 8));
         assert_eq!(b.count(), 1);
     }
+
+    #[test]
+    fn a_bundle_counts_its_envelopes_and_fits_to_the_byte() {
+        // Header 2 + (4 + 3) = 9 bytes used; room for 4 + 1 more at 14.
+        let mut b = Bundle::new(2, 14);
+        b.push(b"abc");
+        assert!(b.fits(1), "9 + 4 + 1 = 14 fits");
+        assert!(!b.fits(2), "9 + 4 + 2 = 15 does not");
+        b.push(b"d");
+        assert_eq!(b.count(), 2);
+        assert_eq!(b.into_bytes().len(), 14);
+    }
 }

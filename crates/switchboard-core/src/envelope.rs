@@ -316,4 +316,12 @@ mod tests {
         tampered[pos] = 0;
         assert!(Envelope::decode(&tampered).is_err());
     }
+
+    #[test]
+    fn peek_id_refuses_an_origin_longer_than_the_input() {
+        // Version, then an origin length of 5 with only 2 bytes after it.
+        assert_eq!(peek_id(&[VERSION, 5, b'a', b'b']), None);
+        assert_eq!(peek_id(&[]), None);
+        assert_eq!(peek_id(&[VERSION.wrapping_add(1)]), None);
+    }
 }

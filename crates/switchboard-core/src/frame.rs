@@ -189,4 +189,14 @@ mod tests {
         let g = f.clone();
         assert_eq!(f.data().as_ptr(), g.data().as_ptr());
     }
+
+    #[test]
+    fn accessors_see_the_payload() {
+        let f = Frame::binary(vec![1, 2, 3]);
+        assert_eq!((f.len(), f.is_empty()), (3, false));
+        assert_eq!(&f.data()[..], &[1, 2, 3]);
+        assert_eq!(&f.into_data()[..], &[1, 2, 3]);
+        let e = Frame::text("");
+        assert_eq!((e.len(), e.is_empty()), (0, true));
+    }
 }

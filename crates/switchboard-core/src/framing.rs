@@ -249,4 +249,29 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn framing_names_round_trip() {
+        for f in [Framing::Line, Framing::Length] {
+            assert_eq!(f.to_string().parse::<Framing>(), Ok(f));
+        }
+        assert_eq!(Framing::Length.to_string(), "length");
+        assert!("lines".parse::<Framing>().unwrap_err().contains("lines"));
+    }
+
+    #[test]
+    fn a_length_prefixed_message_of_exactly_the_maximum_is_taken() {
+        let got = all(Framing::Length, 3, b"\0\0\0\x03abc", 64).unwrap();
+        assert_eq!(got, [&b"abc"[..]]);
+        // A partial message reserves room for the whole of it, once.
+        let mut buf = BytesMut::from(&b"\0\0\0\x40ab"[..]);
+        let mut d = Decoder::new(Framing::Length, 1 << 10);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+        assert!(buf.capacity() >= 4 + 0x40, "{}", buf.capacity());
+        assert_eq!(
+            buf.len(),
+            6,
+            "nothing is consumed before the message is whole"
+        );
+    }
 }
