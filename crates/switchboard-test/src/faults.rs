@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use crate::Client;
 use crate::client::Event;
 use crate::cluster::{Process, ProcessNode};
 use crate::services::http_get;
+use crate::{Client, STEP};
 
 /// The node's `/stats`.
 pub async fn stats(node: &ProcessNode) -> Result<Value> {
@@ -28,37 +28,66 @@ pub async fn backplane(node: &ProcessNode, counter: &str) -> Result<u64> {
         .with_context(|| format!("no backplane counter {counter}"))
 }
 
-/// Waits until the node's `/ready` answers 200; returns how long that took.
-pub async fn wait_ready(node: &ProcessNode, within: Duration) -> Result<Duration> {
+/// Checks every 20 ms until `check` gives a value (`Ok`), for at most
+/// `within`; then fails with what the last check said instead (`Err`).
+pub async fn poll<T, Miss: std::fmt::Display>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<std::result::Result<T, Miss>>,
+) -> Result<T> {
     let t = Instant::now();
     loop {
-        if let Ok((200, _)) = http_get(node.ws.context("no ws")?, "/ready").await {
-            return Ok(t.elapsed());
+        match check().await? {
+            Ok(v) => return Ok(v),
+            Err(miss) => ensure!(t.elapsed() < within, "{miss} after {within:?}"),
         }
-        ensure!(
-            t.elapsed() < within,
-            "node {} not ready within {within:?}",
-            node.node_id
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Waits until the node's backplane `counter` satisfies `done`; returns its
+/// value then.
+pub async fn wait_backplane(
+    node: &ProcessNode,
+    counter: &str,
+    done: impl Fn(u64) -> bool,
+    within: Duration,
+) -> Result<u64> {
+    poll(within, async || {
+        let v = backplane(node, counter).await?;
+        Ok(if done(v) {
+            Ok(v)
+        } else {
+            Err(format!("node {}: {counter} still {v}", node.node_id))
+        })
+    })
+    .await
+}
+
+/// Waits until the node's `/ready` answers 200; returns how long that took.
+pub async fn wait_ready(node: &ProcessNode, within: Duration) -> Result<Duration> {
+    let t = Instant::now();
+    let addr = node.ws.context("no ws")?;
+    poll(within, async || {
+        Ok(match http_get(addr, "/ready").await {
+            Ok((200, _)) => Ok(t.elapsed()),
+            _ => Err(format!("node {} not ready", node.node_id)),
+        })
+    })
+    .await
+}
+
 /// Waits until the node's `/ready` answers 503; returns the reason it gives.
 pub async fn wait_unready(node: &ProcessNode, within: Duration) -> Result<String> {
-    let t = Instant::now();
-    loop {
-        let (status, body) = http_get(node.ws.context("no ws")?, "/ready").await?;
-        if status == 503 {
-            return Ok(body);
-        }
-        ensure!(
-            t.elapsed() < within,
-            "node {} still ready after {within:?}",
-            node.node_id
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addr = node.ws.context("no ws")?;
+    poll(within, async || {
+        let (status, body) = http_get(addr, "/ready").await?;
+        Ok(if status == 503 {
+            Ok(body)
+        } else {
+            Err(format!("node {} still ready", node.node_id))
+        })
+    })
+    .await
 }
 
 /// Kills the node's process with SIGKILL: no goodbye to anyone.
@@ -131,8 +160,13 @@ pub async fn ask_until(
     }
 }
 
+/// The frame traffic ends with. Each node handles a sender's pushes in order,
+/// so once the receiver has it, every push before it has arrived or is lost
+/// for good, and the receiver has counted the gaps before it.
+const END: &str = "end";
+
 /// Sends numbered pushes from `sender` to user `to`, one every 3 ms, until
-/// `stop`; `sent` counts them.
+/// `stop`, then [`END`]; `sent` counts the numbered ones.
 fn traffic(
     mut sender: Client,
     to: String,
@@ -149,6 +183,9 @@ fn traffic(
             sent.store(i, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
+        sender
+            .send(json!({"op":"to_user","uid":to,"data":END}))
+            .await?;
         Ok(sender)
     })
 }
@@ -177,19 +214,41 @@ impl Outcome {
     }
 }
 
-async fn collect(receiver: &mut Client, got: &mut Vec<u64>, for_: Duration) -> Result<()> {
-    let until = Instant::now() + for_;
-    while Instant::now() < until {
-        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
-            got.push(s.parse()?);
+/// Receives numbered frames into `got` until `done` holds for the last one
+/// (or, with `None`, until [`END`]); fails after `within`.
+async fn collect_until(
+    receiver: &mut Client,
+    got: &mut Vec<u64>,
+    within: Duration,
+    what: &str,
+    done: impl Fn(Option<u64>, &[u64]) -> bool,
+) -> Result<()> {
+    let t = Instant::now();
+    loop {
+        let left = within.saturating_sub(t.elapsed());
+        let frame = match receiver.next_event(left).await {
+            Ok(Event::Text(s)) => s,
+            Ok(other) => anyhow::bail!("{what}: the receiver got {other:?}"),
+            Err(_) => anyhow::bail!("{what}: not within {within:?}"),
+        };
+        let n = if frame == END {
+            None
+        } else {
+            let n = frame.parse()?;
+            got.push(n);
+            Some(n)
+        };
+        if done(n, got) {
+            return Ok(());
         }
+        ensure!(n.is_some(), "{what}: the traffic ended first");
     }
-    Ok(())
 }
 
 /// Runs traffic from `sender` to `receiver`'s user, applies `fault` in the
-/// middle, waits until a push sent after the fault arrives (within `resume`),
-/// drains, and waits for `nodes` to be ready again.
+/// middle, waits until a push sent after the fault arrives (within `resume`)
+/// and a few more after it, ends the traffic, takes everything up to its end,
+/// and waits for `nodes` to be ready again.
 pub async fn across_fault(
     sender: Client,
     mut receiver: Client,
@@ -197,42 +256,58 @@ pub async fn across_fault(
     resume: Duration,
     nodes: &[&ProcessNode],
 ) -> Result<Outcome> {
+    // Pushes that must arrive before the fault, and again after the first
+    // one that arrives after it.
+    const FLOWING: usize = 20;
     let (stop, sent) = (
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicU64::new(0)),
     );
     let task = traffic(sender, receiver.uid.clone(), stop.clone(), sent.clone());
     let mut got = Vec::new();
-    // Traffic flows before the fault.
-    collect(&mut receiver, &mut got, Duration::from_millis(400)).await?;
-    ensure!(!got.is_empty(), "no traffic before the fault");
+    collect_until(
+        &mut receiver,
+        &mut got,
+        STEP,
+        "traffic before the fault",
+        |_, got| got.len() >= FLOWING,
+    )
+    .await?;
     fault.await?;
     let after = Instant::now();
     let sent_at_fault = sent.load(Ordering::Relaxed);
     // Service resumes by itself: a push made after the fault arrives.
-    let recovery = loop {
-        if let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(50)).await {
-            let n: u64 = s.parse()?;
-            got.push(n);
-            if n > sent_at_fault {
-                break after.elapsed();
-            }
-        }
-        ensure!(
-            after.elapsed() < resume,
-            "no delivery within {resume:?} after the fault"
-        );
-    };
-    collect(&mut receiver, &mut got, Duration::from_millis(500)).await?;
+    collect_until(
+        &mut receiver,
+        &mut got,
+        resume,
+        "delivery after the fault",
+        |n, _| n.is_some_and(|n| n > sent_at_fault),
+    )
+    .await?;
+    let recovery = after.elapsed();
+    let resumed = got.len();
+    collect_until(
+        &mut receiver,
+        &mut got,
+        STEP,
+        "traffic after the fault",
+        |_, got| got.len() >= resumed + FLOWING,
+    )
+    .await?;
     stop.store(true, Ordering::Relaxed);
     task.await??;
     let sent = sent.load(Ordering::Relaxed);
-    // Drain what is still in flight.
-    while let Ok(Event::Text(s)) = receiver.next_event(Duration::from_millis(1500)).await {
-        got.push(s.parse()?);
-    }
+    collect_until(
+        &mut receiver,
+        &mut got,
+        STEP,
+        "the end of the traffic",
+        |n, _| n.is_none(),
+    )
+    .await?;
     for n in nodes {
-        wait_ready(n, Duration::from_secs(10)).await?;
+        wait_ready(n, STEP).await?;
     }
     Ok(Outcome {
         got,
@@ -241,3 +316,4 @@ pub async fn across_fault(
         receiver,
     })
 }
+
