@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use switchboard_test::Client;
 use switchboard_test::cluster::{Process, ProcessNode};
 use switchboard_test::faults::{self, Outcome};
 use switchboard_test::services::{RedisServer, http_get, redis_url, unique_prefix};
+use switchboard_test::{Client, STEP};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 
@@ -301,15 +301,19 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
         .await
         .unwrap();
     watcher.psubscribe(format!("{prefix}:*")).await.unwrap();
-    // Per channel: (Redis messages, envelopes in them).
+    // Per channel: (Redis messages, envelopes in them); on the marker
+    // channel, the markers seen.
     let counts: Arc<std::sync::Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let marker = format!("{prefix}:marker");
     let watch = tokio::spawn({
-        let counts = counts.clone();
+        let (counts, marker) = (counts.clone(), marker.clone());
         async move {
             let mut s = watcher.into_on_message();
             while let Some(m) = s.next().await {
                 let payload = m.get_payload_bytes();
-                if payload.first() != Some(&0) {
+                if m.get_channel_name() == marker {
+                    counts.lock().unwrap().entry(marker.clone()).or_default().0 += 1;
+                } else if payload.first() != Some(&0) {
                     let mut counts = counts.lock().unwrap();
                     let c = counts.entry(m.get_channel_name().to_owned()).or_default();
                     c.0 += 1;
@@ -351,7 +355,34 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
     for _ in 0..10 {
         s.recv().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every push was published before the clients got it, so the watcher has
+    // seen them all once it sees a marker published now.
+    let mut redis = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut markers = 0;
+    let mut seen_all = async || {
+        markers += 1;
+        redis::cmd("PUBLISH")
+            .arg(&marker)
+            .arg("marker")
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+        faults::poll(STEP, async || {
+            let seen = counts.lock().unwrap().get(&marker).map_or(0, |c| c.0);
+            Ok(if seen == markers {
+                Ok(())
+            } else {
+                Err("the watcher has not seen the marker")
+            })
+        })
+        .await
+        .unwrap();
+    };
+    seen_all().await;
     let first = counts.lock().unwrap().clone();
     let get = |c: &str| {
         first
@@ -384,7 +415,7 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
         let m = u1.recv().await.unwrap();
         assert_eq!(m, format!("b{i}"), "in order");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    seen_all().await;
     watch.abort();
     let (before, after) = (get("ch:n1"), {
         let c = counts.lock().unwrap();
