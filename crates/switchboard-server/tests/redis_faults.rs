@@ -1,6 +1,8 @@
-//! Redis modes under faults: a node killed, Redis restarted during traffic, a
-//! node restarted with a backlog, subscriptions killed; and routing that sends
-//! a push only to the nodes that need it. Real binaries, real Redis.
+//! Redis modes under faults: a node killed, Redis restarted during traffic
+//! with which end counted each loss, a receiver that misses what was
+//! published while it was unsubscribed, a node restarted with a backlog,
+//! subscriptions killed; and routing that sends a push only to the nodes that
+//! need it. Real binaries, real Redis.
 
 #![allow(clippy::unwrap_used)]
 
@@ -134,47 +136,202 @@ async fn restart_during_traffic(
     Some((out, sent, p, rs))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
-    let Some((out, sent, p, _rs)) = restart_during_traffic("pubsub", false).await else {
-        return;
-    };
-    let mut sorted = out.got.clone();
-    sorted.dedup();
-    assert_eq!(sorted.len(), out.got.len(), "duplicates in pub/sub mode");
-    assert!(out.got.windows(2).all(|w| w[0] < w[1]), "out of order");
-    let lost = sent - out.got.len() as u64;
-    let s0 = stats(&p.nodes[0]).await;
-    let s1 = stats(&p.nodes[1]).await;
-    let dropped = s0["backplane"]["publish_dropped"].as_u64().unwrap();
-    eprintln!(
-        "pubsub redis restart: recovered in {:?}; sent {sent}, received {}, lost {lost}, counted as dropped by the sender {dropped}; reconnects n0={} n1={}",
-        out.recovery,
-        out.got.len(),
-        s0["backplane"]["reconnects"],
-        s1["backplane"]["reconnects"]
-    );
-    assert!(
-        s1["backplane"]["reconnects"].as_u64().unwrap() >= 1,
-        "receiver never resubscribed"
-    );
-    // Losses are not silent: the sender saw its publishes fail, or the
-    // receiver saw gaps in the sequence numbers.
-    let gaps = s1["backplane"]["receive_dropped"].as_u64().unwrap();
-    eprintln!("pubsub redis restart: receiver counted {gaps} missing");
-    // Losses are reported, never silent: when pushes were lost, the counters
-    // say so. The counts are a lower bound at the instant Redis dies: in some
-    // runs a few envelopes lost then are counted by neither end (see the
-    // README's guarantees).
-    assert!(
-        lost == 0 || dropped + gaps > 0,
-        "lost {lost} with nothing counted"
-    );
-    assert!(dropped + gaps <= sent, "counted more than was sent");
-    // The directory was rebuilt: answers are right again.
-    let mut c = Client::ws(p.nodes[0].ws.unwrap(), "checker", None)
+/// Password of the ACL user `n1` that node n1 connects as in some tests.
+const N1_PASSWORD: &str = "n1-secret";
+
+/// Creates (again) the ACL user `n1`, with every right, on the Redis at `url`.
+async fn create_user_n1(url: &str) -> redis::aio::MultiplexedConnection {
+    let mut redis = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
         .await
         .unwrap();
+    acl_n1(
+        &mut redis,
+        &["on", &format!(">{N1_PASSWORD}"), "~*", "&*", "+@all"],
+    )
+    .await;
+    redis
+}
+
+/// Changes the rights of ACL user `n1`.
+async fn acl_n1(redis: &mut redis::aio::MultiplexedConnection, rules: &[&str]) {
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("n1")
+        .arg(rules)
+        .query_async::<()>(redis)
+        .await
+        .unwrap();
+}
+
+/// Two nodes on the private Redis `rs` with `query` (after `?`): n0 as the
+/// default user, n1 as ACL user `n1`, so that a test can take rights from
+/// the receiver alone. Returns them, their prefix and a connection to Redis.
+///
+/// n1 starts first, so n0 knows it as alive from its first read of the node
+/// set and keeps sending to it while a restarted Redis has neither the
+/// directory nor n1 in it.
+async fn receiver_with_its_own_user(
+    rs: &RedisServer,
+    query: &str,
+) -> (Process, String, redis::aio::MultiplexedConnection) {
+    let redis = create_user_n1(&rs.url()).await;
+    let prefix = unique_prefix("own-user");
+    let as_n1 = rs
+        .url()
+        .replacen("redis://", &format!("redis://n1:{N1_PASSWORD}@"), 1);
+    let spawn = async |id: &str, url: &str| {
+        let cluster = format!("{url}?{query}&prefix={prefix}");
+        ProcessNode::spawn(BIN.as_ref(), &["--node-id", id, "--cluster", &cluster])
+            .await
+            .unwrap()
+    };
+    let n1 = spawn("n1", &as_n1).await;
+    let n0 = spawn("n0", &rs.url()).await;
+    (
+        Process {
+            nodes: vec![n0, n1],
+        },
+        prefix,
+        redis,
+    )
+}
+
+/// A gap only the receiver can see: its subscription is gone (and may not
+/// come back) while the sender, connected throughout, publishes three pushes
+/// to it. Redis takes them without complaint; the receiver counts exactly
+/// three missing when the next push arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_receiver_counts_what_was_published_while_it_was_unsubscribed() {
+    let Some(rs) = RedisServer::start(false).unwrap() else {
+        return;
+    };
+    let (p, prefix, mut redis) = receiver_with_its_own_user(&rs, "mode=pubsub&ttl=3").await;
+    let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
+    let mut s = Client::tcp(n0.tcp.unwrap(), "s", None).await.unwrap();
+    let mut r = Client::ws(n1.ws.unwrap(), "r", None).await.unwrap();
+    s.send(json!({"op":"to_user","uid":"r","data":"before"}))
+        .await
+        .unwrap();
+    assert_eq!(r.recv().await.unwrap(), "before");
+
+    // n1 may no longer subscribe, and its subscription is closed.
+    acl_n1(&mut redis, &["-subscribe"]).await;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "n1", "TYPE", "pubsub"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "n1's subscription");
+    let published = faults::backplane(n0, "published").await.unwrap();
+    for i in 0..3 {
+        s.send(json!({"op":"to_user","uid":"r","data":format!("lost{i}")}))
+            .await
+            .unwrap();
+    }
+    // Published to n1's channel, which nobody hears.
+    faults::wait_backplane(n0, "published", |n| n >= published + 3, STEP)
+        .await
+        .unwrap();
+    acl_n1(&mut redis, &["+subscribe"]).await;
+    let channel = format!("{prefix}:ch:n1");
+    faults::poll(STEP, async || {
+        let subscribers: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(&mut redis)
+            .await?;
+        Ok(if subscribers[0].1 == 1 {
+            Ok(())
+        } else {
+            Err("n1 not subscribed again")
+        })
+    })
+    .await
+    .unwrap();
+    s.send(json!({"op":"to_user","uid":"r","data":"after"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.recv().await.unwrap(),
+        "after",
+        "the lost pushes never come"
+    );
+    assert_eq!(
+        faults::backplane(n1, "receive_dropped").await.unwrap(),
+        3,
+        "the receiver counts each push it missed"
+    );
+    assert_eq!(
+        faults::backplane(n0, "publish_dropped").await.unwrap(),
+        0,
+        "the sender saw nothing fail"
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+/// Restarts Redis during traffic. The sender and the receiver each must count
+/// a loss that only they can see, so the restart is arranged to produce both:
+/// Redis stays down until the sender has counted a publish that failed, and
+/// the restarted Redis does not know the receiver's user until the sender has
+/// published to it again, which the receiver, not yet subscribed, misses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
+    let Some(mut rs) = RedisServer::start(false).unwrap() else {
+        return;
+    };
+    // A TTL well beyond the restart: the sender keeps the receiver for alive
+    // while the receiver cannot connect.
+    let (p, _, _) = receiver_with_its_own_user(&rs, "mode=pubsub&ttl=10").await;
+    let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
+    let sender = Client::tcp(n0.tcp.unwrap(), "sender", None).await.unwrap();
+    let receiver = Client::ws(n1.ws.unwrap(), "receiver", None).await.unwrap();
+    let mut unheard = 0;
+    let fault = async {
+        tokio::task::block_in_place(|| rs.kill());
+        faults::wait_backplane(n0, "publish_dropped", |d| d > 0, STEP).await?;
+        let before = faults::backplane(n0, "published").await?;
+        tokio::task::block_in_place(|| rs.restart())?;
+        // Published to n1's channel after the restart, while n1 cannot log in.
+        let after = faults::wait_backplane(n0, "published", |n| n > before, STEP).await?;
+        unheard = after - before;
+        create_user_n1(&rs.url()).await;
+        anyhow::Ok(())
+    };
+    let out = faults::across_fault(sender, receiver, fault, Duration::from_secs(15), &[n0, n1])
+        .await
+        .unwrap();
+    assert!(out.in_order_without_duplicates(), "duplicated or reordered");
+    let lost = out.lost();
+    let dropped = faults::backplane(n0, "publish_dropped").await.unwrap();
+    let gaps = faults::backplane(n1, "receive_dropped").await.unwrap();
+    eprintln!(
+        "pubsub redis restart: recovered in {:?}; sent {}, received {}, lost {lost}; counted: {dropped} by the sender (publish_dropped), {gaps} by the receiver (receive_dropped), which missed {unheard} published while it was away",
+        out.recovery,
+        out.sent,
+        out.got.len(),
+    );
+    assert!(
+        faults::backplane(n1, "reconnects").await.unwrap() >= 1,
+        "receiver never resubscribed"
+    );
+    assert!(dropped >= 1, "the sender counted no failed publish");
+    assert!(
+        gaps >= unheard && unheard >= 1,
+        "the receiver counted {gaps}, but missed {unheard} published while it was away"
+    );
+    // The receiver counts only numbers it never got; the sender only what it
+    // saw fail (which Redis may have executed all the same, when it died
+    // before answering).
+    assert!(gaps <= lost, "the receiver counted {gaps} of {lost} lost");
+    assert!(
+        dropped <= out.sent,
+        "the sender counted {dropped} of {} sent",
+        out.sent
+    );
+    // The directory was rebuilt: answers are right again.
+    let mut c = Client::ws(n0.ws.unwrap(), "checker", None).await.unwrap();
     assert_eq!(
         c.ask(json!({"op":"online","uid":"receiver"}))
             .await
