@@ -1,13 +1,17 @@
 //! Helpers for fault tests against processes of the real binary: a node's
-//! counters and readiness, SIGKILL, and numbered traffic that runs across a
-//! fault (a broker restart, a lost connection) and reports what arrived.
+//! counters and readiness, SIGKILL, numbered traffic that runs across a
+//! fault (a broker restart, a lost connection) and reports what arrived, and
+//! envelopes and sequenced bundles to publish onto a backplane by hand.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use bytes::Bytes;
 use serde_json::{Value, json};
+use switchboard::core::bundle::Bundle;
+use switchboard::core::{Body, Envelope, Frame, NodeId, Target};
 
 use crate::client::Event;
 use crate::cluster::{Process, ProcessNode};
@@ -317,3 +321,33 @@ pub async fn across_fault(
     })
 }
 
+/// An encoded envelope from node `origin` (which need not exist) that pushes
+/// `text` to user `uid`: what a peer would send, for tests that publish onto
+/// a backplane by hand.
+pub fn push_envelope(origin: &str, id: u64, uid: &str, text: &str) -> Result<Bytes> {
+    Ok(Envelope {
+        origin: NodeId::new(origin)?,
+        id,
+        body: Body::Push {
+            target: Target::user(uid),
+            frame: Frame::text(text),
+        },
+    }
+    .encode())
+}
+
+/// A sequenced bundle as both pub/sub backplanes carry it (Redis pub/sub and
+/// RabbitMQ alike): kind `3`, the sender's epoch (u64 BE), the number of the
+/// first envelope on its stream (u64 BE; the others follow on), then each
+/// envelope behind its length (u32 BE).
+pub fn sequenced_bundle(epoch: u64, first: u64, envelopes: &[Bytes]) -> Vec<u8> {
+    let mut b = Bundle::new(17, usize::MAX);
+    for e in envelopes {
+        b.push(e);
+    }
+    let header = b.header_mut();
+    header[0] = 3;
+    header[1..9].copy_from_slice(&epoch.to_be_bytes());
+    header[9..17].copy_from_slice(&first.to_be_bytes());
+    b.into_bytes()
+}
