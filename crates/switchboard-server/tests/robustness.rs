@@ -220,7 +220,11 @@ async fn silent_clients_are_timed_out() -> Result<()> {
     );
     let (op, body) = frames.last().expect("frames");
     assert_eq!(*op, 0x8, "the last frame is a close: {frames:?}");
-    assert_eq!(body.get(..2), Some(&1000u16.to_be_bytes()[..]), "idle close code");
+    assert_eq!(
+        body.get(..2),
+        Some(&1000u16.to_be_bytes()[..]),
+        "idle close code"
+    );
     within("a client that does not answer pings", elapsed, idle)?;
 
     // A client that answers pings stays.

@@ -397,7 +397,8 @@ mod tests {
         assert!(!amqp_answers("127.0.0.1:1"));
         let r = require("nothing on port 1", false);
         assert!(
-            r.as_ref().is_err_and(|e| e.to_string().contains("nothing on port 1")),
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("nothing on port 1")),
             "a missing service must fail the test: {r:?}"
         );
         assert!(matches!(require("x", true), Ok(true)));
