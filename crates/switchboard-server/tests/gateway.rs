@@ -1,5 +1,7 @@
 //! The gateway topology, as processes of the real binary: a register,
-//! gateways holding the clients, workers running the reference app.
+//! gateways holding the clients, workers running the reference app. Some
+//! tests also act as a GatewayWorker worker or pusher themselves, writing
+//! commands to a gateway's inner port, with real clients as the receivers.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -7,9 +9,10 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use bytes::BytesMut;
 use serde_json::json;
+use switchboard_gateway::protocol::query::{Id, SendToAll, SendToGroup};
 use switchboard_gateway::protocol::{Frame, cmd};
 use switchboard_test::gateway::{
-    GatewayCluster, GatewayProc, Listeners, RegisterProc, WorkerProc, signal,
+    GatewayCluster, GatewayProc, Inner, Listeners, RegisterProc, WorkerProc, conn_no, signal,
 };
 use switchboard_test::{Client, Cluster, Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -271,6 +274,95 @@ async fn the_pusher_reaches_every_gateway() -> Result<()> {
     ensure!(out.status.success());
     ensure!(b.recv().await? == "just b");
     a.expect_silence(Duration::from_millis(200)).await?;
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// The data each client received before its fence, in client order.
+async fn fenced(inner: &mut [Inner], clients: &mut [(usize, Client)]) -> Result<Vec<Vec<String>>> {
+    let mut out = Vec::new();
+    for (g, c) in clients.iter_mut() {
+        out.push(inner[*g].fence(c).await?);
+    }
+    Ok(out)
+}
+
+/// `CMD_SEND_TO_ALL` and `CMD_SEND_TO_GROUP` with exclusion lists, written
+/// by the test as GatewayWorker's `Lib\Gateway` writes them: each gateway
+/// gets the excluded connections it holds. Excluded clients get nothing,
+/// every other addressed client gets the message exactly once, including
+/// one that is in two of the groups pushed to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exclusion_lists_leave_out_exactly_the_excluded_clients() -> Result<()> {
+    let c = GatewayCluster::start(BIN, &[Listeners::Both, Listeners::Both], 1, "k").await?;
+    let (g0, g1) = (&c.gateways[0], &c.gateways[1]);
+    // (gateway index, client); a is in g1 and g2, f in no group.
+    let mut cl = vec![
+        (
+            0,
+            Client::connect(Kind::Ws, g0.ws.unwrap(), "xa", Some("g1")).await?,
+        ),
+        (
+            0,
+            Client::connect(Kind::Tcp, g0.tcp.unwrap(), "xb", Some("g1")).await?,
+        ),
+        (
+            0,
+            Client::connect(Kind::Ws, g0.ws.unwrap(), "xc", Some("g2")).await?,
+        ),
+        (
+            1,
+            Client::connect(Kind::Ws, g1.ws.unwrap(), "xd", Some("g1")).await?,
+        ),
+        (
+            1,
+            Client::connect(Kind::Tcp, g1.tcp.unwrap(), "xe", Some("g2")).await?,
+        ),
+        (
+            1,
+            Client::connect(Kind::Ws, g1.ws.unwrap(), "xf", None).await?,
+        ),
+    ];
+    let id: Vec<u32> = cl.iter().map(|(_, c)| conn_no(c)).collect::<Result<_>>()?;
+    let mut inner = vec![
+        Inner::connect(g0, "k").await?,
+        Inner::connect(g1, "k").await?,
+    ];
+    inner[0]
+        .send(&Frame::to_gateway(cmd::JOIN_GROUP, id[0], "g2", ""))
+        .await?;
+
+    // Everyone but a (on gateway 0) and e (on gateway 1). Connection ids are
+    // per gateway: d may have a's number, and is not excluded for it.
+    for (g, excluded) in [(0, id[0]), (1, id[4])] {
+        let ext = SendToAll::Exclude(vec![excluded]).encode();
+        inner[g]
+            .send(&Frame::to_gateway(cmd::SEND_TO_ALL, 0, ext, "all-but"))
+            .await?;
+    }
+    // Groups g1 and g2 but b (on gateway 0) and d (on gateway 1).
+    for (g, excluded) in [(0, id[1]), (1, id[3])] {
+        let ext = SendToGroup {
+            groups: vec![Id::from("g1"), Id::from("g2")],
+            exclude: Some(vec![excluded]),
+        }
+        .encode();
+        inner[g]
+            .send(&Frame::to_gateway(cmd::SEND_TO_GROUP, 0, ext, "groups-but"))
+            .await?;
+    }
+    let got = fenced(&mut inner, &mut cl).await?;
+    let want: [&[&str]; 6] = [
+        &["groups-but"],
+        &["all-but"],
+        &["all-but", "groups-but"],
+        &["all-but"],
+        &["groups-but"],
+        &["all-but"],
+    ];
+    for (i, ((_, client), w)) in cl.iter().zip(want).enumerate() {
+        ensure!(got[i] == w, "{client:?} got {:?}, expected {w:?}", got[i]);
+    }
     Box::new(c).shutdown().await;
     Ok(())
 }

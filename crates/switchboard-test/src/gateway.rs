@@ -1,17 +1,26 @@
 //! The gateway topology as processes of the real binary: a register,
-//! gateways and workers, each one `switchboard <role>` process.
+//! gateways and workers, each one `switchboard <role>` process; and
+//! [`Inner`], a test's own connection to a gateway's inner port, for acting
+//! as a GatewayWorker worker or pusher would.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use async_trait::async_trait;
 use switchboard_gateway::{Worker, WorkerConfig};
 use switchboard_server::app::ReferenceApp;
+use bytes::BytesMut;
+use switchboard::ConnId;
+use switchboard_gateway::protocol::{Frame, cmd};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+use crate::Client;
 use crate::client::Kind;
 use crate::cluster::{Cluster, spawn_role};
 
@@ -106,6 +115,27 @@ impl GatewayProc {
 
     fn http(&self) -> Option<SocketAddr> {
         self.ws
+    }
+
+    /// Polls the gateway's role counters (`/stats`, `role`) until `done`
+    /// holds for them, and returns them; fails after [`crate::STEP`] with
+    /// the last counters seen and `what` was awaited.
+    pub async fn wait_role(
+        &self,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + crate::STEP;
+        loop {
+            let role = self.stats().await?["role"].clone();
+            if done(&role) {
+                return Ok(role);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("gateway {}: still not {what}: {role}", self.node_id);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -309,5 +339,83 @@ impl Cluster for GatewayCluster {
             let _ = signal(&mut g.child, "-TERM").await;
         }
         let _ = signal(&mut me.register.child, "-TERM").await;
+    }
+}
+
+/// One connection to a gateway's inner port, speaking as a GatewayWorker
+/// pusher does: commands are carried out in the order they are written, and
+/// a query's reply comes back on the same connection, after every command
+/// written before it. So a reply, or a [`Inner::fence`] pushed to a client,
+/// proves that everything written earlier has been carried out.
+#[derive(Debug)]
+pub struct Inner {
+    stream: TcpStream,
+}
+
+/// The gateway-local connection id (`connection_id` of a frame) of a client.
+pub fn conn_no(c: &Client) -> Result<u32> {
+    let id: ConnId = c.conn.parse()?;
+    Ok(u32::try_from(id.seq())?)
+}
+
+static FENCES: AtomicU64 = AtomicU64::new(0);
+
+impl Inner {
+    /// Connects to `g`'s inner port, authorizing with `secret` when it is set.
+    pub async fn connect(g: &GatewayProc, secret: &str) -> Result<Self> {
+        let mut stream = TcpStream::connect(g.inner).await?;
+        stream.set_nodelay(true)?;
+        if !secret.is_empty() {
+            let mut b = BytesMut::new();
+            Frame::gateway_client_connect(secret).encode(&mut b);
+            stream.write_all(&b).await?;
+        }
+        Ok(Self { stream })
+    }
+
+    /// Writes one command (a frame toward the gateway).
+    pub async fn send(&mut self, f: &Frame) -> Result<()> {
+        let mut b = BytesMut::new();
+        f.encode(&mut b);
+        Ok(self.stream.write_all(&b).await?)
+    }
+
+    /// Writes a query and returns the reply's payload as it came: the bytes
+    /// of PHP `serialize()` output, unparsed, so that a reply can be
+    /// compared byte for byte.
+    pub async fn ask(&mut self, f: &Frame) -> Result<Vec<u8>> {
+        self.send(f).await?;
+        let read = async {
+            let len = self.stream.read_u32().await? as usize;
+            let mut payload = vec![0; len];
+            self.stream.read_exact(&mut payload).await?;
+            anyhow::Ok(payload)
+        };
+        tokio::time::timeout(crate::STEP, read)
+            .await
+            .map_err(|_| anyhow!("no reply from the gateway within {:?}", crate::STEP))?
+    }
+
+    /// Pushes a fresh fence to `c` (a client of this gateway) and returns
+    /// every text frame `c` received before it. Pushes to one connection keep
+    /// their order, so anything an earlier command sent to `c` is in the
+    /// list; anything it did not send never will be.
+    pub async fn fence(&mut self, c: &mut Client) -> Result<Vec<String>> {
+        let fence = format!("inner-fence-{}", FENCES.fetch_add(1, Ordering::Relaxed));
+        self.send(&Frame::to_gateway(
+            cmd::SEND_TO_ONE,
+            conn_no(c)?,
+            "",
+            fence.clone(),
+        ))
+        .await?;
+        let mut got = Vec::new();
+        loop {
+            let t = c.recv().await?;
+            if t == fence {
+                return Ok(got);
+            }
+            got.push(t);
+        }
     }
 }
