@@ -14,10 +14,10 @@ use switchboard::core::{ConnId, MembershipChange, Target};
 
 use super::{Shared, lock};
 use crate::ext;
-use crate::protocol::cmd;
 use crate::protocol::frame::Frame as GwFrame;
 use crate::protocol::php::{self, Array, Key, Value};
 use crate::protocol::query::{Condition, Id, IdList, Select, SendToAll, SendToGroup, encode_reply};
+use crate::protocol::{cmd, session};
 
 /// PHP's `empty()` of a string: `""` and `"0"`.
 fn php_empty(b: &[u8]) -> bool {
@@ -191,20 +191,14 @@ pub(super) async fn execute(shared: &Shared, hub: &Hub, f: &GwFrame) -> Option<B
             None
         }
         cmd::UPDATE_SESSION => {
-            let mut clients = lock(&shared.clients);
-            if let Some(c) = clients.get_mut(&h.connection_id) {
-                if c.session.is_empty() {
-                    c.session = f.ext_data.clone();
-                } else if let (Ok(Value::Array(old)), Ok(Value::Array(new))) =
-                    (php::unserialize(&c.session), php::unserialize(ext_data))
-                {
-                    let merged = php::array_replace_recursive(&old, &new);
-                    c.session = Bytes::from(php::to_bytes(&Value::Array(merged)));
-                } else {
-                    tracing::warn!(
+            if let Some(c) = lock(&shared.clients).get_mut(&h.connection_id) {
+                match session::merge_update(&c.session, ext_data) {
+                    Ok(merged) => c.session = merged,
+                    Err(error) => tracing::warn!(
                         conn = h.connection_id,
+                        %error,
                         "session update that is not a PHP array: ignored"
-                    );
+                    ),
                 }
             }
             None

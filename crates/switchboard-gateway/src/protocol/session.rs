@@ -95,6 +95,26 @@ mod tests {
     }
 
     #[test]
+    fn nothing_stored_is_the_empty_string_or_zero() {
+        // Gateway.php, CMD_UPDATE_SESSION: `if (!$session)` stores the update
+        // as it came; PHP's `!` is true for "" and "0", for no other string.
+        let update = br#"a:1:{s:1:"n";i:1;}"#;
+        for nothing in [&b""[..], b"0"] {
+            assert!(is_unset(nothing));
+            assert_eq!(&merge_update(nothing, update).unwrap()[..], update);
+        }
+        // "00" and " 0" are real sessions to PHP, here unreadable ones: the
+        // update is refused and the stored bytes stay.
+        for something in [&b"00"[..], b" 0"] {
+            assert!(!is_unset(something));
+            assert!(matches!(
+                merge_update(something, update),
+                Err(SessionError::Php(_))
+            ));
+        }
+    }
+
+    #[test]
     fn versions_and_codec() {
         // PHP 8.2: crc32(''), crc32('a:0:{}'), crc32('123456789').
         assert_eq!(version(b""), 0);
