@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use bytes::BytesMut;
 use serde_json::json;
+use switchboard_gateway::protocol::php::{self, Array, Value};
 use switchboard_gateway::protocol::query::{Id, SendToAll, SendToGroup};
 use switchboard_gateway::protocol::{Frame, cmd};
 use switchboard_test::gateway::{
@@ -362,6 +363,90 @@ async fn exclusion_lists_leave_out_exactly_the_excluded_clients() -> Result<()> 
     ];
     for (i, ((_, client), w)) in cl.iter().zip(want).enumerate() {
         ensure!(got[i] == w, "{client:?} got {:?}, expected {w:?}", got[i]);
+    }
+    Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// `serialize()` of a PHP array of string keys and values.
+fn php_array<'a>(pairs: impl IntoIterator<Item = (&'a str, Value)>) -> Value {
+    Value::Array(pairs.into_iter().collect::<Array>())
+}
+
+/// Sessions as GatewayWorker keeps them: `CMD_SET_SESSION` stores the bytes
+/// as they come, `CMD_UPDATE_SESSION` merges with `array_replace_recursive`
+/// (nested keys kept) or, when nothing is stored (`""`, and `"0"`, which
+/// PHP's `!$session` also takes for nothing), stores the update as it came;
+/// `CMD_GET_SESSION_BY_CLIENT_ID` reads it back, `a:0:{}` for nothing and
+/// `N;` for no such client. Checked byte for byte through the protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_set_merged_and_read_back_like_gatewayworker() -> Result<()> {
+    let c = GatewayCluster::start(BIN, &[Listeners::Both], 1, "").await?;
+    let a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "sa", None).await?;
+    let id = conn_no(&a)?;
+    let mut inner = Inner::connect(&c.gateways[0], "").await?;
+    let set = |s: &[u8]| Frame::to_gateway(cmd::SET_SESSION, id, s.to_vec(), "");
+    let update = |s: &[u8]| Frame::to_gateway(cmd::UPDATE_SESSION, id, s.to_vec(), "");
+    let get = |id| Frame::to_gateway(cmd::GET_SESSION_BY_CLIENT_ID, id, "", "");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+
+    // The reference application sets no session.
+    ensure!(inner.ask(&get(id)).await? == b"a:0:{}");
+    ensure!(inner.ask(&get(id + 1000)).await? == b"N;");
+
+    let stored = php::to_bytes(&php_array([
+        (
+            "user",
+            php_array([("name", "ann".into()), ("lang", "fr".into())]),
+        ),
+        ("n", 1.into()),
+    ]));
+    inner.send(&set(&stored)).await?;
+    let got = inner.ask(&get(id)).await?;
+    ensure!(got == stored, "set: {}", text(&got));
+
+    let upd = php::to_bytes(&php_array([
+        (
+            "user",
+            php_array([("lang", "de".into()), ("tz", "UTC".into())]),
+        ),
+        ("m", 2.into()),
+    ]));
+    inner.send(&update(&upd)).await?;
+    let merged = php::to_bytes(&php_array([
+        (
+            "user",
+            php_array([
+                ("name", "ann".into()),
+                ("lang", "de".into()),
+                ("tz", "UTC".into()),
+            ]),
+        ),
+        ("n", 1.into()),
+        ("m", 2.into()),
+    ]));
+    let got = inner.ask(&get(id)).await?;
+    ensure!(got == merged, "update: {}", text(&got));
+
+    // Nothing stored: the update is stored as it came, whichever of PHP's
+    // two empty strings the session was.
+    for nothing in [&b""[..], b"0"] {
+        inner.send(&set(nothing)).await?;
+        let got = inner.ask(&get(id)).await?;
+        ensure!(
+            got == b"a:0:{}",
+            "{:?} stored reads {}",
+            text(nothing),
+            text(&got)
+        );
+        inner.send(&update(&upd)).await?;
+        let got = inner.ask(&get(id)).await?;
+        ensure!(
+            got == upd,
+            "update over {:?}: {}",
+            text(nothing),
+            text(&got)
+        );
     }
     Box::new(c).shutdown().await;
     Ok(())

@@ -206,7 +206,10 @@ pub(super) async fn execute(shared: &Shared, hub: &Hub, f: &GwFrame) -> Option<B
         cmd::GET_SESSION_BY_CLIENT_ID => {
             let v = match lock(&shared.clients).get(&h.connection_id) {
                 None => php::to_bytes(&Value::Null),
-                Some(c) if c.session.is_empty() => php::to_bytes(&Value::Array(Array::new())),
+                // PHP's `!$session`: "0" reads back as no session too.
+                Some(c) if session::is_unset(&c.session) => {
+                    php::to_bytes(&Value::Array(Array::new()))
+                }
                 Some(c) => c.session.to_vec(),
             };
             Some(crate::protocol::query::encode_reply_raw(&v))
