@@ -13,7 +13,8 @@ use switchboard_gateway::protocol::php::{self, Array, Value};
 use switchboard_gateway::protocol::query::{Id, SendToAll, SendToGroup};
 use switchboard_gateway::protocol::{Frame, cmd};
 use switchboard_test::gateway::{
-    GatewayCluster, GatewayProc, Inner, Listeners, RegisterProc, WorkerProc, conn_no, signal,
+    GatewayCluster, GatewayProc, Inner, Listeners, RegisterProc, WorkerProc,
+    await_worker_at_dead_register, conn_no, signal,
 };
 use switchboard_test::{Client, Cluster, Kind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -69,21 +70,28 @@ async fn replacing_every_worker_drops_nothing() -> Result<()> {
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
+            // The last message of this sender: the sink's fence for it.
+            s.send(json!({"op": "to_user", "uid": "sink", "data": format!("{k}:end")}))
+                .await?;
             // Still connected: a round trip through a worker works.
             let r = s.ask(json!({"op": "online", "uid": "sink"})).await?;
             ensure!(r["online"] == true, "sender {k} after restarts: {r}");
             anyhow::Ok((n, s))
         }));
     }
+    // The senders run for a while before, between and after the
+    // replacements: these pauses set how much traffic crosses them, they
+    // wait for nothing.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Every worker replaced, twice over.
+    // Every worker replaced, twice over; each replacement attached to both
+    // gateways before the next worker stops.
     for _round in 0..4 {
         let old = c.workers.remove(0);
         let status = old.stop().await?;
         ensure!(status.success(), "worker exited with {status}");
         c.workers
             .push(WorkerProc::start(&c.bin, c.register.addr, &[]).await?);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.wait_attached(2).await?;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.cancel();
@@ -95,21 +103,32 @@ async fn replacing_every_worker_drops_nothing() -> Result<()> {
         alive.push(s);
     }
     let total: u64 = sent.iter().sum();
+    // Each sender's messages arrive in order, so a duplicate or a late one
+    // shows up before its sender's end marker, as a number out of turn; no
+    // wait for silence is needed once every end marker is in.
     let mut next: HashMap<usize, u64> = HashMap::new();
-    let mut got = 0u64;
-    while got < total {
+    let mut ended = 0;
+    while ended < sent.len() {
         let m = rx.recv().await?;
         let (k, n) = m.split_once(':').unwrap();
-        let (k, n): (usize, u64) = (k.parse()?, n.parse()?);
+        let k: usize = k.parse()?;
         let want = next.entry(k).or_default();
+        if n == "end" {
+            ensure!(
+                *want == sent[k],
+                "sender {k}: end after {want} of {} messages (lost)",
+                sent[k]
+            );
+            ended += 1;
+            continue;
+        }
+        let n: u64 = n.parse()?;
         ensure!(
             n == *want,
-            "sender {k}: got {n}, expected {want} (lost or reordered)"
+            "sender {k}: got {n}, expected {want} (lost, duplicated or reordered)"
         );
         *want += 1;
-        got += 1;
     }
-    rx.expect_silence(Duration::from_millis(300)).await?;
     for g in &c.gateways {
         let s = role_stats(g).await;
         ensure!(
@@ -132,11 +151,13 @@ async fn events_wait_for_a_worker() -> Result<()> {
     let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "a", None).await?;
     let w = c.workers.remove(0);
     w.stop().await?;
-    // No worker: the message waits at the gateway.
+    // No worker: the message waits at the gateway, and reaches a (through
+    // a worker) only once one attaches.
     a.send(json!({"op": "to_user", "uid": "a", "data": "held"}))
         .await?;
-    a.expect_silence(Duration::from_millis(300)).await?;
-    ensure!(role_stats(&c.gateways[0]).await["held_now"] == 1);
+    c.gateways[0]
+        .wait_role("holding one event", |s| s["held_now"] == 1)
+        .await?;
     c.workers
         .push(WorkerProc::start(&c.bin, c.register.addr, &[]).await?);
     ensure!(a.recv().await? == "held");
@@ -188,7 +209,8 @@ async fn a_register_restart_keeps_routes_and_lets_new_processes_join() -> Result
         .await?;
     ensure!(b.recv().await? == "across");
     c.workers.push(WorkerProc::start(&c.bin, addr, &[]).await?);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new worker is up and asking a register that does not answer.
+    await_worker_at_dead_register(addr).await?;
     ensure!(
         role_stats(&c.gateways[0]).await["workers"] == 1,
         "a worker joined without a register"
@@ -199,8 +221,16 @@ async fn a_register_restart_keeps_routes_and_lets_new_processes_join() -> Result
         .await?;
     ensure!(a.recv().await? == "back");
     // The first worker kept its links through the partial address lists a
-    // restarted register sends: no second link replaced a live one.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // restarted register sends: no second link replaced a live one. A third
+    // gateway is the fence: the list naming it reaches each worker after
+    // every earlier list, and a worker links it only after acting on those,
+    // so once both workers are attached to it, any second link would have
+    // been made.
+    let third = GatewayProc::start(&c.bin, addr, true, false, &["--secret", &c.secret]).await?;
+    third
+        .wait_role("attached to both workers", |s| s["workers"] == 2)
+        .await?;
+    c.gateways.push(third);
     for g in &c.gateways {
         let s = role_stats(g).await;
         ensure!(s["replaced"] == 0 && s["workers"] == 2, "{s}");
@@ -274,7 +304,12 @@ async fn the_pusher_reaches_every_gateway() -> Result<()> {
     let out = push(&["to-conn", &b.conn, "just b"]).output()?;
     ensure!(out.status.success());
     ensure!(b.recv().await? == "just b");
-    a.expect_silence(Duration::from_millis(200)).await?;
+    // a may have b's connection number, on the other gateway: "just b" is
+    // not for it. Its next frame is one pushed to it after "just b" was
+    // written and delivered.
+    let out = push(&["to-conn", &a.conn, "just a"]).output()?;
+    ensure!(out.status.success());
+    ensure!(a.recv().await? == "just a");
     Box::new(c).shutdown().await;
     Ok(())
 }

@@ -15,9 +15,10 @@ use switchboard_gateway::{Worker, WorkerConfig};
 use switchboard_server::app::ReferenceApp;
 use bytes::BytesMut;
 use switchboard::ConnId;
+use switchboard_gateway::protocol::register::RegisterMessage;
 use switchboard_gateway::protocol::{Frame, cmd};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 use crate::Client;
@@ -418,4 +419,44 @@ impl Inner {
             got.push(t);
         }
     }
+}
+
+/// Accepts connections on a register's address until one asks for the
+/// gateway list (`worker_connect`) and returns that one, its request read;
+/// gateways registering meanwhile are read and let go. A test holding the
+/// listener plays the register: it answers the worker with
+/// [`RegisterMessage::BroadcastAddresses`] lines of its choosing.
+pub async fn accept_worker(listener: &TcpListener) -> Result<TcpStream> {
+    let wait = async {
+        loop {
+            let (s, _) = listener.accept().await?;
+            let mut s = BufReader::new(s);
+            let mut line = String::new();
+            // Every process sends its line at once on connecting.
+            if tokio::time::timeout(crate::STEP, s.read_line(&mut line))
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            if let Ok(RegisterMessage::WorkerConnect { .. }) =
+                RegisterMessage::decode(line.as_bytes())
+            {
+                // Nothing follows the request until the register answers.
+                return anyhow::Ok(s.into_inner());
+            }
+        }
+    };
+    tokio::time::timeout(crate::STEP, wait)
+        .await
+        .map_err(|_| anyhow!("no worker asked the register for gateways"))?
+}
+
+/// Stands in for a register that is down: listens on its address, answers
+/// nothing, and returns once a worker asks for the gateway list: that
+/// worker is up and, with no register to answer it, has no way to learn of
+/// a gateway. The address is free again on return.
+pub async fn await_worker_at_dead_register(addr: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    accept_worker(&listener).await.map(drop)
 }
