@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use serde_json::json;
 use switchboard_gateway::protocol::php::{self, Array, Value};
 use switchboard_gateway::protocol::query::{Id, SendToAll, SendToGroup};
+use switchboard_gateway::protocol::register::RegisterMessage;
 use switchboard_gateway::protocol::{Frame, cmd};
 use switchboard_test::gateway::{
     GatewayCluster, GatewayProc, Inner, Listeners, RegisterProc, WorkerProc,
@@ -239,41 +240,72 @@ async fn a_register_restart_keeps_routes_and_lets_new_processes_join() -> Result
     Ok(())
 }
 
+/// Writes `bytes` on a new connection to `addr` and checks that the peer
+/// closes it without answering a byte.
+async fn refused(addr: std::net::SocketAddr, bytes: &[u8], what: &str) -> Result<()> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(bytes).await?;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(switchboard_test::STEP, s.read_to_end(&mut buf)).await;
+    ensure!(
+        matches!(read, Ok(Ok(0))),
+        "{what}: not closed at once ({read:?}, answered {:?})",
+        String::from_utf8_lossy(&buf)
+    );
+    Ok(())
+}
+
+fn encoded(f: &Frame) -> BytesMut {
+    let mut b = BytesMut::new();
+    f.encode(&mut b);
+    b
+}
+
 /// Garbage on the inner port and a wrong secret are refused; clients and
 /// workers carry on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_and_wrong_secrets_are_refused_without_harm() -> Result<()> {
-    let mut c = GatewayCluster::start(BIN, &[Listeners::Both], 1, "s3cret").await?;
+    let c = GatewayCluster::start(BIN, &[Listeners::Both], 1, "s3cret").await?;
     let mut a = Client::connect(Kind::Ws, c.gateways[0].ws.unwrap(), "sa", None).await?;
     let inner = c.gateways[0].inner;
     // A frame claiming to be shorter than its header.
-    let mut s = tokio::net::TcpStream::connect(inner).await?;
-    s.write_all(&[
+    let short = [
         0, 0, 0, 5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
         23, 24,
-    ])
-    .await?;
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
-    ensure!(n == 0, "connection not closed after a bad frame");
+    ];
+    refused(inner, &short, "a bad frame").await?;
     // A command before authenticating, with a secret set.
-    let mut s = tokio::net::TcpStream::connect(inner).await?;
-    let mut b = BytesMut::new();
-    Frame::to_gateway(cmd::SEND_TO_ALL, 0, "", "sneaky").encode(&mut b);
-    s.write_all(&b).await?;
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
-    ensure!(n == 0, "unauthorized command accepted");
-    a.expect_silence(Duration::from_millis(200)).await?;
-    // A worker with the wrong secret is never attached.
-    c.workers
-        .push(WorkerProc::start(&c.bin, c.register.addr, &["--secret", "wrong"]).await?);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let s = role_stats(&c.gateways[0]).await;
-    ensure!(s["workers"] == 1, "{s}");
-    ensure!(s["rejected_inner"].as_u64() >= Some(2), "{s}");
+    let sneaky = Frame::to_gateway(cmd::SEND_TO_ALL, 0, "", "sneaky");
+    refused(inner, &encoded(&sneaky), "an unauthorized command").await?;
+    // a's next frame is its own message, not "sneaky": the refused command
+    // was never carried out.
     a.send(json!({"op": "to_user", "uid": "sa", "data": "fine"}))
         .await?;
     ensure!(a.recv().await? == "fine");
+    // Each refused connection counted once (the gateway counts before it
+    // closes, and both closes were seen).
+    let s = role_stats(&c.gateways[0]).await;
+    ensure!(s["rejected_inner"] == 2, "{s}");
+    // A worker link with the wrong secret is refused and never attached:
+    // exactly one more refusal, and still one worker.
+    let hello = Frame::worker_connect("wrong:0", "wrong");
+    refused(inner, &encoded(&hello), "a worker link with a wrong secret").await?;
+    let s = role_stats(&c.gateways[0]).await;
+    ensure!(s["rejected_inner"] == 3 && s["workers"] == 1, "{s}");
+    // The register refuses such a worker too: it closes without a gateway
+    // list, so a worker process with a wrong secret never learns a gateway.
+    let hello = RegisterMessage::WorkerConnect {
+        secret_key: "wrong".into(),
+    };
+    refused(
+        c.register.addr,
+        &hello.encode(),
+        "a wrong secret at the register",
+    )
+    .await?;
+    a.send(json!({"op": "to_user", "uid": "sa", "data": "still fine"}))
+        .await?;
+    ensure!(a.recv().await? == "still fine");
     Box::new(c).shutdown().await;
     Ok(())
 }
