@@ -14,7 +14,7 @@ use switchboard_gateway::protocol::query::{Id, SendToAll, SendToGroup};
 use switchboard_gateway::protocol::register::RegisterMessage;
 use switchboard_gateway::protocol::{Frame, cmd};
 use switchboard_test::gateway::{
-    GatewayCluster, GatewayProc, Inner, Listeners, RegisterProc, WorkerProc,
+    GatewayCluster, GatewayProc, Inner, Listeners, RegisterProc, WorkerProc, accept_worker,
     await_worker_at_dead_register, conn_no, signal,
 };
 use switchboard_test::{Client, Cluster, Kind};
@@ -516,5 +516,44 @@ async fn sessions_are_set_merged_and_read_back_like_gatewayworker() -> Result<()
         );
     }
     Box::new(c).shutdown().await;
+    Ok(())
+}
+
+/// A restarting register names the gateways again one by one, so a worker
+/// gets lists that leave out a gateway it is linked to, then name it again.
+/// The worker keeps that link throughout and opens no second one, which the
+/// gateway would take for a new worker replacing it. The test plays the
+/// register, so the partial list is certain; each list it checks adds a
+/// new gateway, whose attachment shows the worker has acted on that list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_address_list_keeps_live_links() -> Result<()> {
+    let register = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let reg = register.local_addr()?;
+    let bin = std::path::Path::new(BIN);
+    let mut g = Vec::new();
+    for _ in 0..4 {
+        g.push(GatewayProc::start(bin, reg, true, false, &[]).await?);
+    }
+    let mut w = WorkerProc::start(bin, reg, &[]).await?;
+    let mut link = accept_worker(&register).await?;
+    let mut list = async |gws: &[&GatewayProc]| {
+        let addresses = gws.iter().map(|g| g.inner.to_string()).collect();
+        link.write_all(&RegisterMessage::BroadcastAddresses(addresses).encode())
+            .await
+    };
+    let attached = |s: &serde_json::Value| s["workers"] == 1;
+    list(&[&g[0], &g[1]]).await?;
+    g[1].wait_role("linked", attached).await?;
+    // g1 left out, then named again.
+    list(&[&g[0], &g[2]]).await?;
+    g[2].wait_role("linked", attached).await?;
+    list(&[&g[0], &g[1], &g[2], &g[3]]).await?;
+    g[3].wait_role("linked", attached).await?;
+    let s = role_stats(&g[1]).await;
+    ensure!(s["replaced"] == 0 && s["workers"] == 1, "{s}");
+    let _ = w.child.kill().await;
+    for g in &mut g {
+        let _ = signal(&mut g.child, "-TERM").await;
+    }
     Ok(())
 }
