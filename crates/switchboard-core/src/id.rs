@@ -328,6 +328,7 @@ mod tests {
         #[test]
         fn conn_id_round_trips(node in "[A-Za-z0-9_-]{1,64}", seq in any::<u64>()) {
             let c = ConnId::new(NodeId::new(&node).unwrap(), seq);
+            prop_assert_eq!((c.node().as_str(), c.seq()), (node.as_str(), seq));
             let text = c.to_string();
             prop_assert_eq!(text.parse::<ConnId>().unwrap(), c.clone());
             let bin = postcard::to_allocvec(&c).unwrap();
@@ -340,5 +341,16 @@ mod tests {
                 prop_assert_eq!(c.to_string(), s);
             }
         }
+    }
+
+    #[test]
+    fn random_node_ids_have_ten_hex_digits() {
+        for _ in 0..64 {
+            let id = NodeId::random();
+            let hex = id.as_str().strip_prefix("n-").expect("n- prefix");
+            assert_eq!(hex.len(), 10, "{id:?}");
+            assert!(u64::from_str_radix(hex, 16).is_ok(), "{id:?}");
+        }
+        assert_ne!(NodeId::random(), NodeId::random());
     }
 }
