@@ -277,4 +277,78 @@ mod tests {
         assert!(m.settled() && m.bool_value());
         assert!(m.add(LocalAnswer::Count(1)).is_err());
     }
+
+    fn conn(n: &str, s: u64) -> ConnId {
+        ConnId::new(NodeId::new(n).unwrap(), s)
+    }
+
+    #[test]
+    fn only_questions_about_one_connection_have_an_owner() {
+        let c = conn("a", 1);
+        assert_eq!(Query::ConnExists(c.clone()).owner(), Some(c.node()));
+        assert_eq!(Query::ConnUser(c.clone()).owner(), Some(c.node()));
+        assert_eq!(Query::UserOnline("u".into()).owner(), None);
+        assert_eq!(Query::Totals.owner(), None);
+    }
+
+    #[test]
+    fn an_answer_is_complete_when_nobody_is_missing() {
+        let a = Answer::complete(1);
+        assert!(a.is_complete());
+        let b = Answer {
+            value: 1,
+            missing: vec![NodeId::new("x").unwrap()],
+        };
+        assert!(!b.clone().map(|v| v + 1).is_complete());
+        assert_eq!(b.map(|v| v + 1).value, 2);
+    }
+
+    #[test]
+    fn answers_fold_per_kind() {
+        let mut m = Merge::new(Query::GroupCount("g".into()));
+        m.add(LocalAnswer::Count(2)).unwrap();
+        m.add(LocalAnswer::Count(3)).unwrap();
+        assert_eq!(m.count_value(), 5);
+
+        let mut m = Merge::new(Query::GroupMembers("g".into()));
+        m.add(LocalAnswer::Conns(vec![conn("b", 2), conn("a", 1)]))
+            .unwrap();
+        m.add(LocalAnswer::Conns(vec![conn("a", 1)])).unwrap();
+        assert_eq!(m.conns_value(), [conn("a", 1), conn("b", 2)]);
+
+        let mut m = Merge::new(Query::ConnUser(conn("a", 1)));
+        m.add(LocalAnswer::User(None)).unwrap();
+        assert!(!m.settled(), "nobody said whose it is yet");
+        m.add(LocalAnswer::User(Some("u".into()))).unwrap();
+        assert!(m.settled());
+        m.add(LocalAnswer::User(None)).unwrap();
+        assert_eq!(
+            m.user_value(),
+            Some("u".into()),
+            "a later None keeps the user"
+        );
+
+        let mut m = Merge::new(Query::ConnExists(conn("a", 1)));
+        m.add(LocalAnswer::Bool(false)).unwrap();
+        assert!(!m.bool_value() && !m.settled());
+        assert!(!Merge::new(Query::Totals).settled());
+    }
+
+    #[test]
+    fn a_mismatch_names_the_question_and_the_answer() {
+        let mut m = Merge::new(Query::GroupCount("g".into()));
+        let e = m.add(LocalAnswer::Bool(true)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"answer "Bool" does not fit query "GroupCount""#
+        );
+        let mut m = Merge::new(Query::UserConns("u".into()));
+        let e = m
+            .add(LocalAnswer::Totals(LocalTotals::default()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            r#"answer "Totals" does not fit query "UserConns""#
+        );
+    }
 }

@@ -189,4 +189,45 @@ mod tests {
         assert!(!Target::all().only_on(&b));
         assert!(!Target::conn(c("b", 1)).and_user("u").only_on(&b));
     }
+
+    #[test]
+    fn builders_put_each_term_where_it_is_read() {
+        let t = Target::none()
+            .and_conns([c("a", 1), c("b", 2)])
+            .and_groups(["g1", "g2"])
+            .and_user("u")
+            .except_conn(c("a", 3))
+            .except_user("x");
+        assert!(!t.is_all() && Target::all().is_all());
+        assert_eq!(t.conns(), [c("a", 1), c("b", 2)]);
+        assert_eq!(t.included_users(), [UserId::from("u")]);
+        assert_eq!(
+            t.included_groups(),
+            [GroupId::from("g1"), GroupId::from("g2")]
+        );
+        assert_eq!(t.excluded_conns(), [c("a", 3)]);
+        assert_eq!(t.excluded_users(), [UserId::from("x")]);
+        assert_ne!(Target::none(), t);
+    }
+
+    #[test]
+    fn a_target_is_empty_only_when_it_names_nobody() {
+        assert!(Target::none().is_empty());
+        assert!(
+            Target::none().except_user("x").is_empty(),
+            "exclusions alone name nobody"
+        );
+        for t in [
+            Target::all(),
+            Target::conn(c("a", 1)),
+            Target::user("u"),
+            Target::group("g"),
+        ] {
+            assert!(!t.is_empty(), "{t:?}");
+        }
+        // Two terms of different kinds overlap; so does everyone plus a term.
+        assert!(Target::all().and_user("u").may_overlap());
+        assert!(Target::conn(c("a", 1)).and_group("g").may_overlap());
+        assert!(!Target::conn(c("a", 1)).may_overlap());
+    }
 }
