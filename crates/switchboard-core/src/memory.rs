@@ -206,7 +206,7 @@ mod tests {
                 dropped: 1
             }
         );
-        assert_eq!(a.stats().publish_dropped, 2);
+        assert_eq!((a.stats().published, a.stats().publish_dropped), (2, 2));
         assert_eq!(rb.recv().await.unwrap(), "1");
         assert_eq!(rc.recv().await.unwrap(), "3");
         assert!(
