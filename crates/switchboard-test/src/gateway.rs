@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
 use async_trait::async_trait;
-use switchboard_gateway::{Worker, WorkerConfig};
-use switchboard_server::app::ReferenceApp;
 use bytes::BytesMut;
 use switchboard::ConnId;
 use switchboard_gateway::protocol::register::RegisterMessage;
 use switchboard_gateway::protocol::{Frame, cmd};
+use switchboard_gateway::{Worker, WorkerConfig};
+use switchboard_server::app::ReferenceApp;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
