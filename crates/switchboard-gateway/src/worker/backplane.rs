@@ -6,7 +6,11 @@
 //! `SEND_TO_GROUP`, `SEND_TO_ALL`) or per connection (`SEND_TO_ONE`), with
 //! the frame encoded once and shared; a target no single command expresses
 //! (a union with exclusions) is resolved with `CMD_SELECT` first, so it is
-//! still delivered once to each recipient. Operations on a connection become
+//! still delivered once to each recipient; a close is resolved the same way.
+//! A look-up holds its place on each link (see [`super::link`]): what the
+//! hub issues after it to the same gateway waits for its answer, so pushes
+//! and closes reach a client in the order the hub made them, and the hub's
+//! caller never waits. Operations on a connection become
 //! its gateway's command followed by a query on the same link, whose answer
 //! both confirms the gateway applied it and says whether the connection
 //! exists. Queries are asked of every gateway the register names, and a
@@ -65,7 +69,7 @@ fn to_all(shared: &Shared, bytes: &Bytes) -> Handoff {
     let mut h = Handoff::default();
     let links = shared.all_links();
     for l in &links {
-        if l.send(bytes.clone()) {
+        if l.deliver(bytes.clone()) {
             h.sent += 1;
         } else {
             h.dropped += 1;
@@ -120,7 +124,7 @@ impl Backplane for Links {
         };
         let h = match env.body {
             Body::Push { target, frame } => push(&shared, &target, &frame),
-            Body::Close { target, .. } => close(&shared, target),
+            Body::Close { target, .. } => close(&shared, &target),
             Body::Request { op } => {
                 let nodes = match dest {
                     Dest::Node(n) => vec![n.clone()],
@@ -205,7 +209,7 @@ fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
         for c in target.conns().iter().filter(|c| !except.contains(c)) {
             match shared.link(c.node()) {
                 Some(l)
-                    if l.send(link::one(
+                    if l.deliver(link::one(
                         cmd::SEND_TO_ONE,
                         c.seq() as u32,
                         body_flag(frame),
@@ -261,7 +265,7 @@ fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
             } else {
                 send_cmd(cmd::SEND_TO_GROUP, group_ext(target, Some(mine)), frame)
             };
-            if l.send(bytes) {
+            if l.deliver(bytes) {
                 h.sent += 1;
             } else {
                 h.dropped += 1;
@@ -270,53 +274,73 @@ fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
         return h;
     }
     // A union no single command expresses: resolve it, then send once.
-    let mut h = Handoff::default();
-    for l in shared.all_links() {
-        h.sent += 1;
-        let target = target.clone();
-        let frame = frame.clone();
-        shared.tasks.spawn(async move {
-            if let Some(conns) = resolve(&l, &target).await {
-                if conns.is_empty() {
-                    return;
-                }
-                let ids = conns.iter().map(|c| c.seq() as u32).collect();
-                let ext = Bytes::from(SendToAll::Connections(ids).encode());
-                l.send(send_cmd(cmd::SEND_TO_ALL, ext, &frame));
-            }
-        });
-    }
-    h
+    let frame = frame.clone();
+    look_up(shared, target, move |conns| {
+        let ids = conns.iter().map(|c| c.seq() as u32).collect();
+        let ext = Bytes::from(SendToAll::Connections(ids).encode());
+        send_cmd(cmd::SEND_TO_ALL, ext, &frame)
+    })
 }
 
 /// Closes the connections a target selects.
-fn close(shared: &Arc<Shared>, target: Target) -> Handoff {
-    let kick = |l: &Link, c: &ConnId| {
-        l.send(link::one(
-            cmd::KICK,
-            c.seq() as u32,
-            0,
-            Bytes::new(),
-            Bytes::from(crate::protocol::php::to_bytes(&Value::Null)),
-        ))
-    };
+fn close(shared: &Arc<Shared>, target: &Target) -> Handoff {
+    look_up(shared, target, |conns| {
+        let mut kicks = BytesMut::new();
+        for c in conns {
+            link::frame(
+                &mut kicks,
+                cmd::KICK,
+                c.seq() as u32,
+                0,
+                Bytes::new(),
+                Bytes::from(crate::protocol::php::to_bytes(&Value::Null)),
+            );
+        }
+        kicks.freeze()
+    })
+}
+
+/// Looks up on every gateway the connections `target` selects, and sends
+/// what `then` makes of them (when there are some) in the look-up's place on
+/// the link. A look-up unanswered within the query timeout is dropped.
+fn look_up<F>(shared: &Arc<Shared>, target: &Target, then: F) -> Handoff
+where
+    F: Fn(&[ConnId]) -> Bytes + Clone + Send + 'static,
+{
     let mut h = Handoff::default();
     for l in shared.all_links() {
+        let Some(select) = selection(&l, target) else {
+            // Nothing of this gateway's is selected.
+            h.sent += 1;
+            continue;
+        };
+        let Some(pending) = l.look_up(select) else {
+            h.dropped += 1;
+            continue;
+        };
         h.sent += 1;
-        let target = target.clone();
+        let (target, then) = (target.clone(), then.clone());
+        let timeout = shared.cfg.query_timeout;
         shared.tasks.spawn(async move {
-            if let Some(conns) = resolve(&l, &target).await {
-                for c in &conns {
-                    kick(&l, c);
-                }
-            }
+            let Ok(Ok(rows)) = tokio::time::timeout(timeout, pending.reply).await else {
+                // Dropped unfilled: counted, and what waits behind it goes.
+                return;
+            };
+            let conns = selected(&l, &target, &rows);
+            let frames = if conns.is_empty() {
+                Bytes::new()
+            } else {
+                then(&conns)
+            };
+            pending.place.fill(frames);
         });
     }
     h
 }
 
-/// The connections of one gateway a target selects, from one `CMD_SELECT`.
-async fn resolve(l: &Link, target: &Target) -> Option<Vec<ConnId>> {
+/// The `CMD_SELECT` for the connections of `l`'s gateway a target selects;
+/// `None` when the target names none there.
+fn selection(l: &Link, target: &Target) -> Option<Bytes> {
     let mut conds = Vec::new();
     if !target.is_all() {
         let mine: Vec<u32> = target
@@ -341,13 +365,16 @@ async fn resolve(l: &Link, target: &Target) -> Option<Vec<ConnId>> {
                 .map(|g| g.as_str()))));
         }
         if conds.is_empty() {
-            return Some(Vec::new());
+            return None;
         }
     }
-    let ext = select(&["uid"], conds);
-    let rows = l.query(link::plain(cmd::SELECT, 0, ext)).await.ok()?;
+    Some(link::plain(cmd::SELECT, 0, select(&["uid"], conds)))
+}
+
+/// The connections of a `CMD_SELECT`'s answer a target keeps.
+fn selected(l: &Link, target: &Target, rows: &Value) -> Vec<ConnId> {
     let Value::Array(rows) = rows else {
-        return None;
+        return Vec::new();
     };
     let except_users: BTreeSet<&str> = target.excluded_users().iter().map(|u| u.as_str()).collect();
     let except_conns: BTreeSet<&ConnId> = target.excluded_conns().iter().collect();
@@ -367,7 +394,7 @@ async fn resolve(l: &Link, target: &Target) -> Option<Vec<ConnId>> {
         }
         out.push(conn);
     }
-    Some(out)
+    out
 }
 
 fn str_key(s: &'static str) -> crate::protocol::php::Key {

@@ -7,10 +7,20 @@
 //! query's reply on the connection the query came on; replies come back in
 //! order and are told apart from event frames by their fifth byte (see
 //! [`crate::ext`]).
+//!
+//! Some pushes and every close need a look-up first (`CMD_SELECT`: which of
+//! the gateway's connections a target selects), and only its answer says
+//! what to send. So that nothing issued later overtakes them, a look-up holds
+//! a place in the link's order ([`Place`]), and while a place is unfilled
+//! everything issued after it waits behind it ([`Held`]), without making the
+//! caller wait. The look-up itself is a read: it goes out at once unless a
+//! command that changes the gateway's state (a bind, a join, an accepted
+//! client) is held before it, so look-ups in a row take one round trip, not
+//! one each. Ordering holds per link, that is per worker and gateway.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Buf, Bytes, BytesMut};
 use switchboard::core::NodeId;
@@ -44,6 +54,13 @@ pub(super) enum LinkStreamError {
 /// burst of 1,000 clients × 100 pushes, each to every gateway, at about
 /// 150 bytes a frame (10 MB at most).
 pub(super) const LINK_QUEUE: usize = 64 * 1024;
+
+/// Entries held behind unanswered look-ups on one link, at most. Beyond
+/// this, what is issued is dropped and counted like a full [`LINK_QUEUE`]:
+/// the newest goes, so what does arrive still arrives in order. A look-up
+/// is answered within a round trip, or abandoned after the query timeout,
+/// so this only fills when a gateway stops answering.
+pub(super) const HELD: usize = LINK_QUEUE;
 
 /// A query on a link failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,9 +131,9 @@ pub(super) struct Link {
     /// The gateway's node id.
     pub(super) node: NodeId,
     tx: mpsc::Sender<Bytes>,
-    /// Outstanding queries, oldest first. Locked while a query is queued, so
-    /// the order of this list is the order on the wire.
-    replies: Mutex<VecDeque<oneshot::Sender<Value>>>,
+    /// Locked while anything is queued, so its order is the order on the
+    /// wire.
+    order: Mutex<Order>,
     /// The gateway speaks the switchboard extensions.
     pub(super) negotiated: AtomicBool,
     /// The gateway confirmed a drain: no event follows.
@@ -125,12 +142,86 @@ pub(super) struct Link {
     pub(super) dropped: AtomicU64,
 }
 
+/// What is on its way on a link, and what waits for its turn.
+#[derive(Debug, Default)]
+struct Order {
+    /// Waiters of the queries written, oldest first: replies come in this
+    /// order.
+    replies: VecDeque<oneshot::Sender<Value>>,
+    /// What was issued from the oldest unfilled place on, in issue order;
+    /// empty when no look-up is outstanding (then everything goes out at
+    /// once).
+    held: VecDeque<Held>,
+    /// The number of `held[0]`: held entries are numbered in a row, so a
+    /// place is found from its number.
+    head: u64,
+    /// One past the number of the last held entry that may change the
+    /// gateway's state: such an entry is held while this exceeds `head`.
+    changes_until: u64,
+}
+
+/// One entry held behind a look-up.
+#[derive(Debug)]
+enum Held {
+    /// Frames; empty for a place whose look-up sends nothing.
+    Frames(Bytes),
+    /// Frames ending with a query, and its reply's waiter.
+    Query(Bytes, oneshot::Sender<Value>),
+    /// Kept for what a look-up's answer decides.
+    Place,
+}
+
+impl Order {
+    /// Holds `h`; returns its number.
+    fn hold(&mut self, h: Held, changes_state: bool) -> u64 {
+        let n = self.head + self.held.len() as u64;
+        self.held.push_back(h);
+        if changes_state {
+            self.changes_until = n + 1;
+        }
+        n
+    }
+}
+
+/// A look-up's reply, and its place in the link's order.
+pub(super) struct LookUp {
+    pub(super) reply: oneshot::Receiver<Value>,
+    pub(super) place: Place,
+}
+
+/// A place in a link's order, held for what a look-up decides to send.
+/// Dropped unfilled (the look-up failed or timed out), it is counted as a
+/// drop and frees what waits behind it.
+pub(super) struct Place {
+    link: Arc<Link>,
+    n: u64,
+    filled: bool,
+}
+
+impl Place {
+    /// Sends `frames` (deliveries to clients or closes, nothing that changes
+    /// what a later look-up finds) in this place; empty to send nothing.
+    pub(super) fn fill(mut self, frames: Bytes) {
+        self.filled = true;
+        self.link.fill(self.n, frames);
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if !self.filled {
+            self.link.dropped.fetch_add(1, Ordering::Relaxed);
+            self.link.fill(self.n, Bytes::new());
+        }
+    }
+}
+
 impl Link {
     pub(super) fn new(node: NodeId, tx: mpsc::Sender<Bytes>) -> Self {
         Self {
             node,
             tx,
-            replies: Mutex::new(VecDeque::new()),
+            order: Mutex::new(Order::default()),
             negotiated: AtomicBool::new(false),
             drained: AtomicBool::new(false),
             drained_notify: Notify::new(),
@@ -138,8 +229,13 @@ impl Link {
         }
     }
 
-    /// Queues bytes (one or more frames) to the gateway; never waits.
-    pub(super) fn send(&self, bytes: Bytes) -> bool {
+    fn order(&self) -> std::sync::MutexGuard<'_, Order> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes to the writer's queue; a full queue drops, counted. Called with
+    /// the order locked.
+    fn write(&self, bytes: Bytes) -> bool {
         let ok = self.tx.try_send(bytes).is_ok();
         if !ok {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -147,34 +243,132 @@ impl Link {
         ok
     }
 
+    /// Queues `bytes` in order, behind any unanswered look-up; never waits.
+    fn put(&self, bytes: Bytes, changes_state: bool) -> bool {
+        let mut o = self.order();
+        if o.held.is_empty() {
+            return self.write(bytes);
+        }
+        if o.held.len() >= HELD {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        o.hold(Held::Frames(bytes), changes_state);
+        true
+    }
+
+    /// Queues commands (one or more frames) to the gateway; never waits.
+    pub(super) fn send(&self, bytes: Bytes) -> bool {
+        self.put(bytes, true)
+    }
+
+    /// Queues frames that only deliver to clients (pushes): a look-up issued
+    /// after them need not wait for them to find the same connections.
+    pub(super) fn deliver(&self, bytes: Bytes) -> bool {
+        self.put(bytes, false)
+    }
+
     /// Queues `frames` ending with a query, and waits for the reply.
     pub(super) async fn query(&self, frames: Bytes) -> Result<Value, LinkError> {
         let rx = {
-            let mut replies = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+            let mut o = self.order();
             let (tx, rx) = oneshot::channel();
-            if self.tx.try_send(frames).is_err() {
+            if o.held.is_empty() {
+                if !self.write(frames) {
+                    return Err(LinkError::Unavailable);
+                }
+                o.replies.push_back(tx);
+            } else if o.held.len() >= HELD {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 return Err(LinkError::Unavailable);
+            } else {
+                o.hold(Held::Query(frames, tx), true);
             }
-            replies.push_back(tx);
             rx
         };
         rx.await.map_err(|_| LinkError::Unavailable)
     }
 
+    /// Issues `select`, a query that changes nothing, and holds a place
+    /// after it for what its reply decides; never waits. `None`: dropped
+    /// (the link is gone or full), counted.
+    pub(super) fn look_up(self: &Arc<Self>, select: Bytes) -> Option<LookUp> {
+        let mut o = self.order();
+        if o.held.len() + 2 > HELD {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let (tx, reply) = oneshot::channel();
+        if o.changes_until > o.head {
+            // Must see the held change: the select waits its turn too.
+            o.hold(Held::Query(select, tx), false);
+        } else {
+            if !self.write(select) {
+                return None;
+            }
+            o.replies.push_back(tx);
+        }
+        let n = o.hold(Held::Place, false);
+        Some(LookUp {
+            reply,
+            place: Place {
+                link: self.clone(),
+                n,
+                filled: false,
+            },
+        })
+    }
+
+    /// Fills place `n`, then writes everything held that no unfilled place
+    /// precedes any more.
+    fn fill(&self, n: u64, frames: Bytes) {
+        let mut o = self.order();
+        let Some(at) = n.checked_sub(o.head) else {
+            return;
+        };
+        match o.held.get_mut(at as usize) {
+            Some(h @ Held::Place) => *h = Held::Frames(frames),
+            // Cleared with the link.
+            _ => return,
+        }
+        while let Some(h) = o.held.pop_front() {
+            match h {
+                Held::Place => {
+                    o.held.push_front(h);
+                    break;
+                }
+                Held::Frames(b) if b.is_empty() => {}
+                Held::Frames(b) => {
+                    self.write(b);
+                }
+                Held::Query(b, tx) => {
+                    if self.write(b) {
+                        o.replies.push_back(tx);
+                    }
+                }
+            }
+            o.head += 1;
+        }
+    }
+
     /// Hands a reply to the oldest outstanding query.
     pub(super) fn reply(&self, v: Value) {
-        let waiter = self
-            .replies
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
+        let waiter = self.order().replies.pop_front();
         match waiter {
             Some(w) => {
                 let _ = w.send(v);
             }
             None => tracing::warn!(gateway = %self.node, "a reply nobody asked for: ignored"),
         }
+    }
+
+    /// The link ended: no reply comes any more, and nothing held goes out.
+    /// Its waiters fail at once instead of waiting for their timeouts.
+    pub(super) fn end(&self) {
+        let mut o = self.order();
+        o.replies.clear();
+        o.head += o.held.len() as u64;
+        o.held.clear();
     }
 
     pub(super) fn is_closed(&self) -> bool {
@@ -220,6 +414,162 @@ pub(super) fn plain(cmd: u8, conn: u32, ext_data: Bytes) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link whose writer's queue is `rx`.
+    fn link() -> (Arc<Link>, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let node = NodeId::new("g").unwrap();
+        (Arc::new(Link::new(node, tx)), rx)
+    }
+
+    fn written(rx: &mut mpsc::Receiver<Bytes>) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        while let Ok(b) = rx.try_recv() {
+            out.push(match &b[..] {
+                b"s1" => "s1",
+                b"s2" => "s2",
+                b"s3" => "s3",
+                b"a" => "a",
+                b"b" => "b",
+                b"c" => "c",
+                b"bind" => "bind",
+                b"filled" => "filled",
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        out
+    }
+
+    /// Polls `f` once: a query takes its place in the order when first
+    /// polled.
+    fn started<F: Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    #[test]
+    fn what_follows_a_look_up_waits_for_its_answer() {
+        let (l, mut rx) = link();
+        l.deliver(b("a"));
+        let p = l.look_up(b("s1")).unwrap();
+        assert!(l.deliver(b("b")), "held, not refused");
+        assert!(l.send(b("c")));
+        assert_eq!(written(&mut rx), ["a", "s1"]);
+        p.place.fill(b("filled"));
+        assert_eq!(written(&mut rx), ["filled", "b", "c"]);
+        // Nothing held any more: straight through.
+        l.deliver(b("a"));
+        assert_eq!(written(&mut rx), ["a"]);
+    }
+
+    #[test]
+    fn places_are_filled_in_order_whatever_order_the_answers_take() {
+        let (l, mut rx) = link();
+        let p1 = l.look_up(b("s1")).unwrap();
+        l.deliver(b("a"));
+        let p2 = l.look_up(b("s2")).unwrap();
+        l.deliver(b("b"));
+        assert_eq!(written(&mut rx), ["s1", "s2"], "look-ups go out at once");
+        p2.place.fill(b("filled"));
+        assert_eq!(
+            written(&mut rx),
+            Vec::<&str>::new(),
+            "behind the first place"
+        );
+        // An empty filling sends nothing and lets the rest go.
+        p1.place.fill(Bytes::new());
+        assert_eq!(written(&mut rx), ["a", "filled", "b"]);
+    }
+
+    #[test]
+    fn a_look_up_waits_for_a_held_change_of_state() {
+        let (l, mut rx) = link();
+        let p1 = l.look_up(b("s1")).unwrap();
+        l.send(b("bind"));
+        let p2 = l.look_up(b("s2")).unwrap();
+        l.deliver(b("a"));
+        assert_eq!(written(&mut rx), ["s1"], "s2 must see the bind");
+        p1.place.fill(Bytes::new());
+        assert_eq!(written(&mut rx), ["bind", "s2"]);
+        // Once the change is out, a look-up goes at once again.
+        let p3 = l.look_up(b("s3")).unwrap();
+        assert_eq!(written(&mut rx), ["s3"]);
+        p2.place.fill(b("filled"));
+        assert_eq!(written(&mut rx), ["filled", "a"]);
+        drop(p3);
+    }
+
+    // Replies are handed over as they are read: each is checked at once,
+    // nothing is awaited.
+    #[test]
+    fn replies_reach_queries_in_the_order_written() {
+        let (l, mut rx) = link();
+        let mut p1 = l.look_up(b("s1")).unwrap();
+        l.send(b("bind"));
+        let mut p2 = l.look_up(b("s2")).unwrap();
+        let mut q = std::pin::pin!(l.query(b("s3")));
+        assert!(started(q.as_mut()).is_pending());
+        assert_eq!(written(&mut rx), ["s1"]);
+        l.reply(Value::Int(1));
+        assert_eq!(p1.reply.try_recv(), Ok(Value::Int(1)));
+        p1.place.fill(Bytes::new());
+        assert_eq!(written(&mut rx), ["bind", "s2"]);
+        l.reply(Value::Int(2));
+        assert_eq!(p2.reply.try_recv(), Ok(Value::Int(2)));
+        p2.place.fill(Bytes::new());
+        assert_eq!(written(&mut rx), ["s3"]);
+        l.reply(Value::Int(3));
+        assert_eq!(started(q), std::task::Poll::Ready(Ok(Value::Int(3))));
+    }
+
+    #[test]
+    fn an_abandoned_look_up_is_counted_and_lets_the_rest_go() {
+        let (l, mut rx) = link();
+        let p = l.look_up(b("s1")).unwrap();
+        l.deliver(b("a"));
+        drop(p);
+        assert_eq!(written(&mut rx), ["s1", "a"]);
+        assert_eq!(l.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn what_is_held_is_bounded_and_the_newest_is_dropped() {
+        let (l, mut rx) = link();
+        let p = l.look_up(b("s1")).unwrap();
+        for _ in 0..HELD - 1 {
+            assert!(l.deliver(b("a")));
+        }
+        assert!(!l.deliver(b("b")), "full");
+        assert!(l.look_up(b("s2")).is_none(), "full");
+        assert_eq!(l.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(written(&mut rx), ["s1"]);
+        p.place.fill(Bytes::new());
+        let after = written(&mut rx);
+        assert_eq!(after.len(), HELD - 1);
+        assert!(after.iter().all(|w| *w == "a"));
+    }
+
+    #[test]
+    fn a_link_that_ends_fails_what_waits_on_it() {
+        let (l, _rx) = link();
+        let mut p = l.look_up(b("s1")).unwrap();
+        let mut q = std::pin::pin!(l.query(b("s2")));
+        assert!(started(q.as_mut()).is_pending());
+        l.end();
+        assert_eq!(
+            p.reply.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(
+            started(q),
+            std::task::Poll::Ready(Err(LinkError::Unavailable))
+        );
+        // Its place no longer exists: filling it is harmless.
+        p.place.fill(b("filled"));
+    }
 
     #[test]
     fn replies_and_frames_are_told_apart() {

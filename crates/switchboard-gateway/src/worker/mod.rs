@@ -416,6 +416,7 @@ async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
             links.remove(node);
         }
     }
+    link.end();
     // Dropping the last sender ends the writer once it has written the rest.
     drop(link);
     let _ = writer.await;
