@@ -277,8 +277,24 @@ impl Out {
     /// Adds the envelope to the bundle for `node` (`None`: every node); a full
     /// bundle goes into the pipeline first. The channel's name is built once
     /// per bundle, not per envelope.
+    ///
+    /// A node reads its own channel and the broadcast channel on one
+    /// subscription, in the order they were published: so that an envelope
+    /// to one never overtakes an earlier one to the other, switching between
+    /// the broadcast and nodes' channels first publishes the bundles open on
+    /// the other side. Bundles for different nodes stay open together.
     fn publish(&mut self, shared: &Shared, seqs: &mut Sequences, node: Option<&str>, env: &Bytes) {
         self.messages += 1;
+        let broadcast = node.is_none();
+        if self.bundles.iter().any(|(n, ..)| n.is_none() != broadcast) {
+            let (other, same): (Vec<_>, Vec<_>) = std::mem::take(&mut self.bundles)
+                .into_iter()
+                .partition(|(n, ..)| n.is_none() != broadcast);
+            for (_, channel, bundle) in other {
+                publish(&mut self.pipe, shared, seqs, channel, bundle);
+            }
+            self.bundles = same;
+        }
         let at = match self.bundles.iter().position(|(n, ..)| n.as_deref() == node) {
             Some(at) => at,
             None => {
