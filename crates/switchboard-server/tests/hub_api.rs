@@ -1,6 +1,7 @@
 //! The Hub API across nodes, in every mode the conformance suite runs:
 //! membership, sessions, closes, queries and pushes with exclusions made
-//! from one side of the cluster about connections of the other (one suite,
+//! from one side of the cluster about connections of the other, and the
+//! order in which its pushes and closes reach a client (one suite,
 //! [`switchboard_test::hub_api`]); and honest answers when a node does not
 //! respond, down to what a client is told.
 

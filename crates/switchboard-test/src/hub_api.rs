@@ -1,9 +1,10 @@
 //! The Hub API across two sides of a cluster, written once for every mode:
 //! a hub on side `b` binds, joins, leaves, unbinds, reads and writes
 //! sessions, asks, closes and pushes with exclusions, about connections of
-//! side `a`, and the checks look where the clients see it. Every mode runs
-//! the checks through [`hub_api_suite!`](crate::hub_api_suite), each check
-//! on a cluster of its own.
+//! side `a`, and the checks look where the clients see it, down to the order
+//! pushes and closes arrive in. Every mode runs the checks through
+//! [`hub_api_suite!`](crate::hub_api_suite), each check on a cluster of its
+//! own.
 //!
 //! Where modes legitimately differ, a check branches on the mode's declared
 //! [`Traits`], it never skips: in local mode both sides are the one node, so
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use async_trait::async_trait;
 use bytes::Bytes;
 use switchboard::core::backplane::{Handoff, JoinContext, NoLocalState};
@@ -30,7 +31,7 @@ use switchboard_gateway::Worker;
 use switchboard_server::node::{self, AppSpec, Running};
 use tokio::sync::{mpsc, watch};
 
-use crate::client::{Client, Kind};
+use crate::client::{Client, Event, Kind};
 use crate::cluster::{InProcess, Mode, test_config};
 use crate::conformance::{check_delivery, settle};
 use crate::gateway::{GatewayCluster, Listeners};
@@ -229,13 +230,13 @@ static FENCES: AtomicU64 = AtomicU64::new(0);
 /// Checks that each of `clients` received exactly `expected[i]`, in order,
 /// from `hub`'s pushes.
 ///
-/// The expected frames are awaited before any fence is pushed: a gateway
-/// worker resolves a target that excludes users with a query first, so a
-/// fence pushed at once could overtake the frame under test. Once every
-/// expected frame has arrived, the fences follow everything the pushes put on
-/// the way, on every side that holds an expected recipient; a client that
-/// should get nothing must therefore share its side with one that gets
-/// something, for the fence to prove its silence.
+/// The expected frames are awaited before any fence is pushed, so that a
+/// check built on this one fails on what was delivered, not on its order
+/// ([`pushes_arrive_in_the_order_made`] checks that). Once every expected
+/// frame has arrived, the fences follow everything the pushes put on the
+/// way, on every side that holds an expected recipient; a client that should
+/// get nothing must therefore share its side with one that gets something,
+/// for the fence to prove its silence.
 pub async fn delivered(hub: &Hub, clients: &mut [Client], expected: &[&[&str]]) -> Result<()> {
     assert_eq!(clients.len(), expected.len());
     let mut got: Vec<Vec<String>> = vec![Vec::new(); clients.len()];
@@ -596,6 +597,88 @@ pub async fn pushes_except_users(s: &dyn Sides) -> Result<()> {
     .await
 }
 
+/// Pushes from side `b` reach each client in the order they were made,
+/// whatever each target costs to resolve. A gateway worker must look up a
+/// union or a target minus users before it can send it; the simple pushes
+/// made after it (to the connection, the user, the group) must not overtake
+/// it, on either side.
+pub async fn pushes_arrive_in_the_order_made(s: &dyn Sides) -> Result<()> {
+    let hub = s.actor();
+    let mut cl = vec![
+        at(s, Side::A, Kind::Ws, "a", Some("g")).await?,
+        at(s, Side::B, Kind::Tcp, "b", Some("g")).await?,
+    ];
+    let conns: Vec<ConnId> = cl.iter().map(conn_of).collect();
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); cl.len()];
+    // Enough rounds that a look-up overtaken even one time in ten is caught.
+    for i in 0..200 {
+        let looked_up = match i % 3 {
+            0 => Target::group("g").except_user("nobody"),
+            1 => Target::all().except_user("nobody"),
+            _ => Target::group("g").and_user("a"),
+        };
+        hub.push(&looked_up, format!("look-up {i}"))?;
+        match i % 3 {
+            0 => {
+                for c in &conns {
+                    hub.to_conn(c, format!("simple {i}"))?;
+                }
+            }
+            1 => {
+                hub.push(&Target::users(["a", "b"]), format!("simple {i}"))?;
+            }
+            _ => {
+                hub.to_group("g", format!("simple {i}"))?;
+            }
+        }
+        for e in &mut expected {
+            e.extend([format!("look-up {i}"), format!("simple {i}")]);
+        }
+    }
+    let expected: Vec<Vec<&str>> = expected
+        .iter()
+        .map(|e| e.iter().map(String::as_str).collect())
+        .collect();
+    let expected: Vec<&[&str]> = expected.iter().map(Vec::as_slice).collect();
+    delivered(hub, &mut cl, &expected).await
+}
+
+/// A push from side `b` made before a close of the same client arrives
+/// before the close, whether the push or the close needs a look-up first.
+pub async fn a_push_arrives_before_a_later_close(s: &dyn Sides) -> Result<()> {
+    let hub = s.actor();
+    for i in 0..20 {
+        let (side, kind) = match i % 4 {
+            0 => (Side::A, Kind::Ws),
+            1 => (Side::A, Kind::Tcp),
+            2 => (Side::B, Kind::Ws),
+            _ => (Side::B, Kind::Tcp),
+        };
+        let uid = format!("doomed{i}");
+        let mut c = at(s, side, kind, &uid, None).await?;
+        let conn = conn_of(&c);
+        hub.push(
+            &Target::user(uid.as_str()).except_user("nobody"),
+            "looked up",
+        )?;
+        hub.to_conn(&conn, "simple")?;
+        let close = if i % 2 == 0 {
+            Target::conn(conn)
+        } else {
+            Target::user(uid.as_str()).except_user("nobody")
+        };
+        hub.close(&close, "bye");
+        for frame in ["looked up", "simple"] {
+            match c.next_event(STEP).await? {
+                Event::Text(t) if t == frame => {}
+                other => bail!("{c:?}: expected {frame:?} before the close, got {other:?}"),
+            }
+        }
+        c.expect_closed(STEP).await?;
+    }
+    Ok(())
+}
+
 /// Turns the checks above into `#[tokio::test]`s for one mode. `$start` is an
 /// expression evaluating to a future of `Option<Box<dyn Sides>>` (`None`: a
 /// service is missing outside CI, so skip); it is evaluated once per test,
@@ -610,7 +693,9 @@ macro_rules! hub_api_suite {
             operations_on_unknown_connections,
             closes_from_the_other_side,
             pushes_except_connections,
-            pushes_except_users
+            pushes_except_users,
+            pushes_arrive_in_the_order_made,
+            a_push_arrives_before_a_later_close
         );
     };
     (@tests $start:expr; $($name:ident),*) => {
