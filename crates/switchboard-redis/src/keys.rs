@@ -19,6 +19,8 @@
 
 use std::fmt::Display;
 
+use switchboard_core::NodeId;
+
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     pub(crate) prefix: String,
@@ -41,6 +43,25 @@ impl Keys {
     }
     pub(crate) fn channel(&self, node: impl Display) -> String {
         self.k("ch", node)
+    }
+    /// The node whose channel `channel` is, if it is one of this prefix's.
+    pub(crate) fn channel_node<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let node = channel.strip_prefix(&self.prefix)?.strip_prefix(":ch:")?;
+        // `P:ch:X:ch:N` is node N's channel under prefix `P:ch:X`, another
+        // deployment: node ids have no `:`.
+        NodeId::new(node).is_ok().then_some(node)
+    }
+    /// A `PUBSUB CHANNELS` pattern for every node channel of this prefix
+    /// (and of deeper ones, which [`Keys::channel_node`] tells apart).
+    pub(crate) fn channel_pattern(&self) -> String {
+        let mut pattern = String::with_capacity(self.prefix.len() + 5);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern + ":ch:*"
     }
     pub(crate) fn queue(&self, node: impl Display) -> String {
         self.k("q", node)
@@ -68,5 +89,33 @@ impl Keys {
     }
     pub(crate) fn group_nodes(&self, group: impl Display) -> String {
         self.k("gc", group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Keys;
+
+    #[test]
+    fn a_channel_names_its_node_only_under_this_prefix() {
+        let k = Keys::new("app");
+        assert_eq!(k.channel_node(&k.channel("n-1_a")), Some("n-1_a"));
+        assert_eq!(k.channel_node("app:bc"), None);
+        assert_eq!(k.channel_node("other:ch:n1"), None);
+        assert_eq!(k.channel_node("application:ch:n1"), None);
+        assert_eq!(
+            k.channel_node("app:ch:x:ch:n1"),
+            None,
+            "node n1 of the deployment with prefix app:ch:x"
+        );
+    }
+
+    #[test]
+    fn the_channel_pattern_matches_the_prefix_literally() {
+        assert_eq!(Keys::new("app").channel_pattern(), "app:ch:*");
+        assert_eq!(
+            Keys::new(r"a*b?[c]\d").channel_pattern(),
+            r"a\*b\?\[c\]\\d:ch:*"
+        );
     }
 }

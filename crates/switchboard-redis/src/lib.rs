@@ -9,8 +9,9 @@
 //!   channel. At-most-once: while a node is disconnected it misses what is
 //!   published; publishes that fail are counted as dropped, and receivers
 //!   count gaps in each sender's sequence numbers. For one TTL after a
-//!   reconnect, pushes to users and groups go to every node, since the
-//!   directory may be incomplete until every node has rebuilt its entries.
+//!   reconnect, since the directory may be incomplete until every node has
+//!   rebuilt its entries, pushes to users and groups also go to every node
+//!   known alive, subscribed (as Redis reports) or published to before.
 //! - **queue** ([`Mode::Queue`]): a Redis Stream per node, read through a
 //!   consumer group and acknowledged after local delivery. At-least-once, with
 //!   duplicates dropped by envelope id. Sends that fail are retried until Redis

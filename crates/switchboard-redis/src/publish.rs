@@ -95,9 +95,28 @@ async fn send(
     let keys = &shared.keys;
     let me = shared.node().as_str();
 
-    // Round trip 1: which nodes hold the users and groups of the batch, and,
-    // for a broadcast in queue mode, which nodes exist right now (a node that
-    // joined since the last heartbeat must not miss it).
+    // Right after a reconnect the directory may be incomplete: a Redis that
+    // restarted without persistence is empty until every holder has rebuilt
+    // its entries. So for one TTL a push to users or groups also goes to
+    // every node that may hold them, each on its own channel or stream, where
+    // sequence numbers still reveal losses (a node that holds none of them
+    // delivers nothing): every node known alive and, in pub/sub mode,
+    // - every node subscribed right now, as Redis reports it: a node this
+    //   one has not heard of (it joined since the last heartbeat, and the
+    //   restart took its liveness entry too) still gets it;
+    // - every node this process has published to before: one that is away,
+    //   even unknown, counts the push from the gap once it is back. A node
+    //   never sent anything could not: its first message opens its count.
+    // Not the broadcast channel instead: a node that never got a broadcast
+    // from this one has no count there to find a gap in.
+    // A durable Redis needs none of this: a rebuild never removes an entry
+    // its node still holds.
+    let unsure = shared.link.recently_reconnected(shared.cfg.node_ttl);
+
+    // Round trip 1: which nodes hold the users and groups of the batch; for
+    // a broadcast in queue mode, which nodes exist right now (a node that
+    // joined since the last heartbeat must not miss it); in the window
+    // above, in pub/sub mode, which nodes are subscribed.
     let mut lookups: Vec<String> = Vec::new();
     let mut broadcast = false;
     for o in batch {
@@ -113,15 +132,22 @@ async fn send(
     lookups.sort();
     lookups.dedup();
     let fresh_nodes = broadcast && shared.cfg.mode == Mode::Queue;
+    let discover = unsure && shared.cfg.mode == Mode::PubSub && !lookups.is_empty();
     let mut holders: HashMap<&str, Vec<String>> = HashMap::new();
     let mut fresh: Option<crate::liveness::Liveness> = None;
+    let mut subscribed: Vec<String> = Vec::new();
     if !lookups.is_empty() || fresh_nodes {
         let mut call = crate::scripts::ROUTE_LOOKUP.prepare_invoke();
         for k in &lookups {
             call.key(k);
         }
         call.arg(if fresh_nodes { "1" } else { "0" })
-            .arg(keys.nodes());
+            .arg(keys.nodes())
+            .arg(if discover {
+                keys.channel_pattern()
+            } else {
+                String::new()
+            });
         let reply: Vec<redis::Value> = match call.invoke_async(&mut conn).await {
             Ok(r) => r,
             Err(e) => {
@@ -140,6 +166,16 @@ async fn send(
         let time: Option<(u64, u64)> = reply.next().and_then(|v| redis::from_redis_value(v).ok());
         let list: Option<Vec<(String, f64)>> =
             reply.next().and_then(|v| redis::from_redis_value(v).ok());
+        if let Some(channels) = reply
+            .next()
+            .and_then(|v| redis::from_redis_value::<Vec<String>>(v).ok())
+        {
+            subscribed = channels
+                .iter()
+                .filter_map(|c| keys.channel_node(c))
+                .map(str::to_owned)
+                .collect();
+        }
         for (k, nodes) in lookups.iter().zip(found.split(' ')) {
             let nodes = nodes
                 .split(',')
@@ -164,17 +200,20 @@ async fn send(
         Mode::Queue => shared.cfg.queue_age,
     };
     let mut out = Out::default();
-    // Right after a reconnect the directory may be incomplete: a Redis that
-    // restarted without persistence is empty until every holder has rebuilt
-    // its entries. So for one TTL a push to users or groups goes to every node
-    // known alive, each on its own channel or stream (pub/sub sequence numbers
-    // still reveal losses; a node that holds none of them delivers nothing).
-    // A durable Redis needs none of this: a rebuild never removes an entry
-    // its node still holds.
-    let unsure = shared.link.recently_reconnected(shared.cfg.node_ttl);
     {
         let cached = shared.live.read().unwrap_or_else(|p| p.into_inner());
         let live = fresh.as_ref().unwrap_or(&cached);
+        // The nodes that may hold a user or group while unsure (see above).
+        let mut maybe_holders: BTreeSet<String> = BTreeSet::new();
+        if unsure && !lookups.is_empty() {
+            maybe_holders.extend(live.live().map(str::to_owned));
+            maybe_holders.extend(subscribed);
+            maybe_holders.extend(
+                seqs.keys()
+                    .filter_map(|c| keys.channel_node(c))
+                    .map(str::to_owned),
+            );
+        }
         for o in batch {
             let dests = match &o.route {
                 Route::Node(n) => Dests::Nodes(BTreeSet::from([n.to_string()])),
@@ -185,7 +224,7 @@ async fn send(
                         t.conns().iter().map(|c| c.node().to_string()).collect();
                     if unsure && (!t.included_users().is_empty() || !t.included_groups().is_empty())
                     {
-                        nodes.extend(live.live().map(str::to_owned));
+                        nodes.extend(maybe_holders.iter().cloned());
                     }
                     for u in t.included_users() {
                         nodes.extend(

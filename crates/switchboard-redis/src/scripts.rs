@@ -125,9 +125,11 @@ return redis.error_reply('unknown query ' .. kind)
 });
 
 /// KEYS: the user and group node hashes a batch of pushes needs. ARGV: "1" to
-/// also read the clock and the nodes, the nodes key. Returns the holders of
-/// every key as one string (nodes joined by `,`, keys by ` `; node ids never
-/// contain either), then, if asked, `TIME` and the nodes with their deadlines.
+/// also read the clock and the nodes, the nodes key, a pattern of channels or
+/// "". Returns the holders of every key as one string (nodes joined by `,`,
+/// keys by ` `; node ids never contain either), then `TIME` and the nodes with
+/// their deadlines (nil unless asked), then, if a pattern was given, the
+/// channels matching it that have a subscriber.
 ///
 /// One string instead of one reply per key: the replies, not Redis's work,
 /// were most of what a lookup cost the publishing node.
@@ -137,10 +139,12 @@ pub(crate) static ROUTE_LOOKUP: LazyLock<Script> = LazyLock::new(|| {
 local out = {}
 for i, k in ipairs(KEYS) do out[i] = table.concat(redis.call('HKEYS', k), ',') end
 local r = {table.concat(out, ' ')}
+r[2], r[3] = false, false
 if ARGV[1] == '1' then
   r[2] = redis.call('TIME')
   r[3] = redis.call('ZRANGE', ARGV[2], 0, -1, 'WITHSCORES')
 end
+if ARGV[3] ~= '' then r[4] = redis.call('PUBSUB', 'CHANNELS', ARGV[3]) end
 return r
 "#,
     )

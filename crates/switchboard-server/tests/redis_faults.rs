@@ -1,6 +1,7 @@
 //! Redis modes under faults: a node killed, Redis restarted during traffic
-//! with which end counted each loss, a receiver that misses what was
-//! published while it was unsubscribed, a node restarted with a backlog,
+//! with which end counted each loss, a node the sender has not heard of
+//! after a restart, a receiver that misses what was published while it was
+//! unsubscribed, a node restarted with a backlog,
 //! subscriptions killed; and routing that sends a push only to the nodes that
 //! need it. Real binaries, real Redis.
 
@@ -165,30 +166,88 @@ async fn acl_n1(redis: &mut redis::aio::MultiplexedConnection, rules: &[&str]) {
         .unwrap();
 }
 
+/// Closes the connections of ACL user `n1` that match the further `CLIENT
+/// KILL` filters `and`; returns how many.
+async fn kill_n1(redis: &mut redis::aio::MultiplexedConnection, and: &[&str]) -> u64 {
+    redis::cmd("CLIENT")
+        .arg(&["KILL", "USER", "n1"])
+        .arg(and)
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
+/// Has `sender`, a client of `node`, push each of `data` to user `uid`, and
+/// waits until the node has published them all.
+async fn push_published(sender: &mut Client, node: &ProcessNode, uid: &str, data: &[&str]) {
+    let published = faults::backplane(node, "published").await.unwrap();
+    for d in data {
+        sender
+            .send(json!({"op":"to_user","uid":uid,"data":d}))
+            .await
+            .unwrap();
+    }
+    let all = published + data.len() as u64;
+    faults::wait_backplane(node, "published", |n| n >= all, STEP)
+        .await
+        .unwrap();
+}
+
+/// Pushes once more from `sender` (on n0) to `receiver` (user `r` on n1):
+/// that push is the next frame the receiver gets, the lost ones never come,
+/// n1 has counted all `lost` (the gap this push reveals) and n0, which saw
+/// nothing fail, none.
+async fn counted_by_the_receiver(
+    sender: &mut Client,
+    receiver: &mut Client,
+    p: &Process,
+    lost: u64,
+) {
+    sender
+        .send(json!({"op":"to_user","uid":"r","data":"next"}))
+        .await
+        .unwrap();
+    assert_eq!(receiver.recv().await.unwrap(), "next");
+    let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
+    assert_eq!(
+        faults::backplane(n1, "receive_dropped").await.unwrap(),
+        lost,
+        "the receiver counts each push it missed"
+    );
+    assert_eq!(
+        faults::backplane(n0, "publish_dropped").await.unwrap(),
+        0,
+        "the sender saw nothing fail"
+    );
+}
+
+/// Node `id` of the binary on the private Redis `rs`, with `query` (after
+/// `?`) and `prefix`; n1 connects as ACL user `n1`, so that a test can take
+/// rights from that node alone.
+async fn node_on(rs: &RedisServer, id: &str, query: &str, prefix: &str) -> ProcessNode {
+    let url = match id {
+        "n1" => rs
+            .url()
+            .replacen("redis://", &format!("redis://n1:{N1_PASSWORD}@"), 1),
+        _ => rs.url(),
+    };
+    let cluster = format!("{url}?{query}&prefix={prefix}");
+    ProcessNode::spawn(BIN.as_ref(), &["--node-id", id, "--cluster", &cluster])
+        .await
+        .unwrap()
+}
+
 /// Two nodes on the private Redis `rs` with `query` (after `?`): n0 as the
-/// default user, n1 as ACL user `n1`, so that a test can take rights from
-/// the receiver alone. Returns them, their prefix and a connection to Redis.
-///
-/// n1 starts first, so n0 knows it as alive from its first read of the node
-/// set and keeps sending to it while a restarted Redis has neither the
-/// directory nor n1 in it.
+/// default user, n1 as ACL user `n1` (see [`node_on`]). Returns them, their
+/// prefix and a connection to Redis.
 async fn receiver_with_its_own_user(
     rs: &RedisServer,
     query: &str,
 ) -> (Process, String, redis::aio::MultiplexedConnection) {
     let redis = create_user_n1(&rs.url()).await;
     let prefix = unique_prefix("own-user");
-    let as_n1 = rs
-        .url()
-        .replacen("redis://", &format!("redis://n1:{N1_PASSWORD}@"), 1);
-    let spawn = async |id: &str, url: &str| {
-        let cluster = format!("{url}?{query}&prefix={prefix}");
-        ProcessNode::spawn(BIN.as_ref(), &["--node-id", id, "--cluster", &cluster])
-            .await
-            .unwrap()
-    };
-    let n1 = spawn("n1", &as_n1).await;
-    let n0 = spawn("n0", &rs.url()).await;
+    let n0 = node_on(rs, "n0", query, &prefix).await;
+    let n1 = node_on(rs, "n1", query, &prefix).await;
     (
         Process {
             nodes: vec![n0, n1],
@@ -218,22 +277,13 @@ async fn pubsub_receiver_counts_what_was_published_while_it_was_unsubscribed() {
 
     // n1 may no longer subscribe, and its subscription is closed.
     acl_n1(&mut redis, &["-subscribe"]).await;
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg(&["KILL", "USER", "n1", "TYPE", "pubsub"])
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(killed, 1, "n1's subscription");
-    let published = faults::backplane(n0, "published").await.unwrap();
-    for i in 0..3 {
-        s.send(json!({"op":"to_user","uid":"r","data":format!("lost{i}")}))
-            .await
-            .unwrap();
-    }
+    assert_eq!(
+        kill_n1(&mut redis, &["TYPE", "pubsub"]).await,
+        1,
+        "n1's subscription"
+    );
     // Published to n1's channel, which nobody hears.
-    faults::wait_backplane(n0, "published", |n| n >= published + 3, STEP)
-        .await
-        .unwrap();
+    push_published(&mut s, n0, "r", &["lost0", "lost1", "lost2"]).await;
     acl_n1(&mut redis, &["+subscribe"]).await;
     let channel = format!("{prefix}:ch:n1");
     faults::poll(STEP, async || {
@@ -250,24 +300,7 @@ async fn pubsub_receiver_counts_what_was_published_while_it_was_unsubscribed() {
     })
     .await
     .unwrap();
-    s.send(json!({"op":"to_user","uid":"r","data":"after"}))
-        .await
-        .unwrap();
-    assert_eq!(
-        r.recv().await.unwrap(),
-        "after",
-        "the lost pushes never come"
-    );
-    assert_eq!(
-        faults::backplane(n1, "receive_dropped").await.unwrap(),
-        3,
-        "the receiver counts each push it missed"
-    );
-    assert_eq!(
-        faults::backplane(n0, "publish_dropped").await.unwrap(),
-        0,
-        "the sender saw nothing fail"
-    );
+    counted_by_the_receiver(&mut s, &mut r, &p, 3).await;
     Box::new(p).shutdown_all().await;
 }
 
@@ -281,7 +314,9 @@ async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
     let Some(mut rs) = RedisServer::start(false).unwrap() else {
         return;
     };
-    // A TTL well beyond the restart: the sender keeps the receiver for alive
+    // A TTL well beyond the restart: for all of it, the directory being
+    // unsure, the sender keeps sending the receiver's pushes to its channel
+    // (a node it published to before, whether or not it knows it alive)
     // while the receiver cannot connect.
     let (p, _, _) = receiver_with_its_own_user(&rs, "mode=pubsub&ttl=10").await;
     let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
@@ -338,6 +373,85 @@ async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
             .unwrap()["online"],
         true
     );
+    Box::new(p).shutdown_all().await;
+}
+
+/// After a restart of a Redis without persistence, a sender may know neither
+/// that a node exists (it joined after the sender last read the node set)
+/// nor, from the directory, that it holds a user (it has not rewritten its
+/// entries yet). A push to that user must still reach the node if it is
+/// subscribed, and be counted if it is away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_reaches_or_counts_a_holder_the_sender_has_not_heard_of() {
+    let Some(mut rs) = RedisServer::start(false).unwrap() else {
+        return;
+    };
+    create_user_n1(&rs.url()).await;
+    // n0 reads the node set when it joins and then once per heartbeat, a
+    // third of the TTL: with this TTL, not again during the test, which also
+    // runs entirely within the TTL that follows n0's reconnect.
+    let query = "mode=pubsub&ttl=600";
+    let prefix = unique_prefix("unheard");
+    // n0's heartbeat probes n0's channel after its first read of the node
+    // set: n1 starts only once that read is done.
+    let mut probes = redis::Client::open(rs.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    probes.subscribe(format!("{prefix}:ch:n0")).await.unwrap();
+    let n0 = node_on(&rs, "n0", query, &prefix).await;
+    tokio::time::timeout(STEP, probes.into_on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let n1 = node_on(&rs, "n1", query, &prefix).await;
+    let p = Process {
+        nodes: vec![n0, n1],
+    };
+    let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
+    let mut s = Client::tcp(n0.tcp.unwrap(), "s", None).await.unwrap();
+    let mut r = Client::ws(n1.ws.unwrap(), "r", None).await.unwrap();
+
+    tokio::task::block_in_place(|| rs.restart()).unwrap();
+    let mut redis = create_user_n1(&rs.url()).await;
+    // Each node is back: its connection and its subscription restored, its
+    // entries rebuilt.
+    for n in [n0, n1] {
+        faults::wait_backplane(n, "reconnects", |c| c >= 2, STEP)
+            .await
+            .unwrap();
+        wait_ready(n, STEP).await;
+    }
+    // As if n1 had not rewritten its entry for r yet.
+    redis::cmd("DEL")
+        .arg(format!("{prefix}:uc:r"))
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    s.send(json!({"op":"to_user","uid":"r","data":"unheard-of"}))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.recv().await.unwrap(),
+        "unheard-of",
+        "n1, subscribed, gets the push"
+    );
+
+    // n1 away: it may not log in again, and its connections are cut.
+    let reconnects = faults::backplane(n1, "reconnects").await.unwrap();
+    acl_n1(&mut redis, &["off"]).await;
+    let killed = kill_n1(&mut redis, &[]).await;
+    assert!(killed >= 2, "n1's connection and subscription: {killed}");
+    faults::wait_unready(n1, STEP).await.unwrap();
+    // Sent to n1's channel, which nobody hears; n1 counts it once back.
+    push_published(&mut s, n0, "r", &["away"]).await;
+    acl_n1(&mut redis, &["on"]).await;
+    faults::wait_backplane(n1, "reconnects", |c| c >= reconnects + 2, STEP)
+        .await
+        .unwrap();
+    wait_ready(n1, STEP).await;
+    counted_by_the_receiver(&mut s, &mut r, &p, 1).await;
     Box::new(p).shutdown_all().await;
 }
 
