@@ -3,7 +3,8 @@
 //! after a restart, a receiver that misses what was published while it was
 //! unsubscribed, a node restarted with a backlog,
 //! subscriptions killed; and routing that sends a push only to the nodes that
-//! need it. Real binaries, real Redis.
+//! need it, in the order the pushes were made. Real binaries (in-process
+//! nodes where a test must control the batching), real Redis.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use switchboard_test::cluster::{Process, ProcessNode};
+use switchboard_test::cluster::{InProcess, Process, ProcessNode};
 use switchboard_test::faults::{self, Outcome};
 use switchboard_test::services::{RedisServer, http_get, redis_url, unique_prefix};
 use switchboard_test::{Client, STEP};
@@ -705,6 +706,33 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
         "bundles keep the sequence numbers whole"
     );
     Box::new(p).shutdown_all().await;
+}
+
+/// A node's pushes reach another node in the order they were made, even when
+/// one batch interleaves pushes to everyone (the broadcast channel) with
+/// pushes to a user (the node's own channel).
+#[tokio::test(flavor = "current_thread")]
+async fn pubsub_keeps_the_order_of_a_batch_across_channels() {
+    let Some(url) = redis_url() else { return };
+    let c = InProcess::on_broker(&url, "pubsub", 2).await.unwrap();
+    let mut r = Client::ws(c.nodes[1].ws.unwrap(), "r", None).await.unwrap();
+    let hub = &c.nodes[0].hub;
+    // One thread: the publishing task cannot take any of these before the
+    // test awaits, so they travel as one batch.
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        hub.to_all(format!("all{i}")).unwrap();
+        hub.to_user("r", format!("r{i}")).unwrap();
+        sent.extend([format!("all{i}"), format!("r{i}")]);
+    }
+    let mut got = Vec::new();
+    for _ in &sent {
+        got.push(r.recv().await.unwrap());
+    }
+    assert_eq!(got, sent);
+    for n in c.nodes {
+        n.shutdown().await;
+    }
 }
 
 /// Envelopes in one pub/sub message: a bundle (kind 3, 17-byte header, then
