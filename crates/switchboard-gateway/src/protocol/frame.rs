@@ -549,6 +549,20 @@ mod tests {
 
     #[test]
     fn zero_length_parts_and_exact_fit() {
+        // A frame of exactly the limit is encoded; one byte more is refused,
+        // owned or borrowed.
+        let f = Frame::to_gateway(cmd::SEND_TO_ONE, 1, "", "x");
+        let mut d = FrameDecoder::new(HEAD_LEN + 1);
+        let mut out = BytesMut::new();
+        Encoder::<Frame>::encode(&mut d, f.clone(), &mut out).unwrap();
+        assert_eq!(out.len(), HEAD_LEN + 1, "the owned frame is written");
+        let big = Frame::to_gateway(cmd::SEND_TO_ONE, 1, "", "xy");
+        assert!(matches!(
+            Encoder::<Frame>::encode(&mut d, big, &mut out),
+            Err(ProtocolError::FrameTooLong { .. })
+        ));
+        // workerman's maxPackageSize.
+        assert_eq!(DEFAULT_MAX_FRAME_LEN, 10_485_760);
         let f = Frame::to_gateway(cmd::SEND_TO_ONE, 1, "", "");
         let got = decode_all(
             &mut FrameDecoder::new(HEAD_LEN),
@@ -623,5 +637,25 @@ mod tests {
                 prop_assert!(buf.len() < max + chunk);
             }
         }
+    }
+
+    #[test]
+    fn the_scalar_flag_is_set_or_cleared_and_other_bits_kept() {
+        const OTHER: u8 = 0x40;
+        let client = Header {
+            flag: OTHER | cmd::FLAG_BODY_IS_SCALAR,
+            ..Header::default()
+        };
+        let f = Frame::to_worker(cmd::ON_MESSAGE, client, "", "hi");
+        assert_eq!(
+            f.header.flag,
+            OTHER | cmd::FLAG_BODY_IS_SCALAR,
+            "set stays set"
+        );
+        let f = Frame::from_value(client, "", &Value::Int(1));
+        assert_eq!(f.header.flag, OTHER | cmd::FLAG_BODY_IS_SCALAR);
+        let f = Frame::from_value(client, "", &Value::Null);
+        assert_eq!(f.header.flag, OTHER, "cleared for serialize() output");
+        assert_eq!(&f.body[..], b"N;");
     }
 }

@@ -417,4 +417,17 @@ mod tests {
             prop_assert_eq!(got, msgs);
         }
     }
+
+    #[test]
+    fn an_owned_message_is_encoded_like_a_borrowed_one() {
+        let msg = RegisterMessage::WorkerConnect {
+            secret_key: "k".into(),
+        };
+        let mut d = LineDecoder::new(DEFAULT_MAX_LINE_LEN);
+        let mut out = BytesMut::new();
+        Encoder::<RegisterMessage>::encode(&mut d, msg.clone(), &mut out).unwrap();
+        assert_eq!(&out[..], &msg.encode()[..]);
+        // workerman's maxPackageSize.
+        assert_eq!(DEFAULT_MAX_LINE_LEN, 10_485_760);
+    }
 }

@@ -428,4 +428,37 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn scalars_emptiness_and_accessors_follow_php() {
+        let scalars = [
+            Value::Bool(true),
+            Value::Int(3),
+            Value::Float(0.5),
+            Value::Str(Bytes::from_static(b"s")),
+        ];
+        for v in &scalars {
+            assert!(v.is_scalar() && !v.is_empty(), "{v:?}");
+        }
+        assert!(!Value::Null.is_scalar() && !Value::Array(Array::new()).is_scalar());
+        for v in [
+            Value::Null,
+            Value::Bool(false),
+            Value::Int(0),
+            Value::Float(0.0),
+            Value::Str(Bytes::new()),
+            Value::Str(Bytes::from_static(b"0")),
+            Value::Array(Array::new()),
+        ] {
+            assert!(v.is_empty(), "{v:?}");
+        }
+        assert!(!Value::Str(Bytes::from_static(b"00")).is_empty());
+        assert_eq!(Value::Int(-7).as_int(), Some(-7));
+        assert_eq!(Value::Str(Bytes::from_static(b"7")).as_int(), None);
+        assert_eq!(&Key::Int(-5).to_bytes()[..], b"-5");
+        assert_eq!(
+            &Key::from_bytes(Bytes::from_static(b"k")).to_bytes()[..],
+            b"k"
+        );
+    }
 }

@@ -145,4 +145,9 @@ mod tests {
         ));
         assert_eq!(&encode_reply_raw(b"N;")[..], b"\0\0\0\x02N;");
     }
+
+    #[test]
+    fn the_reply_limit_is_workermans() {
+        assert_eq!(DEFAULT_MAX_REPLY_LEN, 10_485_760);
+    }
 }
