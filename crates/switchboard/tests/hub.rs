@@ -1,0 +1,240 @@
+//! The Hub API through the library alone: two nodes joined by the in-memory
+//! bus, each serving WebSocket clients, and what each push and close reports
+//! (queued here, handed to the cluster) next to what the clients receive.
+//! The reference application and its conformance suite check the same API
+//! from outside; these checks keep the library honest on its own.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use switchboard::core::{ConnId, MemoryBus, NodeId, Target};
+use switchboard::{
+    Accept, ConnectInfo, Decision, FrameKind, Handler, Hub, Limits, Server, async_trait,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const STEP: Duration = Duration::from_secs(10);
+
+/// Binds `?uid=`, joins `?group=`, greets with the connection's id.
+struct Bind;
+
+#[async_trait]
+impl Handler for Bind {
+    async fn on_connect(&self, _hub: &Hub, info: &ConnectInfo) -> Decision {
+        let mut a = Accept::new().greet(switchboard::Frame::text(info.conn.to_string()));
+        if let Some(u) = info.query_param("uid") {
+            a = a.bind(u.as_ref());
+        }
+        if let Some(g) = info.query_param("group") {
+            a = a.join(g.as_ref());
+        }
+        a.into()
+    }
+}
+
+struct Node {
+    hub: Hub,
+    addr: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+async fn node(bus: Option<&MemoryBus>, id: &str, limits: Limits) -> Node {
+    let mut b = Hub::builder()
+        .node_id(NodeId::new(id).unwrap())
+        .limits(limits)
+        .handler(Bind);
+    if let Some(bus) = bus {
+        b = b.backplane(bus.backplane());
+    }
+    let hub = b.start().await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = Server::new(hub.clone()).websocket(listener, "/ws");
+    let s = stop.clone();
+    tokio::spawn(async move { server.serve(s.cancelled_owned()).await });
+    Node { hub, addr, stop }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A client, and its connection id (from the greeting).
+async fn client(n: &Node, query: &str) -> (Ws, ConnId) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?{query}", n.addr))
+        .await
+        .unwrap();
+    let id = next(&mut ws).await.unwrap().parse().unwrap();
+    (ws, id)
+}
+
+/// The next text frame, or `None` when the connection closed.
+async fn next(ws: &mut Ws) -> Option<String> {
+    loop {
+        match tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return Some(t.to_string()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_report_what_was_queued_here_and_handed_on() {
+    let bus = MemoryBus::new();
+    let a = node(Some(&bus), "a", Limits::default()).await;
+    let b = node(Some(&bus), "b", Limits::default()).await;
+    let (mut alice, alice_id) = client(&a, "uid=alice&group=g").await;
+    let (mut bob, bob_id) = client(&b, "uid=bob&group=g").await;
+
+    let r = a.hub.to_user("alice", "1").unwrap();
+    assert_eq!(
+        (r.local, r.remote.sent),
+        (1, 1),
+        "queued here, and b may hold alice too"
+    );
+    let r = a.hub.to_user("bob", "2").unwrap();
+    assert_eq!((r.local, r.remote.sent), (0, 1));
+    let r = a.hub.to_group("g", "3").unwrap();
+    assert_eq!((r.local, r.remote.sent), (1, 1));
+    let r = a.hub.to_all("4").unwrap();
+    assert_eq!((r.local, r.remote.sent), (1, 1));
+    // A connection of this node concerns no other: nothing is handed on.
+    let r = a.hub.to_conn(&alice_id, "5").unwrap();
+    assert_eq!((r.local, r.remote.sent), (1, 0));
+    let r = a.hub.to_conn(&bob_id, "6").unwrap();
+    assert_eq!(
+        (r.local, r.remote.sent),
+        (0, 1),
+        "only b's connection: sent to b"
+    );
+    for want in ["1", "3", "4", "5"] {
+        assert_eq!(next(&mut alice).await.as_deref(), Some(want));
+    }
+    for want in ["2", "3", "4", "6"] {
+        assert_eq!(next(&mut bob).await.as_deref(), Some(want));
+    }
+
+    // Closes report the same way, and reach the client.
+    let r = a.hub.close(&Target::user("bob"), "bye");
+    assert_eq!((r.local, r.remote.sent), (0, 1));
+    assert_eq!(next(&mut bob).await, None);
+    let r = a.hub.close(&Target::conn(alice_id), "bye");
+    assert_eq!((r.local, r.remote.sent), (1, 0));
+    assert_eq!(next(&mut alice).await, None);
+
+    // Both connections are forgotten, and counted as closed.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while a.hub.stats().conns_open + b.hub.stats().conns_open > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections left open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        (
+            a.hub.stats().conns_closed,
+            a.hub.stats().slow_consumers_closed
+        ),
+        (1, 0)
+    );
+    for n in [a, b] {
+        n.stop.cancel();
+        n.hub.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_standalone_node_hands_nothing_on() {
+    let n = node(None, "solo", Limits::default()).await;
+    let (mut ws, _) = client(&n, "uid=u").await;
+    let r = n.hub.to_all("x").unwrap();
+    assert_eq!((r.local, r.remote.sent, r.remote.dropped), (1, 0, 0));
+    assert_eq!(next(&mut ws).await.as_deref(), Some("x"));
+    assert_eq!(n.hub.stats().backplane.published, 0);
+    drop(ws);
+    n.stop.cancel();
+    n.hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn settings_are_what_the_builder_was_given() {
+    let mut limits = Limits::default();
+    limits.max_message_size = 1234;
+    let hub = Hub::builder()
+        .default_kind(FrameKind::Binary)
+        .limits(limits)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(hub.default_kind(), FrameKind::Binary);
+    assert_eq!(hub.limits().max_message_size, 1234);
+    hub.shutdown().await;
+}
+
+/// A node restarted under the same id does not hand out the ids of the
+/// connections it had before.
+#[tokio::test]
+async fn a_restarted_node_does_not_reuse_connection_ids() {
+    let first = node(None, "same", Limits::default()).await;
+    let (ws, old) = client(&first, "").await;
+    drop(ws);
+    first.stop.cancel();
+    first.hub.shutdown().await;
+    let second = node(None, "same", Limits::default()).await;
+    let (ws, new) = client(&second, "").await;
+    drop(ws);
+    assert_eq!(old.node(), new.node());
+    assert!(new.seq() > old.seq(), "{old} then {new}");
+    second.stop.cancel();
+    second.hub.shutdown().await;
+}
+
+/// A WebSocket client that never answers pings is closed once the idle
+/// limit has passed on the hub's clock (a raw socket: a WebSocket library
+/// answers pings whenever it reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_never_answers_is_closed_idle() {
+    let mut limits = Limits::default();
+    limits.heartbeat = Duration::from_millis(100);
+    limits.ws_idle_timeout = Some(Duration::from_millis(300));
+    limits.tcp_idle_timeout = None;
+    let n = node(None, "idle", limits).await;
+    let mut s = TcpStream::connect(n.addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    loop {
+        let mut buf = [0u8; 256];
+        let k = tokio::time::timeout(STEP, s.read(&mut buf))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        got.extend_from_slice(&buf[..k]);
+        if k == 0 || idle_close(&got) {
+            break;
+        }
+    }
+    assert!(idle_close(&got), "closed with 1000 (idle): {got:?}");
+    n.stop.cancel();
+    n.hub.shutdown().await;
+}
+
+/// Whether `got` holds a server's close frame with code 1000: 0x88, a short
+/// length, then the code.
+fn idle_close(got: &[u8]) -> bool {
+    got.windows(4)
+        .any(|w| w[0] == 0x88 && w[1] < 126 && w[2..] == [0x03, 0xe8])
+}
