@@ -44,8 +44,8 @@ async fn until(client: &mut Client, frame: &str) -> Vec<String> {
 /// the marker, the node has handled everything before it). Returns the
 /// envelopes each node received, the duplicates n1 dropped, the cluster, its
 /// prefix and the clients (still connected).
-async fn ten_rounds(mode: &str) -> Option<(Vec<u64>, u64, Process, String, Vec<Client>)> {
-    let url = amqp_url()?;
+async fn ten_rounds(mode: &str) -> (Vec<u64>, u64, Process, String, Vec<Client>) {
+    let url = amqp_url().unwrap();
     let prefix = unique_prefix(mode);
     let cluster = format!("{url}?mode={mode}&prefix={prefix}");
     let p = Process::start_cluster(BIN, 3, &cluster).await.unwrap();
@@ -91,14 +91,12 @@ async fn ten_rounds(mode: &str) -> Option<(Vec<u64>, u64, Process, String, Vec<C
     let got: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     let dups = backplane(&p.nodes[1], "duplicates").await.unwrap() - dup_before;
     eprintln!("{mode}: envelopes received per node {got:?}, duplicates dropped by n1 {dups}");
-    Some((got, dups, p, prefix, vec![s, one, also, two]))
+    (got, dups, p, prefix, vec![s, one, also, two])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_delivers_a_push_only_to_the_nodes_that_hold_a_recipient() {
-    let Some((got, dups, p, prefix, _clients)) = ten_rounds("routing").await else {
-        return;
-    };
+    let (got, dups, p, prefix, _clients) = ten_rounds("routing").await;
     // n0 holds no recipient but the sender itself (its own envelopes never
     // come back to it); n1: user, group, everyone, users, end; n2: group,
     // connection, everyone, end, and never the pushes to users of n1.
@@ -109,52 +107,49 @@ async fn routing_delivers_a_push_only_to_the_nodes_that_hold_a_recipient() {
     );
 
     // The node's queue is bound with what it holds, and the broker agrees.
-    if let Some(ctl) = RabbitCtl::shared().unwrap() {
-        let bindings = |node: &str| {
-            let queue = format!("{prefix}.node.{node}");
-            let mut keys: Vec<String> = ctl
-                .list(
-                    "list_bindings",
-                    &["destination_name", "routing_key"],
-                    &queue,
-                )
-                .unwrap()
-                .iter()
-                .filter_map(|l| l.split('\t').nth(1).map(str::to_owned))
-                .filter(|k| !k.is_empty() && k != &queue)
-                .collect();
-            keys.sort();
-            keys
-        };
-        assert_eq!(bindings("n1"), ["b", "g.g", "n.n1", "u.also", "u.one"]);
-        assert_eq!(bindings("n2"), ["b", "g.g", "n.n2", "u.two"]);
-        // The last member of g on n1 leaves: unbound before the leave returns.
-        let mut one = Client::ws(p.nodes[1].ws.unwrap(), "one-b", None)
-            .await
-            .unwrap();
-        one.send(json!({"op":"join","group":"h"})).await.unwrap();
-        let r = one
-            .ask(json!({"op":"group_count","group":"h"}))
-            .await
-            .unwrap();
-        assert_eq!(r["count"], 1);
-        assert!(bindings("n1").contains(&"g.h".to_owned()));
-        one.send(json!({"op":"leave","group":"h"})).await.unwrap();
-        let r = one
-            .ask(json!({"op":"group_count","group":"h"}))
-            .await
-            .unwrap();
-        assert_eq!(r["count"], 0);
-        assert!(!bindings("n1").contains(&"g.h".to_owned()));
-    }
+    let ctl = RabbitCtl::shared().unwrap();
+    let bindings = |node: &str| {
+        let queue = format!("{prefix}.node.{node}");
+        let mut keys: Vec<String> = ctl
+            .list(
+                "list_bindings",
+                &["destination_name", "routing_key"],
+                &queue,
+            )
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.split('\t').nth(1).map(str::to_owned))
+            .filter(|k| !k.is_empty() && k != &queue)
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(bindings("n1"), ["b", "g.g", "n.n1", "u.also", "u.one"]);
+    assert_eq!(bindings("n2"), ["b", "g.g", "n.n2", "u.two"]);
+    // The last member of g on n1 leaves: unbound before the leave returns.
+    let mut one = Client::ws(p.nodes[1].ws.unwrap(), "one-b", None)
+        .await
+        .unwrap();
+    one.send(json!({"op":"join","group":"h"})).await.unwrap();
+    let r = one
+        .ask(json!({"op":"group_count","group":"h"}))
+        .await
+        .unwrap();
+    assert_eq!(r["count"], 1);
+    assert!(bindings("n1").contains(&"g.h".to_owned()));
+    one.send(json!({"op":"leave","group":"h"})).await.unwrap();
+    let r = one
+        .ask(json!({"op":"group_count","group":"h"}))
+        .await
+        .unwrap();
+    assert_eq!(r["count"], 0);
+    assert!(!bindings("n1").contains(&"g.h".to_owned()));
     p.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers_every_push_to_every_node() {
-    let Some((got, dups, p, _, _clients)) = ten_rounds("fanout").await else {
-        return;
-    };
+    let (got, dups, p, _, _clients) = ten_rounds("fanout").await;
     // Every node but the sender's gets every push (the one to a connection
     // is dropped unread by the node it does not name).
     assert_eq!(got, [0, 41, 51]);
@@ -210,9 +205,7 @@ async fn assert_losses_counted(what: &str, out: &Outcome, p: &Process) -> (u64, 
 /// broker stays down until the sender has counted a push it could not
 /// publish: that loss is certain, and both ends must see it.
 async fn broker_restart(mode: &str) {
-    let Some(mut rabbit) = RabbitServer::start().unwrap() else {
-        return;
-    };
+    let mut rabbit = RabbitServer::start().unwrap();
     let cluster = format!(
         "{}?mode={mode}&prefix={}&ttl=3",
         rabbit.url(),
@@ -288,7 +281,7 @@ async fn skipped_numbers_are_counted_by_the_receiver(mode: &str) {
     use lapin::options::BasicPublishOptions;
 
     const EPOCH: u64 = 7;
-    let Some(url) = amqp_url() else { return };
+    let url = amqp_url().unwrap();
     let prefix = unique_prefix("skip");
     let cluster = format!("{url}?mode={mode}&prefix={prefix}");
     let (p, mut s, mut r) = faults::two_nodes(BIN, &cluster, "s", "r").await.unwrap();
@@ -357,10 +350,8 @@ async fn routing_receiver_counts_the_numbers_a_sender_skipped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_connections_are_replaced_and_bindings_restored() {
-    let Some(url) = amqp_url() else { return };
-    let Some(ctl) = RabbitCtl::shared().unwrap() else {
-        return;
-    };
+    let url = amqp_url().unwrap();
+    let ctl = RabbitCtl::shared().unwrap();
     let prefix = unique_prefix("conn");
     let cluster = format!("{url}?mode=routing&prefix={prefix}&ttl=3");
     let (p, sender, receiver) = faults::two_nodes(BIN, &cluster, "sender", "receiver")
@@ -389,10 +380,8 @@ async fn closed_connections_are_replaced_and_bindings_restored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_queue_cancels_the_consumer_and_is_declared_again() {
-    let Some(url) = amqp_url() else { return };
-    let Some(ctl) = RabbitCtl::shared().unwrap() else {
-        return;
-    };
+    let url = amqp_url().unwrap();
+    let ctl = RabbitCtl::shared().unwrap();
     let prefix = unique_prefix("cancel");
     let cluster = format!("{url}?mode=routing&prefix={prefix}");
     let (p, mut a, mut b) = faults::two_nodes(BIN, &cluster, "a", "b").await.unwrap();
@@ -408,10 +397,8 @@ async fn a_deleted_queue_cancels_the_consumer_and_is_declared_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_stops_hearing_its_queue_reconnects() {
-    let Some(url) = amqp_url() else { return };
-    let Some(ctl) = RabbitCtl::shared().unwrap() else {
-        return;
-    };
+    let url = amqp_url().unwrap();
+    let ctl = RabbitCtl::shared().unwrap();
     let prefix = unique_prefix("deaf");
     let cluster = format!("{url}?mode=routing&prefix={prefix}&ttl=1.5");
     let (p, mut a, mut b) = faults::two_nodes(BIN, &cluster, "a", "b").await.unwrap();
@@ -459,10 +446,8 @@ async fn a_node_that_stops_hearing_its_queue_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_leaves_no_queue_binding_or_answer_behind() {
-    let Some(url) = amqp_url() else { return };
-    let Some(ctl) = RabbitCtl::shared().unwrap() else {
-        return;
-    };
+    let url = amqp_url().unwrap();
+    let ctl = RabbitCtl::shared().unwrap();
     let prefix = unique_prefix("kill");
     let cluster = format!("{url}?mode=routing&prefix={prefix}&ttl=5");
     let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
@@ -537,7 +522,7 @@ async fn a_killed_node_leaves_no_queue_binding_or_answer_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_node_with_the_same_id_is_refused() {
-    let Some(url) = amqp_url() else { return };
+    let url = amqp_url().unwrap();
     let cluster = format!("{url}?mode=fanout&prefix={}", unique_prefix("dup"));
     let p = Process::start_cluster(BIN, 1, &cluster).await.unwrap();
     let out = tokio::process::Command::new(BIN)
@@ -614,7 +599,7 @@ async fn fanout_sends_a_burst_in_few_messages() {
     use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
 
-    let Some(url) = amqp_url() else { return };
+    let url = amqp_url().unwrap();
     let prefix = unique_prefix("bundle");
     let cluster = format!("{url}?mode=fanout&prefix={prefix}");
     let p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();

@@ -186,12 +186,9 @@ async fn in_a_browser_a_message_from_node_one_reaches_a_user_on_node_two() {
     for old in ["demo.png", "demo-phone.png", "demo-failure.png"] {
         let _ = std::fs::remove_file(artifacts.join(old));
     }
-    let Some(browser) = Browser::start(&artifacts.join("chromedriver.log"), 1280, 900)
+    let browser = Browser::start(&artifacts.join("chromedriver.log"), 1280, 900)
         .await
-        .unwrap()
-    else {
-        return;
-    };
+        .unwrap();
     let demo = DemoProcess::spawn(BIN.as_ref(), &[]).await.unwrap();
     let outcome = use_the_page(&browser, &demo, &artifacts).await;
     if outcome.is_err() {

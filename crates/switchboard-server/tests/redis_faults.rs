@@ -35,7 +35,7 @@ fn kill9(node: &mut ProcessNode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_goes_offline_within_the_ttl() {
-    let Some(url) = redis_url() else { return };
+    let url = redis_url().unwrap();
     let prefix = unique_prefix("kill");
     let cluster = format!("{url}?mode=pubsub&prefix={prefix}&ttl=1.5");
     let mut p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
@@ -112,11 +112,8 @@ async fn killed_node_goes_offline_within_the_ttl() {
 }
 
 /// Runs traffic, restarts Redis in the middle, and collects what arrived.
-async fn restart_during_traffic(
-    mode: &str,
-    durable: bool,
-) -> Option<(Outcome, u64, Process, RedisServer)> {
-    let mut rs = RedisServer::start(durable).unwrap()?;
+async fn restart_during_traffic(mode: &str, durable: bool) -> (Outcome, u64, Process, RedisServer) {
+    let mut rs = RedisServer::start(durable).unwrap();
     let cluster = format!(
         "{}?mode={mode}&prefix={}&ttl=3",
         rs.url(),
@@ -135,7 +132,7 @@ async fn restart_during_traffic(
     .await
     .unwrap();
     let sent = out.sent;
-    Some((out, sent, p, rs))
+    (out, sent, p, rs)
 }
 
 /// Password of the ACL user `n1` that node n1 connects as in some tests.
@@ -264,9 +261,7 @@ async fn receiver_with_its_own_user(
 /// three missing when the next push arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_receiver_counts_what_was_published_while_it_was_unsubscribed() {
-    let Some(rs) = RedisServer::start(false).unwrap() else {
-        return;
-    };
+    let rs = RedisServer::start(false).unwrap();
     let (p, prefix, mut redis) = receiver_with_its_own_user(&rs, "mode=pubsub&ttl=3").await;
     let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
     let mut s = Client::tcp(n0.tcp.unwrap(), "s", None).await.unwrap();
@@ -312,9 +307,7 @@ async fn pubsub_receiver_counts_what_was_published_while_it_was_unsubscribed() {
 /// published to it again, which the receiver, not yet subscribed, misses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
-    let Some(mut rs) = RedisServer::start(false).unwrap() else {
-        return;
-    };
+    let mut rs = RedisServer::start(false).unwrap();
     // A TTL well beyond the restart: for all of it, the directory being
     // unsure, the sender keeps sending the receiver's pushes to its channel
     // (a node it published to before, whether or not it knows it alive)
@@ -384,9 +377,7 @@ async fn pubsub_resumes_after_a_redis_restart_and_counts_losses() {
 /// subscribed, and be counted if it is away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_reaches_or_counts_a_holder_the_sender_has_not_heard_of() {
-    let Some(mut rs) = RedisServer::start(false).unwrap() else {
-        return;
-    };
+    let mut rs = RedisServer::start(false).unwrap();
     create_user_n1(&rs.url()).await;
     // n0 reads the node set when it joins and then once per heartbeat, a
     // third of the TTL: with this TTL, not again during the test, which also
@@ -458,9 +449,7 @@ async fn pubsub_reaches_or_counts_a_holder_the_sender_has_not_heard_of() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_loses_nothing_across_a_redis_restart() {
-    let Some((out, sent, p, _rs)) = restart_during_traffic("queue", true).await else {
-        return;
-    };
+    let (out, sent, p, _rs) = restart_during_traffic("queue", true).await;
     let expected: Vec<u64> = (0..sent).collect();
     let s1 = stats(&p.nodes[1]).await;
     eprintln!(
@@ -478,7 +467,7 @@ async fn queue_loses_nothing_across_a_redis_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_node_restarted_under_its_id_gets_its_backlog() {
-    let Some(url) = redis_url() else { return };
+    let url = redis_url().unwrap();
     let cluster = format!(
         "{url}?mode=queue&prefix={}&ttl=1.5&backlog_grace=2",
         unique_prefix("backlog")
@@ -524,9 +513,7 @@ async fn queue_node_restarted_under_its_id_gets_its_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_subscriptions_are_restored() {
-    let Some(rs) = RedisServer::start(false).unwrap() else {
-        return;
-    };
+    let rs = RedisServer::start(false).unwrap();
     let cluster = format!(
         "{}?mode=pubsub&prefix={}&ttl=1.5",
         rs.url(),
@@ -561,7 +548,7 @@ async fn killed_subscriptions_are_restored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
-    let Some(url) = redis_url() else { return };
+    let url = redis_url().unwrap();
     let prefix = unique_prefix("route");
     let cluster = format!("{url}?mode=pubsub&prefix={prefix}");
     let p = Process::start_cluster(BIN, 3, &cluster).await.unwrap();
@@ -713,7 +700,7 @@ async fn pubsub_sends_each_push_only_to_nodes_that_need_it() {
 /// pushes to a user (the node's own channel).
 #[tokio::test(flavor = "current_thread")]
 async fn pubsub_keeps_the_order_of_a_batch_across_channels() {
-    let Some(url) = redis_url() else { return };
+    let url = redis_url().unwrap();
     let c = InProcess::on_broker(&url, "pubsub", 2).await.unwrap();
     let mut r = Client::ws(c.nodes[1].ws.unwrap(), "r", None).await.unwrap();
     let hub = &c.nodes[0].hub;
@@ -756,7 +743,7 @@ fn bundled_envelopes(payload: &[u8]) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_queue_is_capped_then_removed() {
-    let Some(url) = redis_url() else { return };
+    let url = redis_url().unwrap();
     let prefix = unique_prefix("cap");
     let cluster = format!("{url}?mode=queue&prefix={prefix}&ttl=1&queue_cap=50&queue_age=2");
     let mut p = Process::start_cluster(BIN, 2, &cluster).await.unwrap();
@@ -830,9 +817,7 @@ async fn a_dead_nodes_queue_is_capped_then_removed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_redis() {
-    let Some(mut rs) = RedisServer::start(false).unwrap() else {
-        return;
-    };
+    let mut rs = RedisServer::start(false).unwrap();
     let cluster = format!(
         "{}?mode=pubsub&prefix={}&ttl=1.5",
         rs.url(),
@@ -884,9 +869,7 @@ async fn a_directory_rebuild_never_drops_what_the_node_holds() {
     const GROUPS: usize = 3000;
     // Its own Redis: killing every client of the shared one would hit the
     // tests running beside this one.
-    let Some(rs) = RedisServer::start(false).unwrap() else {
-        return;
-    };
+    let rs = RedisServer::start(false).unwrap();
     let url = rs.url();
     let prefix = unique_prefix("rebuild");
     let cluster = format!("{url}?mode=queue&prefix={prefix}");

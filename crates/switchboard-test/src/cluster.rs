@@ -88,8 +88,8 @@ impl InProcess {
     }
 
     /// Boxed, for the conformance suite.
-    pub async fn boxed(mode: Mode) -> Option<Box<dyn Cluster>> {
-        Some(Box::new(Self::start(mode).await.expect("cluster starts")))
+    pub async fn boxed(mode: Mode) -> Result<Box<dyn Cluster>> {
+        Ok(Box::new(Self::start(mode).await?))
     }
 
     /// `n` nodes in this process, named n0, n1, ..., on the broker at `url`
@@ -346,29 +346,25 @@ pub struct Process {
 
 impl Process {
     /// One process per argument list, for the conformance suite.
-    pub async fn boxed(bin: &str, nodes: &[&[&str]]) -> Option<Box<dyn Cluster>> {
+    pub async fn boxed(bin: &str, nodes: &[&[&str]]) -> Result<Box<dyn Cluster>> {
         let mut started = Vec::new();
         for args in nodes {
-            started.push(
-                ProcessNode::spawn(bin.as_ref(), args)
-                    .await
-                    .expect("node starts"),
-            );
+            started.push(ProcessNode::spawn(bin.as_ref(), args).await?);
         }
-        Some(Box::new(Process { nodes: started }))
+        Ok(Box::new(Process { nodes: started }))
     }
 
     /// `n` processes on the shared Redis in `mode` (`pubsub` or `queue`),
-    /// under a prefix of their own; `None` to skip when Redis is missing
-    /// outside CI. `extra` is appended to the cluster URL's query.
-    pub async fn redis(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
+    /// under a prefix of their own; an error if Redis is missing. `extra` is
+    /// appended to the cluster URL's query.
+    pub async fn redis(bin: &str, n: usize, mode: &str, extra: &str) -> Result<Box<dyn Cluster>> {
         Self::on(bin, n, &crate::services::redis_url()?, mode, extra).await
     }
 
     /// `n` processes on the shared RabbitMQ in `mode` (`fanout` or `routing`),
-    /// with an exchange and queues of their own; `None` to skip when RabbitMQ
-    /// is missing outside CI. `extra` is appended to the cluster URL's query.
-    pub async fn amqp(bin: &str, n: usize, mode: &str, extra: &str) -> Option<Box<dyn Cluster>> {
+    /// with an exchange and queues of their own; an error if RabbitMQ is
+    /// missing. `extra` is appended to the cluster URL's query.
+    pub async fn amqp(bin: &str, n: usize, mode: &str, extra: &str) -> Result<Box<dyn Cluster>> {
         Self::on(bin, n, &crate::services::amqp_url()?, mode, extra).await
     }
 
@@ -379,16 +375,12 @@ impl Process {
         url: &str,
         mode: &str,
         extra: &str,
-    ) -> Option<Box<dyn Cluster>> {
+    ) -> Result<Box<dyn Cluster>> {
         let cluster = format!(
             "{url}?mode={mode}&prefix={}{extra}",
             crate::services::unique_prefix(mode)
         );
-        Some(Box::new(
-            Self::start_cluster(bin, n, &cluster)
-                .await
-                .expect("nodes start"),
-        ))
+        Ok(Box::new(Self::start_cluster(bin, n, &cluster).await?))
     }
 
     /// Stops every node (SIGTERM, then waits for each).

@@ -396,9 +396,9 @@ pub async fn identity_is_required(c: &dyn Cluster) -> Result<()> {
 }
 
 /// Turns the checks above into `#[tokio::test]`s for one mode. `$start` is an
-/// expression evaluating to a future of `Option<Box<dyn Cluster>>` (`None`:
-/// a service is missing outside CI, so skip); it is evaluated once per test,
-/// so every test has its own cluster.
+/// expression evaluating to a future of `Result<Box<dyn Cluster>>`; it is
+/// evaluated once per test, so every test has its own cluster. A cluster that
+/// does not start, a missing service among the causes, fails the test.
 #[macro_export]
 macro_rules! conformance_suite {
     ($start:expr) => {
@@ -420,7 +420,7 @@ macro_rules! conformance_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let Some(cluster) = $start.await else { return };
+                let cluster = $start.await.expect("starting the cluster");
                 let result = $crate::conformance::$name(&*cluster).await;
                 cluster.shutdown().await;
                 result.unwrap();

@@ -256,12 +256,8 @@ impl GatewayCluster {
         bin: &str,
         gateways: &[Listeners],
         workers: usize,
-    ) -> Option<Box<dyn Cluster>> {
-        Some(Box::new(
-            Self::start(bin, gateways, workers, "")
-                .await
-                .expect("gateway cluster starts"),
-        ))
+    ) -> Result<Box<dyn Cluster>> {
+        Ok(Box::new(Self::start(bin, gateways, workers, "").await?))
     }
 
     /// Waits until every gateway has `n` workers attached (gateways without

@@ -97,47 +97,42 @@ pub struct NodeSides {
 }
 
 impl NodeSides {
-    fn boxed(cluster: InProcess, unknown_node: UnknownNode) -> Option<Box<dyn Sides>> {
+    fn boxed(cluster: InProcess, unknown_node: UnknownNode) -> Box<dyn Sides> {
         let traits = Traits {
             one_node: cluster.nodes.len() == 1,
             unknown_node,
         };
-        Some(Box::new(Self { cluster, traits }))
+        Box::new(Self { cluster, traits })
     }
 
     /// One standalone node: both sides are that node.
-    pub async fn local() -> Option<Box<dyn Sides>> {
-        let c = InProcess::start(Mode::Local).await.expect("node starts");
-        Self::boxed(c, UnknownNode::Unreachable)
+    pub async fn local() -> Result<Box<dyn Sides>> {
+        let c = InProcess::start(Mode::Local).await?;
+        Ok(Self::boxed(c, UnknownNode::Unreachable))
     }
 
     /// Two nodes on the in-memory bus.
-    pub async fn memory() -> Option<Box<dyn Sides>> {
-        let c = InProcess::start(Mode::Memory(2))
-            .await
-            .expect("nodes start");
-        Self::boxed(c, UnknownNode::Unreachable)
+    pub async fn memory() -> Result<Box<dyn Sides>> {
+        let c = InProcess::start(Mode::Memory(2)).await?;
+        Ok(Self::boxed(c, UnknownNode::Unreachable))
     }
 
-    /// Two nodes on the shared Redis in `mode`; `None` to skip when Redis is
-    /// missing outside CI.
-    pub async fn redis(mode: &str) -> Option<Box<dyn Sides>> {
-        Self::on_broker(crate::services::redis_url()?, mode).await
+    /// Two nodes on the shared Redis in `mode`; an error if Redis is missing.
+    pub async fn redis(mode: &str) -> Result<Box<dyn Sides>> {
+        Self::on_broker(&crate::services::redis_url()?, mode).await
     }
 
-    /// Two nodes on the shared RabbitMQ in `mode`; `None` to skip when
-    /// RabbitMQ is missing outside CI.
-    pub async fn amqp(mode: &str) -> Option<Box<dyn Sides>> {
-        Self::on_broker(crate::services::amqp_url()?, mode).await
+    /// Two nodes on the shared RabbitMQ in `mode`; an error if RabbitMQ is
+    /// missing.
+    pub async fn amqp(mode: &str) -> Result<Box<dyn Sides>> {
+        Self::on_broker(&crate::services::amqp_url()?, mode).await
     }
 
-    async fn on_broker(url: String, mode: &str) -> Option<Box<dyn Sides>> {
-        let c = InProcess::on_broker(&url, mode, 2)
-            .await
-            .expect("nodes start");
+    async fn on_broker(url: &str, mode: &str) -> Result<Box<dyn Sides>> {
+        let c = InProcess::on_broker(url, mode, 2).await?;
         // The broker takes a request for a node nobody knows: only the
         // timeout tells that no answer will come.
-        Self::boxed(c, UnknownNode::Timeout)
+        Ok(Self::boxed(c, UnknownNode::Timeout))
     }
 
     fn node(&self, side: Side) -> &Running {
@@ -181,16 +176,15 @@ pub struct GatewaySides {
 
 impl GatewaySides {
     /// Starts the topology with `bin` as the register's and gateways' binary.
-    pub async fn start(bin: &str) -> Option<Box<dyn Sides>> {
+    pub async fn start(bin: &str) -> Result<Box<dyn Sides>> {
         let (cluster, workers) = GatewayCluster::start_with_workers_here(
             bin,
             &[Listeners::Both, Listeners::Both],
             2,
             "",
         )
-        .await
-        .expect("gateway topology starts");
-        Some(Box::new(Self { cluster, workers }))
+        .await?;
+        Ok(Box::new(Self { cluster, workers }))
     }
 
     fn gateway(&self, side: Side) -> &crate::gateway::GatewayProc {
@@ -680,9 +674,9 @@ pub async fn a_push_arrives_before_a_later_close(s: &dyn Sides) -> Result<()> {
 }
 
 /// Turns the checks above into `#[tokio::test]`s for one mode. `$start` is an
-/// expression evaluating to a future of `Option<Box<dyn Sides>>` (`None`: a
-/// service is missing outside CI, so skip); it is evaluated once per test,
-/// so every test has its own cluster.
+/// expression evaluating to a future of `Result<Box<dyn Sides>>`; it is
+/// evaluated once per test, so every test has its own cluster. A cluster that
+/// does not start, a missing service among the causes, fails the test.
 #[macro_export]
 macro_rules! hub_api_suite {
     ($start:expr) => {
@@ -702,7 +696,7 @@ macro_rules! hub_api_suite {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
-                let Some(sides) = $start.await else { return };
+                let sides = $start.await.expect("starting the cluster");
                 let result = $crate::hub_api::$name(&*sides).await;
                 sides.shutdown().await;
                 result.unwrap();

@@ -34,13 +34,13 @@ fn redis_answers(addr: &str) -> bool {
     answers(addr, b"PING\r\n", b"+PONG\r\n")
 }
 
-/// Checks that a service a test needs is there: `Ok(true)`, or an error that
-/// names it. A missing service is a failure, never a silent pass; the test
+/// Checks that a service a test needs is there: an error that names it when
+/// it is not. A missing service is a failure, never a silent pass; the test
 /// script leaves such tests out beforehand, so the runner counts them as
 /// skipped, when it runs outside CI.
-pub fn require(service: &str, reachable: bool) -> Result<bool> {
+pub fn require(service: &str, reachable: bool) -> Result<()> {
     if reachable {
-        return Ok(true);
+        return Ok(());
     }
     bail!(
         "{service} is not available: this test needs it (scripts/test.sh leaves \
@@ -49,14 +49,11 @@ pub fn require(service: &str, reachable: bool) -> Result<bool> {
 }
 
 /// The shared Redis (`SWITCHBOARD_TEST_REDIS`, default 127.0.0.1:6379) as a
-/// URL. Panics if it is unreachable (`Option` only for the callers' sake).
-pub fn redis_url() -> Option<String> {
+/// URL, or an error naming it if it is unreachable.
+pub fn redis_url() -> Result<String> {
     let addr = std::env::var("SWITCHBOARD_TEST_REDIS").unwrap_or_else(|_| "127.0.0.1:6379".into());
-    match require(&format!("Redis at {addr}"), redis_answers(&addr)) {
-        Ok(true) => Some(format!("redis://{addr}")),
-        Ok(false) => None,
-        Err(e) => panic!("{e}"),
-    }
+    require(&format!("Redis at {addr}"), redis_answers(&addr))?;
+    Ok(format!("redis://{addr}"))
 }
 
 /// Answers the AMQP 0-9-1 protocol header with a method frame (type 1: the
@@ -66,14 +63,12 @@ fn amqp_answers(addr: &str) -> bool {
 }
 
 /// The shared RabbitMQ (`SWITCHBOARD_TEST_AMQP`, default 127.0.0.1:5672,
-/// guest/guest, vhost `/`) as a URL. Panics if it is unreachable.
-pub fn amqp_url() -> Option<String> {
+/// guest/guest, vhost `/`) as a URL, or an error naming it if it is
+/// unreachable.
+pub fn amqp_url() -> Result<String> {
     let addr = std::env::var("SWITCHBOARD_TEST_AMQP").unwrap_or_else(|_| "127.0.0.1:5672".into());
-    match require(&format!("RabbitMQ at {addr}"), amqp_answers(&addr)) {
-        Ok(true) => Some(format!("amqp://guest:guest@{addr}/%2f")),
-        Ok(false) => None,
-        Err(e) => panic!("{e}"),
-    }
+    require(&format!("RabbitMQ at {addr}"), amqp_answers(&addr))?;
+    Ok(format!("amqp://guest:guest@{addr}/%2f"))
 }
 
 /// A key prefix no other test uses, so tests share one Redis in parallel.
@@ -105,16 +100,14 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts one, or `None` to skip (outside CI) when `redis-server` is missing.
-    pub fn start(durable: bool) -> Result<Option<Self>> {
+    /// Starts one; an error if `redis-server` is missing or does not start.
+    pub fn start(durable: bool) -> Result<Self> {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !require("redis-server (the binary)", found)? {
-            return Ok(None);
-        }
+        require("redis-server (the binary)", found)?;
         let dir = std::env::temp_dir().join(unique_prefix("redis"));
         std::fs::create_dir_all(&dir)?;
         let mut s = Self {
@@ -124,7 +117,7 @@ impl RedisServer {
             child: None,
         };
         s.spawn()?;
-        Ok(Some(s))
+        Ok(s)
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -204,16 +197,17 @@ pub struct RabbitCtl {
 }
 
 impl RabbitCtl {
-    /// `rabbitmqctl` of the shared broker, or `None` to skip (outside CI) when
-    /// it is missing or cannot talk to the broker.
-    pub fn shared() -> Result<Option<Self>> {
+    /// `rabbitmqctl` of the shared broker; an error if it is missing or
+    /// cannot talk to the broker.
+    pub fn shared() -> Result<Self> {
         let ctl = Self {
             program: PathBuf::from("rabbitmqctl"),
             node: None,
             home: None,
         };
         let works = ctl.run(&["-q", "status"]).is_ok();
-        Ok(require("rabbitmqctl for the shared RabbitMQ", works)?.then_some(ctl))
+        require("rabbitmqctl for the shared RabbitMQ", works)?;
+        Ok(ctl)
     }
 
     /// Runs `rabbitmqctl ARGS` and returns what it printed.
@@ -275,18 +269,16 @@ pub struct RabbitServer {
 }
 
 impl RabbitServer {
-    /// Starts one (about 5 to 15 s), or `None` to skip (outside CI) when
-    /// `rabbitmq-server` is missing.
-    pub fn start() -> Result<Option<Self>> {
+    /// Starts one (about 5 to 15 s); an error if `rabbitmq-server` is missing
+    /// or does not start.
+    pub fn start() -> Result<Self> {
         let found = rabbitmq_script("rabbitmq-server").exists()
             || Command::new("which")
                 .arg("rabbitmq-server")
                 .stdout(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
-        if !require("rabbitmq-server (the binary)", found)? {
-            return Ok(None);
-        }
+        require("rabbitmq-server (the binary)", found)?;
         let name = unique_prefix("rmq");
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(&dir)?;
@@ -305,7 +297,7 @@ impl RabbitServer {
         std::fs::write(s.dir.join("rabbitmq-env.conf"), "")?;
         std::fs::write(s.dir.join("enabled_plugins"), "[].\n")?;
         s.spawn()?;
-        Ok(Some(s))
+        Ok(s)
     }
 
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
@@ -401,6 +393,6 @@ mod tests {
                 .is_err_and(|e| e.to_string().contains("nothing on port 1")),
             "a missing service must fail the test: {r:?}"
         );
-        assert!(matches!(require("x", true), Ok(true)));
+        assert!(require("x", true).is_ok());
     }
 }
