@@ -9,7 +9,13 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use switchboard::core::{ConnId, MemoryBus, NodeId, Target};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use switchboard::core::backplane::{BackplaneStats, Handoff, JoinContext, JoinError, Status};
+use switchboard::core::{
+    Backplane, ConnId, Dest, LocalView, MembershipChange, MemoryBus, NodeId, Target,
+};
 use switchboard::{
     Accept, ConnectInfo, Decision, FrameKind, Handler, Hub, Limits, Server, async_trait,
 };
@@ -237,4 +243,144 @@ async fn a_websocket_client_that_never_answers_is_closed_idle() {
 fn idle_close(got: &[u8]) -> bool {
     got.windows(4)
         .any(|w| w[0] == 0x88 && w[1] < 126 && w[2..] == [0x03, 0xe8])
+}
+
+/// A backplane that records the membership changes the node reports and keeps
+/// the node's view, to replay it as a broker backplane does after reconnecting.
+#[derive(Clone, Default)]
+struct Recorder {
+    changes: Arc<Mutex<Vec<String>>>,
+    view: Arc<Mutex<Option<Arc<dyn LocalView>>>>,
+}
+
+#[async_trait]
+impl Backplane for Recorder {
+    async fn join(&self, ctx: JoinContext) -> Result<(), JoinError> {
+        *self.view.lock().unwrap() = Some(ctx.local);
+        Ok(())
+    }
+    fn publish(&self, _dest: Dest<'_>, _envelope: Bytes) -> Handoff {
+        Handoff::default()
+    }
+    fn peers(&self) -> Vec<NodeId> {
+        Vec::new()
+    }
+    fn membership(&self, change: &MembershipChange) {
+        self.changes.lock().unwrap().push(describe(change));
+    }
+    fn status(&self) -> Status {
+        Status::Ready
+    }
+    fn stats(&self) -> BackplaneStats {
+        BackplaneStats::default()
+    }
+    async fn leave(&self) {}
+}
+
+/// A change in a few words, connections by their order of arrival.
+fn describe(c: &MembershipChange) -> String {
+    let seq = |c: &ConnId| c.seq() % 1000;
+    match c {
+        MembershipChange::Opened { conn } => format!("open {}", seq(conn)),
+        MembershipChange::Closed { conn } => format!("close {}", seq(conn)),
+        MembershipChange::Bound {
+            conn,
+            user,
+            first,
+            count,
+        } => format!("bind {} {user} first={first} n={count}", seq(conn)),
+        MembershipChange::Unbound {
+            conn,
+            user,
+            last,
+            count,
+        } => format!("unbind {} {user} last={last} n={count}", seq(conn)),
+        MembershipChange::Joined {
+            conn,
+            group,
+            first,
+            count,
+        } => format!("join {} {group} first={first} n={count}", seq(conn)),
+        MembershipChange::Left {
+            conn,
+            group,
+            last,
+            count,
+        } => format!("leave {} {group} last={last} n={count}", seq(conn)),
+        MembershipChange::Session { conn, session } => {
+            format!("session {} {}", seq(conn), session.len())
+        }
+        _ => format!("{c:?}"),
+    }
+}
+
+/// What a broker backplane keeps in step: each change the node reports, with
+/// first and last member flags, and a replay of the node's current state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backplane_hears_every_membership_change_and_can_replay_the_node() {
+    let rec = Recorder::default();
+    let hub = Hub::builder()
+        .node_id(NodeId::new("rec").unwrap())
+        .first_conn_seq(1000)
+        .backplane(rec.clone())
+        .handler(Bind)
+        .start()
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let n = Node {
+        addr: listener.local_addr().unwrap(),
+        hub: hub.clone(),
+        stop: CancellationToken::new(),
+    };
+    let server = Server::new(hub.clone()).websocket(listener, "/ws");
+    let s = n.stop.clone();
+    tokio::spawn(async move { server.serve(s.cancelled_owned()).await });
+
+    let (ws0, c0) = client(&n, "uid=u&group=g").await;
+    let (_ws1, c1) = client(&n, "uid=u&group=g").await;
+    hub.join(&c1, "h").await.unwrap();
+    hub.leave(&c1, "h").await.unwrap();
+    hub.set_session(&c1, "k", Some("v".into())).await.unwrap();
+    drop(ws0);
+    let deadline = tokio::time::Instant::now() + STEP;
+    while hub.stats().conns_open != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "not forgotten");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let changes = rec.changes.lock().unwrap().clone();
+    assert_eq!(
+        changes,
+        [
+            "open 0",
+            "bind 0 u first=true n=1",
+            "join 0 g first=true n=1",
+            "open 1",
+            "bind 1 u first=false n=2",
+            "join 1 g first=false n=2",
+            "join 1 h first=true n=1",
+            "leave 1 h last=true n=0",
+            "session 1 1",
+            "unbind 0 u last=false n=1",
+            "leave 0 g last=false n=1",
+            "close 0",
+        ],
+        "{c0} {c1}"
+    );
+
+    let mut replayed = Vec::new();
+    let view = rec.view.lock().unwrap().clone().expect("joined");
+    view.replay(&mut |c| replayed.push(describe(&c)));
+    assert_eq!(
+        replayed,
+        [
+            "open 1",
+            "session 1 1",
+            "bind 1 u first=false n=1",
+            "join 1 g first=false n=1",
+        ],
+        "a replay states the node's state, with totals, not transitions"
+    );
+    n.stop.cancel();
+    hub.shutdown().await;
 }
