@@ -15,6 +15,10 @@
 //! both confirms the gateway applied it and says whether the connection
 //! exists. Queries are asked of every gateway the register names, and a
 //! gateway that does not answer is reported missing.
+//!
+//! Each envelope a gateway misses counts once in `publish_dropped`: either
+//! in the hand-off `publish` returns (no link, or the link refused it), or,
+//! when it was lost after the hand-off said sent, in the links' own count.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,16 +45,20 @@ pub(crate) struct Links {
     shared: Weak<Shared>,
     inbound: OnceLock<Inbound>,
     published: AtomicU64,
+    /// Refused at hand-off: the `dropped` of the hand-offs returned.
     dropped: AtomicU64,
+    /// Lost by the links after the hand-off (see [`super::link`]).
+    link_dropped: Arc<AtomicU64>,
 }
 
 impl Links {
-    pub(crate) fn new(shared: Weak<Shared>) -> Self {
+    pub(crate) fn new(shared: Weak<Shared>, link_dropped: Arc<AtomicU64>) -> Self {
         Self {
             shared,
             inbound: OnceLock::new(),
             published: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            link_dropped,
         }
     }
 
@@ -177,19 +185,10 @@ impl Backplane for Links {
     }
 
     fn stats(&self) -> BackplaneStats {
-        let link_dropped: u64 = self
-            .shared
-            .upgrade()
-            .map(|s| {
-                s.all_links()
-                    .iter()
-                    .map(|l| l.dropped.load(Ordering::Relaxed))
-                    .sum()
-            })
-            .unwrap_or(0);
         BackplaneStats {
             published: self.published.load(Ordering::Relaxed),
-            publish_dropped: self.dropped.load(Ordering::Relaxed) + link_dropped,
+            publish_dropped: self.dropped.load(Ordering::Relaxed)
+                + self.link_dropped.load(Ordering::Relaxed),
             ..BackplaneStats::default()
         }
     }

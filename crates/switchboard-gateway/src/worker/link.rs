@@ -17,6 +17,13 @@
 //! command that changes the gateway's state (a bind, a join, an accepted
 //! client) is held before it, so look-ups in a row take one round trip, not
 //! one each. Ordering holds per link, that is per worker and gateway.
+//!
+//! Drops are counted once each in `publish_dropped`: what [`Link::deliver`]
+//! and [`Link::look_up`] refuse, their caller reports in the publish's
+//! hand-off, which the backplane counts; what the link loses after
+//! accepting it (a held entry of a link that ends, an abandoned look-up), or
+//! refuses to [`Link::send`] and [`Link::query`], whose callers report no
+//! hand-off, the link counts itself, in a counter that outlives it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -139,7 +146,10 @@ pub(super) struct Link {
     /// The gateway confirmed a drain: no event follows.
     pub(super) drained: AtomicBool,
     pub(super) drained_notify: Notify,
-    pub(super) dropped: AtomicU64,
+    /// What the link lost after accepting it, or refused where its caller
+    /// reports no hand-off; shared by the worker's links, so it survives
+    /// them.
+    pub(super) dropped: Arc<AtomicU64>,
 }
 
 /// What is on its way on a link, and what waits for its turn.
@@ -210,14 +220,15 @@ impl Place {
 impl Drop for Place {
     fn drop(&mut self) {
         if !self.filled {
-            self.link.dropped.fetch_add(1, Ordering::Relaxed);
+            self.link.count_drop();
             self.link.fill(self.n, Bytes::new());
         }
     }
 }
 
 impl Link {
-    pub(super) fn new(node: NodeId, tx: mpsc::Sender<Bytes>) -> Self {
+    /// A link whose drops are counted in `dropped`.
+    pub(super) fn new(node: NodeId, tx: mpsc::Sender<Bytes>, dropped: Arc<AtomicU64>) -> Self {
         Self {
             node,
             tx,
@@ -225,7 +236,7 @@ impl Link {
             negotiated: AtomicBool::new(false),
             drained: AtomicBool::new(false),
             drained_notify: Notify::new(),
-            dropped: AtomicU64::new(0),
+            dropped,
         }
     }
 
@@ -233,53 +244,61 @@ impl Link {
         self.order.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes to the writer's queue; a full queue drops, counted. Called with
-    /// the order locked.
+    fn count_drop(&self) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Writes to the writer's queue; `false`: full or gone, not counted here.
+    /// Called with the order locked.
     fn write(&self, bytes: Bytes) -> bool {
-        let ok = self.tx.try_send(bytes).is_ok();
-        if !ok {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+        self.tx.try_send(bytes).is_ok()
     }
 
     /// Queues `bytes` in order, behind any unanswered look-up; never waits.
+    /// `false`: refused (the link is gone or full), not counted here.
     fn put(&self, bytes: Bytes, changes_state: bool) -> bool {
         let mut o = self.order();
         if o.held.is_empty() {
             return self.write(bytes);
         }
         if o.held.len() >= HELD {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
         o.hold(Held::Frames(bytes), changes_state);
         true
     }
 
-    /// Queues commands (one or more frames) to the gateway; never waits.
+    /// Queues commands (one or more frames) to the gateway; never waits. A
+    /// refusal is counted: no hand-off reports it.
     pub(super) fn send(&self, bytes: Bytes) -> bool {
-        self.put(bytes, true)
+        let ok = self.put(bytes, true);
+        if !ok {
+            self.count_drop();
+        }
+        ok
     }
 
     /// Queues frames that only deliver to clients (pushes): a look-up issued
-    /// after them need not wait for them to find the same connections.
+    /// after them need not wait for them to find the same connections. A
+    /// refusal is the caller's to report in its hand-off.
     pub(super) fn deliver(&self, bytes: Bytes) -> bool {
         self.put(bytes, false)
     }
 
-    /// Queues `frames` ending with a query, and waits for the reply.
+    /// Queues `frames` ending with a query, and waits for the reply. A
+    /// refusal is counted: the request's hand-off is already reported.
     pub(super) async fn query(&self, frames: Bytes) -> Result<Value, LinkError> {
         let rx = {
             let mut o = self.order();
             let (tx, rx) = oneshot::channel();
             if o.held.is_empty() {
                 if !self.write(frames) {
+                    self.count_drop();
                     return Err(LinkError::Unavailable);
                 }
                 o.replies.push_back(tx);
             } else if o.held.len() >= HELD {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.count_drop();
                 return Err(LinkError::Unavailable);
             } else {
                 o.hold(Held::Query(frames, tx), true);
@@ -290,12 +309,11 @@ impl Link {
     }
 
     /// Issues `select`, a query that changes nothing, and holds a place
-    /// after it for what its reply decides; never waits. `None`: dropped
-    /// (the link is gone or full), counted.
+    /// after it for what its reply decides; never waits. `None`: refused
+    /// (the link is gone or full), for the caller to report in its hand-off.
     pub(super) fn look_up(self: &Arc<Self>, select: Bytes) -> Option<LookUp> {
         let mut o = self.order();
         if o.held.len() + 2 > HELD {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         let (tx, reply) = oneshot::channel();
@@ -320,16 +338,22 @@ impl Link {
     }
 
     /// Fills place `n`, then writes everything held that no unfilled place
-    /// precedes any more.
+    /// precedes any more. What was accepted and cannot be written now is
+    /// counted.
     fn fill(&self, n: u64, frames: Bytes) {
         let mut o = self.order();
-        let Some(at) = n.checked_sub(o.head) else {
-            return;
-        };
-        match o.held.get_mut(at as usize) {
+        let place = n
+            .checked_sub(o.head)
+            .and_then(|at| o.held.get_mut(at as usize));
+        match place {
             Some(h @ Held::Place) => *h = Held::Frames(frames),
             // Cleared with the link.
-            _ => return,
+            _ => {
+                if !frames.is_empty() {
+                    self.count_drop();
+                }
+                return;
+            }
         }
         while let Some(h) = o.held.pop_front() {
             match h {
@@ -339,11 +363,15 @@ impl Link {
                 }
                 Held::Frames(b) if b.is_empty() => {}
                 Held::Frames(b) => {
-                    self.write(b);
+                    if !self.write(b) {
+                        self.count_drop();
+                    }
                 }
                 Held::Query(b, tx) => {
                     if self.write(b) {
                         o.replies.push_back(tx);
+                    } else {
+                        self.count_drop();
                     }
                 }
             }
@@ -362,11 +390,23 @@ impl Link {
         }
     }
 
-    /// The link ended: no reply comes any more, and nothing held goes out.
-    /// Its waiters fail at once instead of waiting for their timeouts.
+    /// The link ended: no reply comes any more, and nothing held goes out
+    /// (counted: it was accepted). Its waiters fail at once instead of
+    /// waiting for their timeouts.
     pub(super) fn end(&self) {
         let mut o = self.order();
         o.replies.clear();
+        // A place is counted by its owner, when it drops it unfilled.
+        let lost = o
+            .held
+            .iter()
+            .filter(|h| match h {
+                Held::Frames(b) => !b.is_empty(),
+                Held::Query(..) => true,
+                Held::Place => false,
+            })
+            .count();
+        self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
         o.head += o.held.len() as u64;
         o.held.clear();
     }
@@ -419,7 +459,12 @@ mod tests {
     fn link() -> (Arc<Link>, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let node = NodeId::new("g").unwrap();
-        (Arc::new(Link::new(node, tx)), rx)
+        let dropped = Arc::new(AtomicU64::new(0));
+        (Arc::new(Link::new(node, tx, dropped)), rx)
+    }
+
+    fn dropped(l: &Link) -> u64 {
+        l.dropped.load(Ordering::Relaxed)
     }
 
     fn written(rx: &mut mpsc::Receiver<Bytes>) -> Vec<&'static str> {
@@ -532,7 +577,7 @@ mod tests {
         l.deliver(b("a"));
         drop(p);
         assert_eq!(written(&mut rx), ["s1", "a"]);
-        assert_eq!(l.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(dropped(&l), 1);
     }
 
     #[test]
@@ -544,7 +589,9 @@ mod tests {
         }
         assert!(!l.deliver(b("b")), "full");
         assert!(l.look_up(b("s2")).is_none(), "full");
-        assert_eq!(l.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(dropped(&l), 0, "refusals are for the caller to report");
+        assert!(!l.send(b("c")), "full");
+        assert_eq!(dropped(&l), 1, "no caller reports a command's refusal");
         assert_eq!(written(&mut rx), ["s1"]);
         p.place.fill(Bytes::new());
         let after = written(&mut rx);
@@ -567,8 +614,11 @@ mod tests {
             started(q),
             std::task::Poll::Ready(Err(LinkError::Unavailable))
         );
-        // Its place no longer exists: filling it is harmless.
+        assert_eq!(dropped(&l), 1, "the held query");
+        // Its place no longer exists: filling it is harmless, and what it
+        // would have sent is counted.
         p.place.fill(b("filled"));
+        assert_eq!(dropped(&l), 2);
     }
 
     #[test]

@@ -14,6 +14,8 @@
 
 mod backplane;
 mod link;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -126,6 +128,9 @@ pub(crate) struct Shared {
     in_flight: AtomicUsize,
     events: AtomicU64,
     overflowed: AtomicU64,
+    /// What links lost after accepting it (see [`link`]), over every link
+    /// this worker had.
+    link_dropped: Arc<AtomicU64>,
     tasks: TaskTracker,
     /// Stops the register link and link reconnects.
     stop: CancellationToken,
@@ -165,6 +170,7 @@ impl Worker {
             in_flight: AtomicUsize::new(0),
             events: AtomicU64::new(0),
             overflowed: AtomicU64::new(0),
+            link_dropped: Arc::new(AtomicU64::new(0)),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             close_links: CancellationToken::new(),
@@ -177,7 +183,10 @@ impl Worker {
         let hub = Hub::builder()
             .node_id(node)
             .query_timeout(shared.cfg.query_timeout)
-            .backplane(backplane::Links::new(Arc::downgrade(&shared)))
+            .backplane(backplane::Links::new(
+                Arc::downgrade(&shared),
+                shared.link_dropped.clone(),
+            ))
             .handler_arc(handler)
             .start()
             .await?;
@@ -359,7 +368,7 @@ async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
         return;
     }
     let (tx, mut rx) = mpsc::channel::<Bytes>(link::LINK_QUEUE);
-    let link = Arc::new(Link::new(node.clone(), tx));
+    let link = Arc::new(Link::new(node.clone(), tx, shared.link_dropped.clone()));
     lock(&shared.links).insert(node.clone(), link.clone());
     tracing::info!(gateway = %node, "linked");
     let done = CancellationToken::new();
