@@ -14,7 +14,10 @@
 //! its gateway's command followed by a query on the same link, whose answer
 //! both confirms the gateway applied it and says whether the connection
 //! exists. Queries are asked of every gateway the register names, and a
-//! gateway that does not answer is reported missing.
+//! gateway that does not answer is reported missing. Every query a publish
+//! leads to, look-ups included, is given up at the query timeout counted
+//! from the publish, so a link gives up on an unanswered query (and closes)
+//! no later than the hub's caller does.
 //!
 //! Each envelope a gateway misses counts once in `publish_dropped`: either
 //! in the hand-off `publish` returns (no link, or the link refused it), or,
@@ -33,6 +36,7 @@ use switchboard::core::query::{LocalAnswer, LocalTotals};
 use switchboard::core::{
     Backplane, Body, ConnId, Dest, Envelope, Frame, NodeId, Op, OpResult, Query, Session, Target,
 };
+use tokio::time::Instant;
 
 use super::link::{self, Link};
 use super::{Shared, body_flag};
@@ -130,9 +134,12 @@ impl Backplane for Links {
                 dropped: 1,
             });
         };
+        // The hub's caller starts waiting after this: a link's deadline for
+        // what follows is never later than the caller's.
+        let deadline = Instant::now() + shared.cfg.query_timeout;
         let h = match env.body {
-            Body::Push { target, frame } => push(&shared, &target, &frame),
-            Body::Close { target, .. } => close(&shared, &target),
+            Body::Push { target, frame } => push(&shared, &target, &frame, deadline),
+            Body::Close { target, .. } => close(&shared, &target, deadline),
             Body::Request { op } => {
                 let nodes = match dest {
                     Dest::Node(n) => vec![n.clone()],
@@ -149,7 +156,15 @@ impl Backplane for Links {
                     let op = op.clone();
                     let id = env.id;
                     shared.tasks.spawn(async move {
-                        let result = run_op(&l, op).await;
+                        let query = matches!(op, Op::Query(_));
+                        let result = run_op(&l, op, deadline).await;
+                        if query && matches!(result, OpResult::Failed(_)) {
+                            // The hub counts a gateway that replies to a
+                            // cluster query as answered, even with a
+                            // failure; only one that sends nothing is
+                            // reported missing, which is the truth here.
+                            return;
+                        }
                         let reply = Envelope {
                             origin: l.node.clone(),
                             id,
@@ -197,7 +212,7 @@ impl Backplane for Links {
 }
 
 /// One push, as the fewest GatewayWorker commands that deliver it exactly.
-fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
+fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame, deadline: Instant) -> Handoff {
     let only_conns = !target.is_all()
         && target.included_users().is_empty()
         && target.included_groups().is_empty()
@@ -274,7 +289,7 @@ fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
     }
     // A union no single command expresses: resolve it, then send once.
     let frame = frame.clone();
-    look_up(shared, target, move |conns| {
+    look_up(shared, target, deadline, move |conns| {
         let ids = conns.iter().map(|c| c.seq() as u32).collect();
         let ext = Bytes::from(SendToAll::Connections(ids).encode());
         send_cmd(cmd::SEND_TO_ALL, ext, &frame)
@@ -282,8 +297,8 @@ fn push(shared: &Arc<Shared>, target: &Target, frame: &Frame) -> Handoff {
 }
 
 /// Closes the connections a target selects.
-fn close(shared: &Arc<Shared>, target: &Target) -> Handoff {
-    look_up(shared, target, |conns| {
+fn close(shared: &Arc<Shared>, target: &Target, deadline: Instant) -> Handoff {
+    look_up(shared, target, deadline, |conns| {
         let mut kicks = BytesMut::new();
         for c in conns {
             link::frame(
@@ -301,8 +316,9 @@ fn close(shared: &Arc<Shared>, target: &Target) -> Handoff {
 
 /// Looks up on every gateway the connections `target` selects, and sends
 /// what `then` makes of them (when there are some) in the look-up's place on
-/// the link. A look-up unanswered within the query timeout is dropped.
-fn look_up<F>(shared: &Arc<Shared>, target: &Target, then: F) -> Handoff
+/// the link. A look-up unanswered by `deadline` is dropped, and its link
+/// given up.
+fn look_up<F>(shared: &Arc<Shared>, target: &Target, deadline: Instant, then: F) -> Handoff
 where
     F: Fn(&[ConnId]) -> Bytes + Clone + Send + 'static,
 {
@@ -313,16 +329,15 @@ where
             h.sent += 1;
             continue;
         };
-        let Some(pending) = l.look_up(select) else {
+        let Some(pending) = l.look_up(select, deadline) else {
             h.dropped += 1;
             continue;
         };
         h.sent += 1;
         let (target, then) = (target.clone(), then.clone());
-        let timeout = shared.cfg.query_timeout;
         shared.tasks.spawn(async move {
-            let Ok(Ok(rows)) = tokio::time::timeout(timeout, pending.reply).await else {
-                // Dropped unfilled: counted, and what waits behind it goes.
+            let Ok(rows) = l.reply_by(pending.reply, deadline).await else {
+                // Dropped unfilled: counted.
                 return;
             };
             let conns = selected(&l, &target, &rows);
@@ -451,7 +466,7 @@ fn id_keys(l: &Link, v: &Value) -> Vec<ConnId> {
 
 /// A command on a connection, confirmed: `CMD_IS_ONLINE` after it on the
 /// same link answers once the gateway has applied it.
-async fn confirmed(l: &Link, mut frames: BytesMut, conn: &ConnId) -> OpResult {
+async fn confirmed(l: &Link, mut frames: BytesMut, conn: &ConnId, deadline: Instant) -> OpResult {
     let id = conn.seq() as u32;
     link::frame(
         &mut frames,
@@ -461,7 +476,7 @@ async fn confirmed(l: &Link, mut frames: BytesMut, conn: &ConnId) -> OpResult {
         Bytes::new(),
         Bytes::new(),
     );
-    match l.query(frames.freeze()).await {
+    match l.query(frames.freeze(), deadline).await {
         Ok(v) if int(&v) == Some(1) => OpResult::Done,
         Ok(_) => OpResult::NoSuchConn,
         Err(_) => OpResult::Failed("gateway link lost".into()),
@@ -485,13 +500,20 @@ fn str_bytes(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
-async fn session_of(l: &Link, conn: &ConnId) -> Result<Option<Session>, OpResult> {
+async fn session_of(
+    l: &Link,
+    conn: &ConnId,
+    deadline: Instant,
+) -> Result<Option<Session>, OpResult> {
     match l
-        .query(link::plain(
-            cmd::GET_SESSION_BY_CLIENT_ID,
-            conn.seq() as u32,
-            Bytes::new(),
-        ))
+        .query(
+            link::plain(
+                cmd::GET_SESSION_BY_CLIENT_ID,
+                conn.seq() as u32,
+                Bytes::new(),
+            ),
+            deadline,
+        )
         .await
     {
         Ok(Value::Null) => Ok(None),
@@ -505,25 +527,33 @@ fn set_session(conn: &ConnId, s: &Session) -> BytesMut {
     command(cmd::SET_SESSION, conn, php)
 }
 
-/// Carries out a hub operation on one gateway.
-async fn run_op(l: &Link, op: Op) -> OpResult {
+/// Carries out a hub operation on one gateway, giving up at `deadline`.
+async fn run_op(l: &Link, op: Op, deadline: Instant) -> OpResult {
     match op {
         Op::Bind { conn, user } => {
             confirmed(
                 l,
                 command(cmd::BIND_UID, &conn, str_bytes(user.as_str())),
                 &conn,
+                deadline,
             )
             .await
         }
         Op::Unbind { conn } => {
-            confirmed(l, command(cmd::UNBIND_UID, &conn, Bytes::new()), &conn).await
+            confirmed(
+                l,
+                command(cmd::UNBIND_UID, &conn, Bytes::new()),
+                &conn,
+                deadline,
+            )
+            .await
         }
         Op::Join { conn, group } => {
             confirmed(
                 l,
                 command(cmd::JOIN_GROUP, &conn, str_bytes(group.as_str())),
                 &conn,
+                deadline,
             )
             .await
         }
@@ -532,16 +562,17 @@ async fn run_op(l: &Link, op: Op) -> OpResult {
                 l,
                 command(cmd::LEAVE_GROUP, &conn, str_bytes(group.as_str())),
                 &conn,
+                deadline,
             )
             .await
         }
-        Op::SessionGet { conn } => match session_of(l, &conn).await {
+        Op::SessionGet { conn } => match session_of(l, &conn, deadline).await {
             Ok(Some(s)) => OpResult::Session(s),
             Ok(None) => OpResult::NoSuchConn,
             Err(e) => e,
         },
         Op::SessionReplace { conn, session } => {
-            confirmed(l, set_session(&conn, &session), &conn).await
+            confirmed(l, set_session(&conn, &session), &conn, deadline).await
         }
         Op::SessionUpdate { conn, changes } => {
             if changes.iter().all(|(_, v)| v.is_some()) {
@@ -550,10 +581,11 @@ async fn run_op(l: &Link, op: Op) -> OpResult {
                         .iter()
                         .filter_map(|(k, v)| v.as_deref().map(|v| (k.as_str(), v))),
                 );
-                return confirmed(l, command(cmd::UPDATE_SESSION, &conn, php), &conn).await;
+                return confirmed(l, command(cmd::UPDATE_SESSION, &conn, php), &conn, deadline)
+                    .await;
             }
             // Removing keys has no merge command: read, change, write.
-            let mut s = match session_of(l, &conn).await {
+            let mut s = match session_of(l, &conn, deadline).await {
                 Ok(Some(s)) => s,
                 Ok(None) => return OpResult::NoSuchConn,
                 Err(e) => return e,
@@ -564,9 +596,9 @@ async fn run_op(l: &Link, op: Op) -> OpResult {
                     None => s.remove(&k),
                 };
             }
-            confirmed(l, set_session(&conn, &s), &conn).await
+            confirmed(l, set_session(&conn, &s), &conn, deadline).await
         }
-        Op::Query(q) => match answer(l, q).await {
+        Op::Query(q) => match answer(l, q, deadline).await {
             Some(a) => OpResult::Answer(a),
             None => OpResult::Failed("gateway link lost".into()),
         },
@@ -575,8 +607,8 @@ async fn run_op(l: &Link, op: Op) -> OpResult {
 }
 
 /// Answers a query for one gateway's clients.
-async fn answer(l: &Link, q: Query) -> Option<LocalAnswer> {
-    let ask = |c: u8, conn: u32, ext: Bytes| l.query(link::plain(c, conn, ext));
+async fn answer(l: &Link, q: Query, deadline: Instant) -> Option<LocalAnswer> {
+    let ask = |c: u8, conn: u32, ext: Bytes| l.query(link::plain(c, conn, ext), deadline);
     Some(match q {
         Query::ConnExists(c) => {
             let v = ask(cmd::IS_ONLINE, c.seq() as u32, Bytes::new())

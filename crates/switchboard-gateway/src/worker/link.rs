@@ -18,6 +18,24 @@
 //! client) is held before it, so look-ups in a row take one round trip, not
 //! one each. Ordering holds per link, that is per worker and gateway.
 //!
+//! Replies carry no request id: a reply is the oldest outstanding query's
+//! because it comes next, nothing else says so. That holds only while the
+//! gateway answers every query, so a link is trusted to pair replies until
+//! one of its queries goes unanswered past its deadline (the query timeout,
+//! counted from when the hub handed the request over, so the link gives up
+//! no later than the hub's caller does). The gateway then skipped that query
+//! or will answer it late, and either way the next reply may be another
+//! query's answer, which would be returned as if it were right. So the link
+//! is given up ([`Link::untrust`]): a reply read once the oldest query's
+//! deadline has passed is not handed to anyone, every waiting query fails at
+//! once, what is held is dropped and counted, nothing more is written, and
+//! the connection is closed. The worker links the gateway again as after any
+//! lost link; on a new connection the gateway's replies start in step again.
+//! Before the deadline a reply is still taken by order, so a gateway that
+//! skips a query and promptly answers the next ones can have those answers
+//! taken for the skipped one's within that one timeout; without request ids
+//! a timeout can bound that, not rule it out.
+//!
 //! Drops are counted once each in `publish_dropped`: what [`Link::deliver`]
 //! and [`Link::look_up`] refuse, their caller reports in the publish's
 //! hand-off, which the backplane counts; what the link loses after
@@ -32,7 +50,9 @@ use std::sync::{Arc, Mutex};
 use bytes::{Buf, Bytes, BytesMut};
 use switchboard::core::NodeId;
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
 
 use crate::protocol::frame::{Frame as GwFrame, FrameDecoder, Header};
 use crate::protocol::php::{self, Value};
@@ -74,6 +94,8 @@ pub(super) const HELD: usize = LINK_QUEUE;
 pub(super) enum LinkError {
     /// The link is gone or its queue is full.
     Unavailable,
+    /// No reply by the deadline: the link was given up.
+    Unanswered,
 }
 
 /// What arrives on a worker link.
@@ -150,6 +172,15 @@ pub(super) struct Link {
     /// reports no hand-off; shared by the worker's links, so it survives
     /// them.
     pub(super) dropped: Arc<AtomicU64>,
+    /// Cancelled when the link is given up: its connection must close.
+    pub(super) untrusted: CancellationToken,
+}
+
+/// A query's reply waiter, and when the query is given up.
+#[derive(Debug)]
+struct Waiter {
+    tx: oneshot::Sender<Value>,
+    deadline: Instant,
 }
 
 /// What is on its way on a link, and what waits for its turn.
@@ -157,7 +188,7 @@ pub(super) struct Link {
 struct Order {
     /// Waiters of the queries written, oldest first: replies come in this
     /// order.
-    replies: VecDeque<oneshot::Sender<Value>>,
+    replies: VecDeque<Waiter>,
     /// What was issued from the oldest unfilled place on, in issue order;
     /// empty when no look-up is outstanding (then everything goes out at
     /// once).
@@ -168,6 +199,9 @@ struct Order {
     /// One past the number of the last held entry that may change the
     /// gateway's state: such an entry is held while this exceeds `head`.
     changes_until: u64,
+    /// The link ended or was given up: nothing more goes out, no reply is
+    /// paired.
+    closed: bool,
 }
 
 /// One entry held behind a look-up.
@@ -176,7 +210,7 @@ enum Held {
     /// Frames; empty for a place whose look-up sends nothing.
     Frames(Bytes),
     /// Frames ending with a query, and its reply's waiter.
-    Query(Bytes, oneshot::Sender<Value>),
+    Query(Bytes, Waiter),
     /// Kept for what a look-up's answer decides.
     Place,
 }
@@ -190,6 +224,14 @@ impl Order {
             self.changes_until = n + 1;
         }
         n
+    }
+
+    /// Whether the oldest query written is past its deadline: its reply, if
+    /// one still comes, can no longer be told from the next one's.
+    fn overdue(&self) -> bool {
+        self.replies
+            .front()
+            .is_some_and(|w| w.deadline <= Instant::now())
     }
 }
 
@@ -237,6 +279,7 @@ impl Link {
             drained: AtomicBool::new(false),
             drained_notify: Notify::new(),
             dropped,
+            untrusted: CancellationToken::new(),
         }
     }
 
@@ -254,10 +297,23 @@ impl Link {
         self.tx.try_send(bytes).is_ok()
     }
 
+    /// Whether a query may be paired with a reply on this link; gives the
+    /// link up when its oldest query is overdue. Called with the order
+    /// locked.
+    fn pairs(&self, o: &mut Order) -> bool {
+        if o.overdue() {
+            self.give_up(o, "a query went unanswered past its deadline");
+        }
+        !o.closed
+    }
+
     /// Queues `bytes` in order, behind any unanswered look-up; never waits.
     /// `false`: refused (the link is gone or full), not counted here.
     fn put(&self, bytes: Bytes, changes_state: bool) -> bool {
         let mut o = self.order();
+        if o.closed {
+            return false;
+        }
         if o.held.is_empty() {
             return self.write(bytes);
         }
@@ -285,46 +341,68 @@ impl Link {
         self.put(bytes, false)
     }
 
-    /// Queues `frames` ending with a query, and waits for the reply. A
-    /// refusal is counted: the request's hand-off is already reported.
-    pub(super) async fn query(&self, frames: Bytes) -> Result<Value, LinkError> {
+    /// Queues `frames` ending with a query, and waits for the reply until
+    /// `deadline`; gives the link up if none comes by then. A refusal is
+    /// counted: the request's hand-off is already reported.
+    pub(super) async fn query(&self, frames: Bytes, deadline: Instant) -> Result<Value, LinkError> {
         let rx = {
             let mut o = self.order();
             let (tx, rx) = oneshot::channel();
+            let waiter = Waiter { tx, deadline };
+            if !self.pairs(&mut o) || o.held.len() >= HELD {
+                self.count_drop();
+                return Err(LinkError::Unavailable);
+            }
             if o.held.is_empty() {
                 if !self.write(frames) {
                     self.count_drop();
                     return Err(LinkError::Unavailable);
                 }
-                o.replies.push_back(tx);
-            } else if o.held.len() >= HELD {
-                self.count_drop();
-                return Err(LinkError::Unavailable);
+                o.replies.push_back(waiter);
             } else {
-                o.hold(Held::Query(frames, tx), true);
+                o.hold(Held::Query(frames, waiter), true);
             }
             rx
         };
-        rx.await.map_err(|_| LinkError::Unavailable)
+        self.reply_by(rx, deadline).await
     }
 
-    /// Issues `select`, a query that changes nothing, and holds a place
-    /// after it for what its reply decides; never waits. `None`: refused
-    /// (the link is gone or full), for the caller to report in its hand-off.
-    pub(super) fn look_up(self: &Arc<Self>, select: Bytes) -> Option<LookUp> {
+    /// Waits for the reply `rx` of a query of this link until `deadline`;
+    /// gives the link up if none comes by then.
+    pub(super) async fn reply_by(
+        &self,
+        rx: oneshot::Receiver<Value>,
+        deadline: Instant,
+    ) -> Result<Value, LinkError> {
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(LinkError::Unavailable),
+            Err(_) => {
+                self.untrust("a query went unanswered past its deadline");
+                Err(LinkError::Unanswered)
+            }
+        }
+    }
+
+    /// Issues `select`, a query that changes nothing and is answered by
+    /// `deadline`, and holds a place after it for what its reply decides;
+    /// never waits. `None`: refused (the link is gone or full), for the
+    /// caller to report in its hand-off.
+    pub(super) fn look_up(self: &Arc<Self>, select: Bytes, deadline: Instant) -> Option<LookUp> {
         let mut o = self.order();
-        if o.held.len() + 2 > HELD {
+        if !self.pairs(&mut o) || o.held.len() + 2 > HELD {
             return None;
         }
         let (tx, reply) = oneshot::channel();
+        let waiter = Waiter { tx, deadline };
         if o.changes_until > o.head {
             // Must see the held change: the select waits its turn too.
-            o.hold(Held::Query(select, tx), false);
+            o.hold(Held::Query(select, waiter), false);
         } else {
             if !self.write(select) {
                 return None;
             }
-            o.replies.push_back(tx);
+            o.replies.push_back(waiter);
         }
         let n = o.hold(Held::Place, false);
         Some(LookUp {
@@ -367,9 +445,9 @@ impl Link {
                         self.count_drop();
                     }
                 }
-                Held::Query(b, tx) => {
+                Held::Query(b, waiter) => {
                     if self.write(b) {
-                        o.replies.push_back(tx);
+                        o.replies.push_back(waiter);
                     } else {
                         self.count_drop();
                     }
@@ -379,22 +457,53 @@ impl Link {
         }
     }
 
-    /// Hands a reply to the oldest outstanding query.
+    /// Hands a reply to the oldest outstanding query, unless that query is
+    /// past its deadline or there is none: then the reply cannot be placed
+    /// and the link is given up.
     pub(super) fn reply(&self, v: Value) {
-        let waiter = self.order().replies.pop_front();
-        match waiter {
-            Some(w) => {
-                let _ = w.send(v);
-            }
-            None => tracing::warn!(gateway = %self.node, "a reply nobody asked for: ignored"),
+        let mut o = self.order();
+        if o.closed {
+            return;
+        }
+        if o.replies.is_empty() {
+            self.give_up(&mut o, "a reply nobody asked for");
+            return;
+        }
+        if !self.pairs(&mut o) {
+            return;
+        }
+        if let Some(w) = o.replies.pop_front() {
+            let _ = w.tx.send(v);
         }
     }
 
-    /// The link ended: no reply comes any more, and nothing held goes out
-    /// (counted: it was accepted). Its waiters fail at once instead of
-    /// waiting for their timeouts.
+    /// Gives the link up: it can no longer pair replies with queries (see
+    /// the module's documentation). Its connection is closed.
+    pub(super) fn untrust(&self, why: &str) {
+        let mut o = self.order();
+        self.give_up(&mut o, why);
+    }
+
+    fn give_up(&self, o: &mut Order, why: &str) {
+        if o.closed {
+            return;
+        }
+        tracing::warn!(gateway = %self.node, "{why}: replies can no longer be paired with queries, closing the link");
+        self.close(o);
+        self.untrusted.cancel();
+    }
+
+    /// The link ended: no reply comes any more, and nothing held goes out.
+    /// Its waiters fail at once instead of waiting for their timeouts.
     pub(super) fn end(&self) {
         let mut o = self.order();
+        self.close(&mut o);
+    }
+
+    /// Fails every waiter, drops what is held (counted: it was accepted), and
+    /// refuses whatever comes next.
+    fn close(&self, o: &mut Order) {
+        o.closed = true;
         o.replies.clear();
         // A place is counted by its owner, when it drops it unfilled.
         let lost = o
@@ -455,12 +564,19 @@ pub(super) fn plain(cmd: u8, conn: u32, ext_data: Bytes) -> Bytes {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
     /// A link whose writer's queue is `rx`.
     fn link() -> (Arc<Link>, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let node = NodeId::new("g").unwrap();
         let dropped = Arc::new(AtomicU64::new(0));
         (Arc::new(Link::new(node, tx, dropped)), rx)
+    }
+
+    /// A deadline no test reaches.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
     }
 
     fn dropped(l: &Link) -> u64 {
@@ -499,7 +615,7 @@ mod tests {
     fn what_follows_a_look_up_waits_for_its_answer() {
         let (l, mut rx) = link();
         l.deliver(b("a"));
-        let p = l.look_up(b("s1")).unwrap();
+        let p = l.look_up(b("s1"), later()).unwrap();
         assert!(l.deliver(b("b")), "held, not refused");
         assert!(l.send(b("c")));
         assert_eq!(written(&mut rx), ["a", "s1"]);
@@ -513,9 +629,9 @@ mod tests {
     #[test]
     fn places_are_filled_in_order_whatever_order_the_answers_take() {
         let (l, mut rx) = link();
-        let p1 = l.look_up(b("s1")).unwrap();
+        let p1 = l.look_up(b("s1"), later()).unwrap();
         l.deliver(b("a"));
-        let p2 = l.look_up(b("s2")).unwrap();
+        let p2 = l.look_up(b("s2"), later()).unwrap();
         l.deliver(b("b"));
         assert_eq!(written(&mut rx), ["s1", "s2"], "look-ups go out at once");
         p2.place.fill(b("filled"));
@@ -532,15 +648,15 @@ mod tests {
     #[test]
     fn a_look_up_waits_for_a_held_change_of_state() {
         let (l, mut rx) = link();
-        let p1 = l.look_up(b("s1")).unwrap();
+        let p1 = l.look_up(b("s1"), later()).unwrap();
         l.send(b("bind"));
-        let p2 = l.look_up(b("s2")).unwrap();
+        let p2 = l.look_up(b("s2"), later()).unwrap();
         l.deliver(b("a"));
         assert_eq!(written(&mut rx), ["s1"], "s2 must see the bind");
         p1.place.fill(Bytes::new());
         assert_eq!(written(&mut rx), ["bind", "s2"]);
         // Once the change is out, a look-up goes at once again.
-        let p3 = l.look_up(b("s3")).unwrap();
+        let p3 = l.look_up(b("s3"), later()).unwrap();
         assert_eq!(written(&mut rx), ["s3"]);
         p2.place.fill(b("filled"));
         assert_eq!(written(&mut rx), ["filled", "a"]);
@@ -548,14 +664,14 @@ mod tests {
     }
 
     // Replies are handed over as they are read: each is checked at once,
-    // nothing is awaited.
-    #[test]
-    fn replies_reach_queries_in_the_order_written() {
+    // nothing is awaited. (A runtime only for the queries' timers.)
+    #[tokio::test]
+    async fn replies_reach_queries_in_the_order_written() {
         let (l, mut rx) = link();
-        let mut p1 = l.look_up(b("s1")).unwrap();
+        let mut p1 = l.look_up(b("s1"), later()).unwrap();
         l.send(b("bind"));
-        let mut p2 = l.look_up(b("s2")).unwrap();
-        let mut q = std::pin::pin!(l.query(b("s3")));
+        let mut p2 = l.look_up(b("s2"), later()).unwrap();
+        let mut q = std::pin::pin!(l.query(b("s3"), later()));
         assert!(started(q.as_mut()).is_pending());
         assert_eq!(written(&mut rx), ["s1"]);
         l.reply(Value::Int(1));
@@ -573,7 +689,7 @@ mod tests {
     #[test]
     fn an_abandoned_look_up_is_counted_and_lets_the_rest_go() {
         let (l, mut rx) = link();
-        let p = l.look_up(b("s1")).unwrap();
+        let p = l.look_up(b("s1"), later()).unwrap();
         l.deliver(b("a"));
         drop(p);
         assert_eq!(written(&mut rx), ["s1", "a"]);
@@ -583,12 +699,12 @@ mod tests {
     #[test]
     fn what_is_held_is_bounded_and_the_newest_is_dropped() {
         let (l, mut rx) = link();
-        let p = l.look_up(b("s1")).unwrap();
+        let p = l.look_up(b("s1"), later()).unwrap();
         for _ in 0..HELD - 1 {
             assert!(l.deliver(b("a")));
         }
         assert!(!l.deliver(b("b")), "full");
-        assert!(l.look_up(b("s2")).is_none(), "full");
+        assert!(l.look_up(b("s2"), later()).is_none(), "full");
         assert_eq!(dropped(&l), 0, "refusals are for the caller to report");
         assert!(!l.send(b("c")), "full");
         assert_eq!(dropped(&l), 1, "no caller reports a command's refusal");
@@ -599,11 +715,11 @@ mod tests {
         assert!(after.iter().all(|w| *w == "a"));
     }
 
-    #[test]
-    fn a_link_that_ends_fails_what_waits_on_it() {
+    #[tokio::test]
+    async fn a_link_that_ends_fails_what_waits_on_it() {
         let (l, _rx) = link();
-        let mut p = l.look_up(b("s1")).unwrap();
-        let mut q = std::pin::pin!(l.query(b("s2")));
+        let mut p = l.look_up(b("s1"), later()).unwrap();
+        let mut q = std::pin::pin!(l.query(b("s2"), later()));
         assert!(started(q.as_mut()).is_pending());
         l.end();
         assert_eq!(
@@ -619,6 +735,70 @@ mod tests {
         // would have sent is counted.
         p.place.fill(b("filled"));
         assert_eq!(dropped(&l), 2);
+        assert!(!l.untrusted.is_cancelled(), "ended, not given up");
+    }
+
+    // The gateway never answers s1. The reply that comes next is s2's, but
+    // nothing on the wire says so; taken by order it would answer s1, and
+    // the one after it s2. Once s1 is overdue, no reply is placed.
+    #[tokio::test(start_paused = true)]
+    async fn no_reply_is_paired_once_the_oldest_query_is_overdue() {
+        let (l, mut rx) = link();
+        let soon = Instant::now() + Duration::from_secs(1);
+        let mut p1 = l.look_up(b("s1"), soon).unwrap();
+        let mut p2 = l.look_up(b("s2"), later()).unwrap();
+        l.deliver(b("a"));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let q3 = l.query(b("s3"), later());
+        l.reply(Value::Int(2));
+        l.reply(Value::Int(3));
+        assert_eq!(
+            p1.reply.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "s1 must not take s2's answer"
+        );
+        assert_eq!(
+            p2.reply.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "s2 must not take s3's answer"
+        );
+        assert_eq!(q3.await, Err(LinkError::Unavailable));
+        assert!(l.untrusted.is_cancelled(), "the connection must close");
+        assert_eq!(written(&mut rx), ["s1", "s2"], "nothing written after");
+        // The held push, and the refused query.
+        assert_eq!(dropped(&l), 2);
+        drop((p1, p2));
+        assert_eq!(dropped(&l), 4, "and both places");
+        assert!(!l.deliver(b("a")), "nothing more is taken");
+    }
+
+    // Without a reply to come, the query's own deadline gives the link up.
+    #[tokio::test(start_paused = true)]
+    async fn a_query_unanswered_by_its_deadline_gives_the_link_up() {
+        let (l, mut rx) = link();
+        let mut q = std::pin::pin!(l.query(b("s1"), Instant::now() + Duration::from_secs(1)));
+        assert!(started(q.as_mut()).is_pending());
+        let mut p = l.look_up(b("s2"), later()).unwrap();
+        // Time moves on while the test waits.
+        assert_eq!(q.await, Err(LinkError::Unanswered));
+        assert!(l.untrusted.is_cancelled());
+        assert_eq!(
+            p.reply.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "what waits on the link fails at once"
+        );
+        assert_eq!(written(&mut rx), ["s1", "s2"]);
+        assert!(!l.send(b("bind")), "nothing more is taken");
+    }
+
+    // A reply with no query waiting shows the gateway's replies are out of
+    // step with the queries, so the next one could be paired wrongly too.
+    #[tokio::test]
+    async fn a_reply_nobody_asked_for_gives_the_link_up() {
+        let (l, _rx) = link();
+        l.reply(Value::Int(1));
+        assert!(l.untrusted.is_cancelled());
+        assert_eq!(l.query(b("s1"), later()).await, Err(LinkError::Unavailable));
     }
 
     #[test]

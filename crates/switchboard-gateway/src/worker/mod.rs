@@ -7,6 +7,10 @@
 //! backplane ([`backplane::Links`]) turns pushes, membership operations and
 //! queries into GatewayWorker commands.
 //!
+//! A link whose gateway leaves a query unanswered past the query timeout can
+//! no longer pair replies with queries (they carry no request id): it is
+//! closed, failing what waits on it, and linked again (see [`link`]).
+//!
 //! Stopping a worker is safe for clients: it asks every switchboard gateway to
 //! route nothing more to it, handles what is already on its way, and only then
 //! closes its links. The gateways hold the next events until another worker
@@ -375,11 +379,16 @@ async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
     let writer = {
         let done = done.clone();
         let closing = shared.close_links.clone();
+        let untrusted = link.untrusted.clone();
+        let dropped = shared.link_dropped.clone();
         async move {
             let mut batch = Vec::with_capacity(256);
             let mut buf = bytes::BytesMut::new();
             loop {
                 let last = tokio::select! {
+                    biased;
+                    // Given up: nothing more is written.
+                    () = untrusted.cancelled() => break,
                     n = rx.recv_many(&mut batch, 256) => if n == 0 { break } else { false },
                     // Closing: write what is queued, then stop.
                     () = closing.cancelled() => {
@@ -392,12 +401,26 @@ async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
                 for b in batch.drain(..) {
                     buf.extend_from_slice(&b);
                 }
-                if write.write_all(&buf).await.is_err() || last {
+                let written = tokio::select! {
+                    biased;
+                    // A gateway that stopped answering may have stopped
+                    // reading too: the write must not keep the link alive.
+                    () = untrusted.cancelled() => false,
+                    r = write.write_all(&buf) => r.is_ok(),
+                };
+                if !written || last {
                     break;
                 }
                 buf.clear();
             }
             done.cancel();
+            // Accepted and never written: lost, and counted.
+            rx.close();
+            let mut lost = 0;
+            while rx.try_recv().is_ok() {
+                lost += 1;
+            }
+            dropped.fetch_add(lost, Ordering::Relaxed);
             let _ = write.shutdown().await;
         }
     };
@@ -407,6 +430,7 @@ async fn run_link(shared: &Arc<Shared>, node: &NodeId, stream: TcpStream) {
         let item = tokio::select! {
             () = shared.close_links.cancelled() => break,
             () = done.cancelled() => break,
+            () = link.untrusted.cancelled() => break,
             i = incoming.next() => i,
         };
         match item {

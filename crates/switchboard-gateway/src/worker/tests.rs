@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use switchboard::core::backplane::Handoff;
-use switchboard::core::{NodeId, Target};
+use switchboard::core::query::Answer;
+use switchboard::core::{ConnId, NodeId, Target};
 use switchboard::{Hub, NoopHandler};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -19,7 +20,7 @@ use tokio_util::codec::FramedRead;
 use super::{Worker, WorkerConfig, link};
 use crate::protocol::cmd;
 use crate::protocol::frame::{Frame, FrameDecoder};
-use crate::protocol::php::Value;
+use crate::protocol::php::{Array, Value};
 use crate::protocol::query::encode_reply;
 use crate::protocol::register::{LineDecoder, RegisterMessage};
 
@@ -108,6 +109,19 @@ impl Setup {
         })
         .await;
     }
+
+    /// Checks that the answer to `user_conns("u{n}")` is the gateway's answer
+    /// to that very query, or no answer (the gateway reported missing).
+    fn own_or_none(&self, a: &Answer<Vec<ConnId>>, n: u64) {
+        let own = a.missing.is_empty() && a.value == [ConnId::new(self.gateway.clone(), n)];
+        let none = a.missing == [self.gateway.clone()] && a.value.is_empty();
+        assert!(
+            own || none,
+            "u{n} was answered {:?} (missing {:?}): another query's answer",
+            a.value,
+            a.missing
+        );
+    }
 }
 
 async fn within<F: Future>(f: F) -> F::Output {
@@ -139,6 +153,44 @@ async fn play_gateway(listener: TcpListener, answers: Answers, seen: mpsc::Unbou
             let _ = seen.send(Seen::Closed(k));
         });
     }
+}
+
+/// `CMD_GET_CLIENT_ID_BY_UID` for user `u<n>` is answered with the one
+/// connection `n`, so every answer names its query; user `mute` is never
+/// answered.
+fn users_by_number(f: &Frame) -> Option<Value> {
+    if f.header.cmd != cmd::GET_CLIENT_ID_BY_UID {
+        return None;
+    }
+    let n: i64 = std::str::from_utf8(&f.ext_data)
+        .ok()?
+        .strip_prefix('u')?
+        .parse()
+        .ok()?;
+    Some(Value::Array(Array::list([n])))
+}
+
+/// Replies carry no request id, so the worker pairs them with its queries by
+/// order. A gateway that leaves one query unanswered must not shift that
+/// pairing: every query asked after the silent one timed out gets its own
+/// answer or none, never another query's. Two queries are in flight at once,
+/// so a shifted pairing would hand one of them the other's answer. The
+/// worker then links the gateway again, and queries are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_left_unanswered_costs_the_link_not_a_wrong_answer() {
+    let mut t = Setup::start(Duration::from_secs(1), users_by_number).await;
+    let a = t.hub().user_conns("mute").await;
+    assert_eq!(a.missing, [t.gateway.clone()], "the gateway was silent");
+    let (b, c) = tokio::join!(t.hub().user_conns("u1"), t.hub().user_conns("u2"));
+    t.own_or_none(&b, 1);
+    t.own_or_none(&c, 2);
+    // The link that can no longer pair replies is closed and made again.
+    t.expect(Seen::Closed(0)).await;
+    t.expect(Seen::Linked(1)).await;
+    t.linked().await;
+    let d = t.hub().user_conns("u3").await;
+    assert!(d.missing.is_empty(), "{d:?}");
+    assert_eq!(d.value, [ConnId::new(t.gateway.clone(), 3)]);
 }
 
 /// Each push a gateway's link refuses counts once in `publish_dropped`, as
@@ -175,4 +227,26 @@ async fn a_push_the_link_refuses_counts_once_in_publish_dropped() {
     let stats = hub.stats().backplane;
     assert_eq!(stats.publish_dropped, refused);
     assert_eq!(stats.published, link::HELD as u64);
+}
+
+/// A close's look-up that the gateway leaves unanswered gives its link up
+/// at the query timeout too. The pushes held behind it are dropped, and each
+/// counts once in `publish_dropped`, with the look-up; the count stays once
+/// the worker has linked the gateway again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_an_unanswered_look_up_held_counts_once_and_outlives_its_link() {
+    let mut t = Setup::start(Duration::from_secs(1), |_| None).await;
+    let sent = Handoff {
+        sent: 1,
+        dropped: 0,
+    };
+    assert_eq!(t.hub().close(&Target::user("someone"), "bye").remote, sent);
+    let held = 3;
+    for _ in 0..held {
+        assert_eq!(t.hub().to_all("held").unwrap().remote, sent);
+    }
+    t.expect(Seen::Closed(0)).await;
+    t.expect(Seen::Linked(1)).await;
+    t.linked().await;
+    assert_eq!(t.hub().stats().backplane.publish_dropped, held + 1);
 }
