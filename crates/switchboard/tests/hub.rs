@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use switchboard::core::backplane::{BackplaneStats, Handoff, JoinContext, JoinError, Status};
 use switchboard::core::{
-    Backplane, ConnId, Dest, LocalView, MembershipChange, MemoryBus, NodeId, Target,
+    Backplane, Body, ConnId, Dest, Envelope, LocalView, MembershipChange, MemoryBus, NodeId,
+    OpResult, Target,
 };
 use switchboard::{
     Accept, ConnectInfo, Decision, FrameKind, Handler, Hub, Limits, Server, async_trait,
@@ -383,4 +384,48 @@ async fn a_backplane_hears_every_membership_change_and_can_replay_the_node() {
     );
     n.stop.cancel();
     hub.shutdown().await;
+}
+
+/// A node that replies to every request, but with a refusal instead of an
+/// answer, did not answer: it is named missing, never folded in as nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_replies_without_an_answer_is_missing() {
+    let bus = MemoryBus::new();
+    let a = node(Some(&bus), "a", Limits::default()).await;
+    let liar = bus.backplane();
+    let liar_id = NodeId::new("liar").unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (_handled, handled_rx) = tokio::sync::watch::channel(0);
+    liar.join(JoinContext::new(
+        liar_id.clone(),
+        tx,
+        handled_rx,
+        Arc::new(switchboard::core::backplane::NoLocalState),
+    ))
+    .await
+    .unwrap();
+    let replies = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            let env = Envelope::decode(&bytes).unwrap();
+            if let Body::Request { .. } = env.body {
+                let reply = Envelope {
+                    origin: liar_id.clone(),
+                    id: env.id,
+                    body: Body::Reply {
+                        result: OpResult::Failed("no".into()),
+                    },
+                };
+                liar.publish(Dest::Node(&env.origin), reply.encode());
+            }
+        }
+    });
+    let (_ws, _) = client(&a, "uid=u&group=g").await;
+    let count = a.hub.group_count("g").await;
+    assert_eq!(count.value, 1, "what a said is kept");
+    assert_eq!(count.missing, [NodeId::new("liar").unwrap()]);
+    let online = a.hub.is_online("nobody").await;
+    assert!(!online.value && !online.is_complete());
+    replies.abort();
+    a.stop.cancel();
+    a.hub.shutdown().await;
 }

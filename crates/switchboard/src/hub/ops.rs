@@ -313,11 +313,19 @@ impl Hub {
             .backplane
             .publish(Dest::All, self.request(id, Op::Query(query)));
         let mut waiting: HashSet<NodeId> = peers.into_iter().collect();
+        // Nodes whose reply could not be folded in: they did not answer the
+        // question, so the answer must not pass for complete.
+        let mut unanswered = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while !waiting.is_empty() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some((node, result))) => {
-                    if waiting.remove(&node) && add(&mut merge, &node, result) && merge.settled() {
+                    if !waiting.remove(&node) {
+                        continue;
+                    }
+                    if !add(&mut merge, &node, result) {
+                        unanswered.push(node);
+                    } else if merge.settled() {
                         // A definitive answer (found online) needs nobody else.
                         return Answer::complete(merge);
                     }
@@ -325,7 +333,7 @@ impl Hub {
                 _ => break,
             }
         }
-        let mut missing: Vec<NodeId> = waiting.into_iter().collect();
+        let mut missing: Vec<NodeId> = waiting.into_iter().chain(unanswered).collect();
         missing.sort();
         Answer {
             value: merge,
