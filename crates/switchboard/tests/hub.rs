@@ -205,9 +205,9 @@ async fn a_restarted_node_does_not_reuse_connection_ids() {
     second.hub.shutdown().await;
 }
 
-/// A WebSocket client that never answers pings is closed once the idle
-/// limit has passed on the hub's clock (a raw socket: a WebSocket library
-/// answers pings whenever it reads).
+/// A WebSocket client that never answers pings is pinged once per heartbeat,
+/// then closed once the idle limit has passed on the hub's clock (a raw
+/// socket: a WebSocket library answers pings whenever it reads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_client_that_never_answers_is_closed_idle() {
     let mut limits = Limits::default();
@@ -222,6 +222,7 @@ async fn a_websocket_client_that_never_answers_is_closed_idle() {
     )
     .await
     .unwrap();
+    let started = tokio::time::Instant::now();
     let mut got = Vec::new();
     loop {
         let mut buf = [0u8; 256];
@@ -235,6 +236,14 @@ async fn a_websocket_client_that_never_answers_is_closed_idle() {
         }
     }
     assert!(idle_close(&got), "closed with 1000 (idle): {got:?}");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(300 + 200 + 1500),
+        "closed {elapsed:?} after the upgrade: the keep-alive visits each connection every heartbeat"
+    );
+    // Empty pings (0x89 0x00), one per heartbeat: about three before the close.
+    let pings = got.windows(2).filter(|w| w == &[0x89, 0x00]).count();
+    assert!((1..=6).contains(&pings), "{pings} pings in {elapsed:?}");
     n.stop.cancel();
     n.hub.shutdown().await;
 }
@@ -428,4 +437,73 @@ async fn a_node_that_replies_without_an_answer_is_missing() {
     replies.abort();
     a.stop.cancel();
     a.hub.shutdown().await;
+}
+
+/// Records the events a worker hands its hub for connections held elsewhere.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<String>>>);
+
+#[async_trait]
+impl Handler for Events {
+    async fn on_message(&self, _hub: &Hub, conn: &ConnId, frame: switchboard::Frame) {
+        let text = frame.as_text().unwrap_or_default().to_owned();
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("message {} {text}", conn.seq()));
+    }
+    async fn on_close(&self, _hub: &Hub, conn: &ConnId, reason: &switchboard::CloseReason) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("close {} {reason:?}", conn.seq()));
+    }
+}
+
+/// A gateway worker runs the application for connections held by gateways:
+/// their events reach the handler through the hub, and a gateway lists its
+/// own connections from the hub.
+#[tokio::test]
+async fn events_of_connections_held_elsewhere_reach_the_handler() {
+    let events = Events::default();
+    let hub = Hub::builder()
+        .handler(events.clone())
+        .start()
+        .await
+        .unwrap();
+    let elsewhere = ConnId::new(NodeId::new("gw").unwrap(), 7);
+    hub.handle_message(&elsewhere, switchboard::Frame::text("hi"))
+        .await;
+    hub.handle_close(&elsewhere, &switchboard::CloseReason::Kicked("bye".into()))
+        .await;
+    assert_eq!(
+        *events.0.lock().unwrap(),
+        ["message 7 hi", "close 7 Kicked(\"bye\")"]
+    );
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let n = Node {
+        addr: listener.local_addr().unwrap(),
+        hub: Hub::builder().handler(Bind).start().await.unwrap(),
+        stop: CancellationToken::new(),
+    };
+    let server = Server::new(n.hub.clone()).websocket(listener, "/ws");
+    let s = n.stop.clone();
+    tokio::spawn(async move { server.serve(s.cancelled_owned()).await });
+    let (ws, conn) = client(&n, "uid=u&group=g").await;
+    let mut listed = Vec::new();
+    n.hub.for_each_local(&mut |c| listed.push(describe(&c)));
+    let seq = conn.seq() % 1000;
+    assert_eq!(
+        listed,
+        [
+            format!("open {seq}"),
+            format!("bind {seq} u first=false n=1"),
+            format!("join {seq} g first=false n=1"),
+        ]
+    );
+    drop(ws);
+    n.stop.cancel();
+    n.hub.shutdown().await;
+    hub.shutdown().await;
 }
