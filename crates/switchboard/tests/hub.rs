@@ -507,3 +507,36 @@ async fn events_of_connections_held_elsewhere_reach_the_handler() {
     n.hub.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A push reports the frames a full outbox did not take, under either
+/// policy. One thread, so the connection's writer cannot drain the outbox
+/// between the pushes.
+#[tokio::test]
+async fn a_push_reports_what_full_outboxes_did_not_take() {
+    for policy in [
+        switchboard::SlowConsumer::Close,
+        switchboard::SlowConsumer::DropNewest,
+    ] {
+        let mut limits = Limits::default();
+        limits.outbox_frames = 4;
+        limits.slow_consumer = policy;
+        let n = node(None, "full", limits).await;
+        let (ws, _) = client(&n, "uid=u").await;
+        let (mut queued, mut dropped) = (0, 0);
+        for i in 0..10 {
+            let r = n.hub.to_user("u", format!("{i}")).unwrap();
+            queued += r.local;
+            dropped += r.local_dropped;
+        }
+        assert_eq!(queued, 4, "{policy:?}");
+        match policy {
+            // The frame that overflowed closes the connection; later ones
+            // find it closing and are not counted against it.
+            switchboard::SlowConsumer::Close => assert_eq!(dropped, 1),
+            _ => assert_eq!(dropped, 6, "every frame past the cap"),
+        }
+        drop(ws);
+        n.stop.cancel();
+        n.hub.shutdown().await;
+    }
+}
