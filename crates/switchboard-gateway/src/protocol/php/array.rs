@@ -269,4 +269,22 @@ mod tests {
             br#"a:4:{s:3:"uid";s:5:"alice";s:4:"tags";a:2:{i:0;s:1:"a";i:1;s:1:"B";}s:1:"n";a:1:{i:0;i:1;}s:1:"x";N;}"#
         );
     }
+
+    #[test]
+    fn membership_and_owned_iteration() {
+        let a: Array = [("x", 1i64), ("y", 2)].into_iter().collect();
+        assert!(a.contains_key(&Key::from_bytes(bytes::Bytes::from_static(b"x"))));
+        assert!(!a.contains_key(&Key::Int(0)));
+        let pairs = a.clone().into_pairs();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(
+            pairs[1],
+            (
+                Key::from_bytes(bytes::Bytes::from_static(b"y")),
+                Value::Int(2)
+            )
+        );
+        let values: Vec<Value> = a.into_iter().map(|(_, v)| v).collect();
+        assert_eq!(values, [Value::Int(1), Value::Int(2)]);
+    }
 }

@@ -419,4 +419,10 @@ mod tests {
             Err(PhpError::TooDeep { max: MAX_DEPTH })
         );
     }
+
+    #[test]
+    fn missing_digits_at_the_end_are_an_end_not_a_syntax_error() {
+        assert_eq!(unserialize(b"s:"), Err(PhpError::UnexpectedEnd));
+        assert_eq!(unserialize(b"s:x"), Err(PhpError::Syntax { offset: 2 }));
+    }
 }
