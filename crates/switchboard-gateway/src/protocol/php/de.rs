@@ -425,4 +425,22 @@ mod tests {
         assert_eq!(unserialize(b"s:"), Err(PhpError::UnexpectedEnd));
         assert_eq!(unserialize(b"s:x"), Err(PhpError::Syntax { offset: 2 }));
     }
+
+    #[test]
+    fn declared_lengths_past_the_input_are_refused_before_reading() {
+        for input in [
+            &b"s:5:\"ab"[..],
+            b"s:2:\"ab",
+            b"s:99999999999:\"x\";",
+            b"S:99999999999:\"x\";",
+            b"a:5:{}",
+        ] {
+            assert_eq!(
+                unserialize(input),
+                Err(PhpError::UnexpectedEnd),
+                "{}",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
 }
