@@ -401,6 +401,22 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_gives_its_frames_in_order_once() {
+        let o = Outbox::new(Caps {
+            frames: 10,
+            bytes: 1000,
+            ..caps(SlowConsumer::Close)
+        });
+        for t in ["a", "b", "c"] {
+            o.push(&Frame::text(t));
+        }
+        let mut batch = Batch::default();
+        o.take(&mut batch);
+        let texts: Vec<_> = batch.map(|f| f.data().to_vec()).collect();
+        assert_eq!(texts, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    }
+
+    #[test]
     fn drop_policy_keeps_the_connection() {
         let o = Outbox::new(caps(SlowConsumer::DropNewest));
         assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
