@@ -400,8 +400,8 @@ mod tests {
         assert_eq!(o.len(), 3);
     }
 
-    #[test]
-    fn a_batch_gives_its_frames_in_order_once() {
+    /// An outbox with room to spare, holding "a", "b" and "c".
+    fn abc() -> Outbox {
         let o = Outbox::new(Caps {
             frames: 10,
             bytes: 1000,
@@ -410,6 +410,12 @@ mod tests {
         for t in ["a", "b", "c"] {
             o.push(&Frame::text(t));
         }
+        o
+    }
+
+    #[test]
+    fn a_batch_gives_its_frames_in_order_once() {
+        let o = abc();
         let mut batch = Batch::default();
         o.take(&mut batch);
         let texts: Vec<_> = batch.map(|f| f.data().to_vec()).collect();
@@ -433,14 +439,7 @@ mod tests {
 
     #[test]
     fn frames_put_back_stay_ahead_of_later_pushes() {
-        let o = Outbox::new(Caps {
-            frames: 10,
-            bytes: 1000,
-            ..caps(SlowConsumer::Close)
-        });
-        for t in ["a", "b", "c"] {
-            o.push(&Frame::text(t));
-        }
+        let o = abc();
         let mut batch = Batch::default();
         assert_eq!(o.take(&mut batch), 0);
         batch.pop_front(); // "a" went whole; "b" went in part.
