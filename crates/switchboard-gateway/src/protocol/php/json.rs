@@ -341,4 +341,23 @@ mod tests {
             serde_json::json!({"$php_float": "INF"})
         );
     }
+
+    #[test]
+    fn arrays_nest_as_deep_as_php_allows_and_no_deeper() {
+        fn nested(levels: usize) -> Value {
+            let mut v = Value::Int(1);
+            for _ in 0..levels {
+                let mut a = Array::new();
+                a.insert(0, v);
+                v = Value::Array(a);
+            }
+            v
+        }
+        // PHP's json_encode: 512 levels of arrays encode, 513 do not.
+        assert!(json_encode(&nested(MAX_ENCODE_DEPTH)).is_ok());
+        assert!(matches!(
+            json_encode(&nested(MAX_ENCODE_DEPTH + 1)),
+            Err(JsonError::TooDeep)
+        ));
+    }
 }
