@@ -352,6 +352,12 @@ impl Outbox {
     pub(crate) fn len(&self) -> usize {
         self.lock().queue.len()
     }
+
+    /// Bytes counted against the byte cap now.
+    #[cfg(test)]
+    fn counted_bytes(&self) -> usize {
+        self.lock().bytes
+    }
 }
 
 #[cfg(test)]
@@ -420,6 +426,58 @@ mod tests {
         o.take(&mut batch);
         let texts: Vec<_> = batch.map(|f| f.data().to_vec()).collect();
         assert_eq!(texts, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    }
+
+    #[test]
+    fn the_byte_cap_is_inclusive_and_what_is_taken_is_given_back() {
+        let o = Outbox::new(caps(SlowConsumer::DropNewest));
+        assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
+        assert_eq!(o.push(&Frame::text("1234")), Queued::Yes, "10 of 10 bytes");
+        assert_eq!(o.push(&Frame::text("1")), Queued::Dropped, "11 of 10");
+        let mut batch = Batch::default();
+        o.take(&mut batch);
+        batch.consume(2);
+        // The bytes taken are free again: two 5-byte frames fit the 10.
+        assert_eq!(o.push(&Frame::text("12345")), Queued::Yes);
+        assert_eq!(o.push(&Frame::text("12345")), Queued::Yes);
+
+        let o = Outbox::new(caps(SlowConsumer::DropNewest));
+        assert_eq!(o.push(&Frame::text("123456")), Queued::Yes);
+        let mut one = Batch::default();
+        o.take(&mut one);
+        one.consume(1);
+        assert_eq!(o.push(&Frame::text("12345")), Queued::Yes);
+        assert_eq!(
+            o.push(&Frame::text("12345")),
+            Queued::Yes,
+            "nothing left counted"
+        );
+    }
+
+    #[test]
+    fn the_keepalive_frees_only_an_empty_spill_buffer() {
+        let o = abc();
+        o.keepalive(0);
+        assert_eq!(o.len(), 3, "queued frames survive the keep-alive");
+    }
+
+    #[test]
+    fn a_discard_counts_only_the_frame_begun() {
+        let o = Outbox::new(Caps {
+            frames: 10,
+            bytes: 100,
+            ..caps(SlowConsumer::Close)
+        });
+        for t in ["aaa", "bbbbb", "c"] {
+            o.push(&Frame::text(t));
+        }
+        let mut batch = Batch::default();
+        o.take(&mut batch);
+        batch.pop_front();
+        o.put_back(batch, 2);
+        assert_eq!(o.counted_bytes(), 6);
+        o.discard();
+        assert_eq!((o.len(), o.counted_bytes()), (1, 5));
     }
 
     #[test]
