@@ -341,6 +341,18 @@ mod tests {
     }
 
     #[test]
+    fn float_ids_are_cast_like_php_array_keys() {
+        assert_eq!(
+            IdList::decode(b"[3.7,-2.5,true,null]").unwrap().0,
+            [Id::Int(3), Id::Int(-2), Id::Int(1), Id::Str(String::new())]
+        );
+        assert!(IdList::decode(b"[1e19]").is_err(), "past i64: refused");
+        assert!(IdList::decode(b"[-1e19]").is_err());
+        assert_eq!(Id::Int(-4).to_string(), "-4");
+        assert_eq!(Id::from("g").to_string(), "g");
+    }
+
+    #[test]
     fn php_bytes() {
         // Captured from Lib\Gateway (SPEC.md §3.4).
         assert_eq!(text(IdList(vec!["bob".into()]).encode()), r#"["bob"]"#);
