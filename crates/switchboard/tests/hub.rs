@@ -351,7 +351,26 @@ async fn a_backplane_hears_every_membership_change_and_can_replay_the_node() {
     let (_ws1, c1) = client(&n, "uid=u&group=g").await;
     hub.join(&c1, "h").await.unwrap();
     hub.leave(&c1, "h").await.unwrap();
+    hub.leave(&c1, "never-joined").await.unwrap();
     hub.set_session(&c1, "k", Some("v".into())).await.unwrap();
+    assert_eq!(
+        hub.session(&c1)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [("k".to_owned(), "v".to_owned())]
+    );
+    // A local connection that is gone: every operation says so, and nothing
+    // is reported.
+    let gone = ConnId::new(c1.node().clone(), c1.seq() + 100);
+    let no = Err(switchboard::OpError::NoSuchConn(gone.clone()));
+    assert_eq!(hub.bind(&gone, "x").await, no);
+    assert_eq!(hub.unbind(&gone).await, no);
+    assert_eq!(hub.join(&gone, "x").await, no);
+    assert_eq!(hub.leave(&gone, "x").await, no);
+    assert_eq!(hub.set_session(&gone, "k", None).await, no);
+    assert_eq!(hub.session(&gone).await, no.map(|()| Default::default()));
     drop(ws0);
     let deadline = tokio::time::Instant::now() + STEP;
     while hub.stats().conns_open != 1 {
