@@ -129,6 +129,19 @@ async fn pushes_report_what_was_queued_here_and_handed_on() {
         assert_eq!(next(&mut bob).await.as_deref(), Some(want));
     }
 
+    // Operations and questions about another node's connection are asked of
+    // that node, and answered.
+    a.hub.join(&bob_id, "h").await.unwrap();
+    let count = a.hub.group_count("h").await;
+    assert_eq!((count.value, count.is_complete()), (1, true));
+    a.hub
+        .set_session(&bob_id, "k", Some("v".into()))
+        .await
+        .unwrap();
+    let session = a.hub.session(&bob_id).await.unwrap();
+    assert_eq!(session.get("k").map(String::as_str), Some("v"));
+    assert_eq!(a.hub.user_conns("bob").await.value, [bob_id.clone()]);
+
     // Closes report the same way, and reach the client.
     let r = a.hub.close(&Target::user("bob"), "bye");
     assert_eq!((r.local, r.remote.sent), (0, 1));
@@ -270,6 +283,7 @@ impl Backplane for Recorder {
         Ok(())
     }
     fn publish(&self, _dest: Dest<'_>, _envelope: Bytes) -> Handoff {
+        self.changes.lock().unwrap().push("publish".into());
         Handoff::default()
     }
     fn peers(&self) -> Vec<NodeId> {
@@ -277,6 +291,9 @@ impl Backplane for Recorder {
     }
     fn membership(&self, change: &MembershipChange) {
         self.changes.lock().unwrap().push(describe(change));
+    }
+    async fn settle(&self) {
+        self.changes.lock().unwrap().push("settle".into());
     }
     fn status(&self) -> Status {
         Status::Ready
@@ -361,6 +378,9 @@ async fn a_backplane_hears_every_membership_change_and_can_replay_the_node() {
             .collect::<Vec<_>>(),
         [("k".to_owned(), "v".to_owned())]
     );
+    // A push to a connection of this node concerns no other: not published.
+    hub.to_conn(&c1, "here").unwrap();
+    hub.to_user("u", "anywhere").unwrap();
     // A local connection that is gone: every operation says so, and nothing
     // is reported.
     let gone = ConnId::new(c1.node().clone(), c1.seq() + 100);
@@ -377,19 +397,34 @@ async fn a_backplane_hears_every_membership_change_and_can_replay_the_node() {
         assert!(tokio::time::Instant::now() < deadline, "not forgotten");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert_eq!(hub.user_conns("u").await.value, [c1.clone()]);
     let changes = rec.changes.lock().unwrap().clone();
     assert_eq!(
         changes,
         [
+            // Settled before the connection's first frame...
             "open 0",
             "bind 0 u first=true n=1",
             "join 0 g first=true n=1",
+            "settle",
             "open 1",
             "bind 1 u first=false n=2",
             "join 1 g first=false n=2",
+            "settle",
+            // ... and before each membership operation returns.
             "join 1 h first=true n=1",
+            "settle",
             "leave 1 h last=true n=0",
+            "settle",
+            "settle", // leaving a group never joined changes nothing
             "session 1 1",
+            "settle",
+            "publish", // to the user, not to the local connection
+            "settle",  // the five operations on a gone connection
+            "settle",
+            "settle",
+            "settle",
+            "settle",
             "unbind 0 u last=false n=1",
             "leave 0 g last=false n=1",
             "close 0",
