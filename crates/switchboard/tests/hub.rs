@@ -140,7 +140,10 @@ async fn pushes_report_what_was_queued_here_and_handed_on() {
         .unwrap();
     let session = a.hub.session(&bob_id).await.unwrap();
     assert_eq!(session.get("k").map(String::as_str), Some("v"));
-    assert_eq!(a.hub.user_conns("bob").await.value, [bob_id.clone()]);
+    assert_eq!(
+        a.hub.user_conns("bob").await.value,
+        std::slice::from_ref(&bob_id)
+    );
 
     // Closes report the same way, and reach the client.
     let r = a.hub.close(&Target::user("bob"), "bye");
@@ -397,7 +400,7 @@ async fn a_backplane_hears_every_membership_change_and_can_replay_the_node() {
         assert!(tokio::time::Instant::now() < deadline, "not forgotten");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(hub.user_conns("u").await.value, [c1.clone()]);
+    assert_eq!(hub.user_conns("u").await.value, std::slice::from_ref(&c1));
     let changes = rec.changes.lock().unwrap().clone();
     assert_eq!(
         changes,
