@@ -144,6 +144,30 @@ async fn pushes_report_what_was_queued_here_and_handed_on() {
         a.hub.user_conns("bob").await.value,
         std::slice::from_ref(&bob_id)
     );
+    let mut replaced = switchboard::Session::new();
+    replaced.insert("only".into(), "this".into());
+    a.hub
+        .replace_session(&bob_id, replaced.clone())
+        .await
+        .unwrap();
+    assert_eq!(b.hub.session(&bob_id).await.unwrap(), replaced);
+    for (hub, name) in [(&a.hub, "a"), (&b.hub, "b")] {
+        // Asked of the node holding each, or answered here.
+        for (conn, user) in [(&alice_id, "alice"), (&bob_id, "bob")] {
+            let exists = hub.conn_exists(conn).await;
+            assert!(exists.value && exists.is_complete(), "{name}: {conn}");
+            let u = hub.conn_user(conn).await;
+            assert_eq!(u.value.as_ref().map(|u| u.as_str()), Some(user), "{name}");
+        }
+        let members = hub.group_members("g").await;
+        assert_eq!(members.value, [alice_id.clone(), bob_id.clone()], "{name}");
+        let t = hub.totals().await.value;
+        assert_eq!((t.conns, t.users, t.groups), (2, 2, 2), "{name}");
+    }
+    // A node outside the cluster holds nothing, and that is a complete answer.
+    let nowhere = ConnId::new(NodeId::new("nowhere").unwrap(), 1);
+    let exists = a.hub.conn_exists(&nowhere).await;
+    assert!(!exists.value && exists.is_complete());
 
     // Closes report the same way, and reach the client.
     let r = a.hub.close(&Target::user("bob"), "bye");
@@ -593,6 +617,44 @@ async fn a_push_reports_what_full_outboxes_did_not_take() {
             _ => assert_eq!(dropped, 6, "every frame past the cap"),
         }
         drop(ws);
+        n.stop.cancel();
+        n.hub.shutdown().await;
+    }
+}
+
+/// Shutting a node down closes its clients with "going away".
+#[tokio::test]
+async fn shutdown_closes_every_client_going_away() {
+    let n = node(None, "bye", Limits::default()).await;
+    let (mut ws, _) = client(&n, "uid=u").await;
+    let hub = n.hub.clone();
+    let shutdown = tokio::spawn(async move { hub.shutdown().await });
+    let code = loop {
+        match tokio::time::timeout(STEP, ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(cf))) => break cf.map(|c| u16::from(c.code)),
+            Some(Ok(_)) => {}
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1001));
+    drop(ws);
+    shutdown.await.unwrap();
+    n.stop.cancel();
+}
+
+/// The inbound queue between two nodes absorbs a burst: 5,000 pushes made
+/// while the receiving node cannot run (one thread, no await) all arrive.
+#[tokio::test]
+async fn a_burst_between_two_nodes_is_not_dropped() {
+    let bus = MemoryBus::new();
+    let a = node(Some(&bus), "a", Limits::default()).await;
+    let b = node(Some(&bus), "b", Limits::default()).await;
+    for i in 0..5_000 {
+        let r = a.hub.to_user("nobody", format!("{i}")).unwrap();
+        assert_eq!(r.remote.dropped, 0, "push {i} dropped");
+    }
+    assert_eq!(a.hub.stats().backplane.publish_dropped, 0);
+    for n in [a, b] {
         n.stop.cancel();
         n.hub.shutdown().await;
     }
