@@ -354,3 +354,45 @@ fn unexpected(node: &NodeId, r: &OpResult) -> OpError {
         reason: format!("unexpected reply {r:?}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use switchboard_core::backplane::{JoinContext, NoLocalState};
+    use switchboard_core::{Backplane, MemoryBus};
+
+    use super::*;
+
+    /// Every question registers a pending request; however it ends (here: a
+    /// peer that never answers), nothing is left behind for the next.
+    #[tokio::test]
+    async fn a_question_leaves_nothing_pending() {
+        let bus = MemoryBus::new();
+        let hub = Hub::builder()
+            .backplane(bus.backplane())
+            .query_timeout(Duration::from_millis(50))
+            .start()
+            .await
+            .unwrap();
+        let deaf = bus.backplane();
+        let (tx, _rx) = mpsc::channel(16);
+        let (_handled, handled) = tokio::sync::watch::channel(0);
+        deaf.join(JoinContext::new(
+            NodeId::new("deaf").unwrap(),
+            tx,
+            handled,
+            Arc::new(NoLocalState),
+        ))
+        .await
+        .unwrap();
+        let count = hub.group_count("g").await;
+        assert_eq!(count.missing, [NodeId::new("deaf").unwrap()]);
+        let on_deaf = ConnId::new(NodeId::new("deaf").unwrap(), 1);
+        assert!(hub.join(&on_deaf, "g").await.is_err());
+        let pending = hub.inner.pending.lock().unwrap().len();
+        assert_eq!(pending, 0, "requests left pending");
+        hub.shutdown().await;
+    }
+}
