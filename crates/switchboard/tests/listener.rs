@@ -203,6 +203,38 @@ async fn refusals_get_a_clear_answer() {
     let r = read_to_end(&mut s).await;
     assert!(r.starts_with("HTTP/1.1 431"), "{r}");
 
+    // HTTP/1.0 cannot upgrade (RFC 6455 §4.1): a 400 that says why, not a 500.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        upgrade_request("/ws?uid=x")
+            .replace("HTTP/1.1", "HTTP/1.0")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let r = read_to_end(&mut s).await;
+    assert!(
+        r.contains(" 400 ") && r.ends_with("a WebSocket upgrade needs HTTP/1.1"),
+        "{r}"
+    );
+
+    // A key that is not 16 bytes in base64.
+    for key in [
+        "c2hvcnQ=",
+        "dGhlIHNhbXBsZSBub25jZQ==AAAA",
+        "not base64 at all!!!!!!!",
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let req = upgrade_request("/ws?uid=x").replace("dGhlIHNhbXBsZSBub25jZQ==", key);
+        s.write_all(req.as_bytes()).await.unwrap();
+        let r = read_to_end(&mut s).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{key}: {r}");
+        assert!(
+            r.ends_with("Sec-WebSocket-Key must be 16 bytes in base64"),
+            "{r}"
+        );
+    }
+
     // None of this touched the hub's connections.
     assert_eq!(hub.stats().conns_opened, 0);
     assert_eq!(hub.stats().conns_rejected, 1, "the application's refusal");

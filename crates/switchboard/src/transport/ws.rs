@@ -140,6 +140,18 @@ pub(crate) struct Admitted {
     pub(crate) accept_key: String,
 }
 
+/// Whether a `Sec-WebSocket-Key` is what RFC 6455 §4.1 asks for: 16 bytes,
+/// base64-encoded.
+fn is_websocket_key(key: &[u8]) -> bool {
+    use base64::Engine as _;
+    // 16 bytes encode to 24 characters; checked first so that a long header
+    // is never decoded.
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|k| k.len() == 16)
+}
+
 /// Checks an upgrade request and asks the application about it; the error is
 /// the response to send instead of `101`. Shared by the hyper path and the
 /// listener's own (see [`super::http`]).
@@ -150,6 +162,13 @@ pub(crate) async fn admit<B>(
 ) -> Result<Admitted, Response<Body>> {
     if hub.is_closing() {
         return Err(plain(StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+    }
+    // RFC 6455 §4.1: the opening handshake is an HTTP/1.1 (or later) request.
+    if req.version() < http::Version::HTTP_11 {
+        return Err(plain(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
     }
     let headers = req.headers();
     if req.method() != Method::GET
@@ -179,6 +198,12 @@ pub(crate) async fn admit<B>(
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return Err(plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
     };
+    if !is_websocket_key(key.as_bytes()) {
+        return Err(plain(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
+    }
     let accept_key = derive_accept_key(key.as_bytes());
 
     let info = ConnectInfo {
