@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the TARGETS.md matrix against every mode this build has, RUNS times
+# Runs the docs/BENCHMARK-TARGETS.md matrix against every mode this build has, RUNS times
 # each, and rewrites the results tables in BENCHMARKS.md.
 #
 #   scripts/bench.sh                      # every mode, every scenario, 3 runs
@@ -48,7 +48,7 @@ start_nodes() { # mode
     amqp-fanout|amqp-routing)
       two_nodes "amqp://guest:guest@127.0.0.1:5672/%2f?mode=${mode#amqp-}&prefix=$prefix" ;;
     gateway)
-      # As TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
+      # As docs/BENCHMARK-TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
       "$BIN" register --listen 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
       PIDS+=($!)
       for i in 1 2; do

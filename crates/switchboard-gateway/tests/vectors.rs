@@ -1,5 +1,5 @@
 //! Every recorded vector of `tests/vectors/*.json` (captured from the real PHP
-//! register, gateways and workers; format in SPEC.md §8) decodes to what the
+//! register, gateways and workers; format in docs/GATEWAY-PROTOCOL.md §8) decodes to what the
 //! capture says and re-encodes to the same bytes.
 //!
 //! Frames, register lines and query replies are re-encoded from their decoded
@@ -101,7 +101,7 @@ fn every_vector_round_trips() {
     }
     println!("{} files: {n:#?}", files.len());
     assert_eq!(files.len(), 6, "vector files");
-    // SPEC.md §0: 377 recorded messages; every one must be checked.
+    // docs/GATEWAY-PROTOCOL.md §0: 377 recorded messages; every one must be checked.
     assert_eq!(n.vectors, 377);
     assert_eq!(
         (n.frames, n.lines, n.replies - n.embedded_replies),
@@ -454,32 +454,4 @@ fn check_reply(v: &J, bytes: &[u8], n: &mut Counts) -> Result<(), String> {
     )?;
     check_serialized("reply", &bytes[4..], &d["value"], n)?;
     eq("re-encoded reply", &query::encode_reply(&value)[..], bytes)
-}
-
-/// The copies here are the shared vectors, unchanged (checked where the shared
-/// directory sits next to the repository, as on developer machines and in CI).
-#[test]
-fn copies_match_the_shared_vectors() {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let shared = ["../../shared", "../../../shared"]
-        .iter()
-        .map(|up| manifest.join(up).join("gateway-protocol/vectors"))
-        .find(|p| p.is_dir());
-    let Some(shared) = shared else {
-        println!("no shared vectors next to the repository; nothing to compare");
-        return;
-    };
-    for entry in std::fs::read_dir(&shared).expect("readable") {
-        let path = entry.expect("dir entry").path();
-        let Some(name) = path.file_name() else {
-            continue;
-        };
-        let copy = vectors_dir().join(name);
-        assert_eq!(
-            std::fs::read(&path).expect("shared vector"),
-            std::fs::read(&copy).unwrap_or_default(),
-            "{} differs from its copy in tests/vectors",
-            path.display()
-        );
-    }
 }

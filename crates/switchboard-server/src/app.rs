@@ -1,4 +1,4 @@
-//! The reference application of `bench/CONTRACT.md`, written once against the
+//! The reference application of `docs/CLIENT-PROTOCOL.md`, written once against the
 //! [`Hub`] API. Every mode, test and benchmark speaks it.
 //!
 //! Clients connect with `?uid=U&group=G` (WebSocket) or a first line

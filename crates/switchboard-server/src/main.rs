@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the reference application (bench/CONTRACT.md) over WebSocket and TCP.
+    /// Serve the reference application (docs/CLIENT-PROTOCOL.md) over WebSocket and TCP.
     Serve(Box<ServeArgs>),
     /// Two nodes on loopback and a web page to try them from (http://127.0.0.1:8080).
     Demo(DemoArgs),
@@ -39,7 +39,7 @@ enum Command {
     Worker(switchboard_server::roles::WorkerArgs),
     /// Push to, or ask about, the clients of a gateway cluster from outside.
     Push(switchboard_server::roles::PushArgs),
-    /// Load-test a server that speaks bench/CONTRACT.md (this one or a peer).
+    /// Load-test a server that speaks docs/CLIENT-PROTOCOL.md (this one or a peer).
     Bench(switchboard_server::bench::BenchArgs),
     /// Internal: one worker process of `bench`.
     #[command(hide = true)]

@@ -2,7 +2,7 @@
 //!
 //! - [`cluster`]: start a cluster of reference-app nodes in a given mode
 //!   (in-process, or as processes of the real binary) behind one [`Cluster`] trait.
-//! - [`client`]: WebSocket and TCP clients speaking `bench/CONTRACT.md`.
+//! - [`client`]: WebSocket and TCP clients speaking `docs/CLIENT-PROTOCOL.md`.
 //! - [`http`]: a small HTTP client for the nodes' plain endpoints.
 //! - [`browser`]: headless Chromium through chromedriver, for the web pages.
 //! - [`conformance`]: the checks every mode must pass, and the

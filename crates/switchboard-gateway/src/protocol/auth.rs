@@ -1,4 +1,4 @@
-//! The JSON bodies that authorize inner connections to a gateway (SPEC.md §3.8).
+//! The JSON bodies that authorize inner connections to a gateway (docs/GATEWAY-PROTOCOL.md §3.8).
 //!
 //! A worker link starts with `CMD_WORKER_CONNECT` and a
 //! `{"worker_key":…,"secret_key":…}` body; a pusher's request with a secret set

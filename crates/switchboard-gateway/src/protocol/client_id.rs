@@ -1,4 +1,4 @@
-//! Client ids: which gateway and connection a client is (SPEC.md §3.5).
+//! Client ids: which gateway and connection a client is (docs/GATEWAY-PROTOCOL.md §3.5).
 //!
 //! PHP's `Context::addressToClientId` writes `bin2hex(pack("NnN", local_ip,
 //! local_port, connection_id))`: 20 lowercase hex digits. A worker reads the

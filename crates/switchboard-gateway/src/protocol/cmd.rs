@@ -1,4 +1,4 @@
-//! Command codes of GatewayProtocol frames (SPEC.md §3.3) and the header flag bits (§3.2).
+//! Command codes of GatewayProtocol frames (docs/GATEWAY-PROTOCOL.md §3.3) and the header flag bits (§3.2).
 //!
 //! The values are those of `GatewayWorker\Protocols\GatewayProtocol`; every one
 //! of them was seen on the wire in the recorded vectors. Codes 2 and 17-19 are
@@ -107,7 +107,7 @@ pub fn name(cmd: u8) -> &'static str {
     }
 }
 
-/// Whether a gateway answers the command with a length-prefixed reply (SPEC.md §4.2).
+/// Whether a gateway answers the command with a length-prefixed reply (docs/GATEWAY-PROTOCOL.md §4.2).
 pub fn expects_reply(cmd: u8) -> bool {
     matches!(
         cmd,

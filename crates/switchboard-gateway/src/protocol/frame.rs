@@ -1,4 +1,4 @@
-//! GatewayProtocol frames: the messages on worker links and query sockets (SPEC.md §3.1).
+//! GatewayProtocol frames: the messages on worker links and query sockets (docs/GATEWAY-PROTOCOL.md §3.1).
 //!
 //! A frame is a 28-byte big-endian header, `ext_data` and a body:
 //!
@@ -77,7 +77,7 @@ impl Header {
 pub struct Frame {
     /// The header.
     pub header: Header,
-    /// Command-specific data (SPEC.md §3.4): a session, a uid or group, or JSON.
+    /// Command-specific data (docs/GATEWAY-PROTOCOL.md §3.4): a session, a uid or group, or JSON.
     pub ext_data: Bytes,
     /// The payload, raw: see [`Header::body_is_scalar`].
     pub body: Bytes,

@@ -1,7 +1,7 @@
 //! The GatewayWorker wire protocols, byte-exact with the PHP implementation.
 //!
 //! Everything here is a pure function over bytes; the register, gateway and
-//! worker runtimes add the sockets. What travels where (SPEC.md §1):
+//! worker runtimes add the sockets. What travels where (docs/GATEWAY-PROTOCOL.md §1):
 //!
 //! - [`register`]: newline-terminated JSON between gateways/workers and the
 //!   register.

@@ -1,4 +1,4 @@
-//! The register protocol: one JSON object per `\n`-terminated line (SPEC.md §2).
+//! The register protocol: one JSON object per `\n`-terminated line (docs/GATEWAY-PROTOCOL.md §2).
 //!
 //! Gateways announce their inner address, workers and pushers ask for the
 //! addresses, the register broadcasts them. PHP builds the connect lines by

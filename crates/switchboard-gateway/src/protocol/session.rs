@@ -1,5 +1,5 @@
 //! Sessions: opaque bytes to a gateway, PHP-serialized arrays to workers
-//! (SPEC.md §3.3, §3.7).
+//! (docs/GATEWAY-PROTOCOL.md §3.3, §3.7).
 //!
 //! A gateway stores each client's session string verbatim and echoes it in the
 //! `ext_data` of every event; only `CMD_UPDATE_SESSION` makes it look inside.

@@ -1,4 +1,4 @@
-//! The body of `CMD_ON_WEBSOCKET_CONNECT` (SPEC.md §3.6).
+//! The body of `CMD_ON_WEBSOCKET_CONNECT` (docs/GATEWAY-PROTOCOL.md §3.6).
 //!
 //! After a WebSocket handshake a PHP gateway on workerman 4 sends
 //! `serialize(['get' => $_GET, 'server' => $_SERVER, 'cookie' => $_COOKIE])`

@@ -1,5 +1,5 @@
 //! The load tool's client: connects to a node of a server that speaks
-//! `bench/CONTRACT.md`, over WebSocket or TCP, from a chosen source address.
+//! `docs/CLIENT-PROTOCOL.md`, over WebSocket or TCP, from a chosen source address.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -1,5 +1,5 @@
-//! `switchboard bench`: drives any server that implements `bench/CONTRACT.md`
-//! through the scenarios of `bench/TARGETS.md`, and reports throughput,
+//! `switchboard bench`: drives any server that implements `docs/CLIENT-PROTOCOL.md`
+//! through the scenarios of `docs/BENCHMARK-TARGETS.md`, and reports throughput,
 //! latency percentiles, losses, duplicates, and (given their process ids) the
 //! servers' CPU time per delivery and memory per connection.
 //!

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::client::Endpoint;
 
-/// A benchmark scenario (see `bench/TARGETS.md`).
+/// A benchmark scenario (see `docs/BENCHMARK-TARGETS.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scenario {

@@ -1,5 +1,5 @@
 // The switchboard console: one pane per entry of config.json, each a WebSocket
-// client of the reference application (bench/CONTRACT.md) on one node.
+// client of the reference application (docs/CLIENT-PROTOCOL.md) on one node.
 //
 // Everything that comes from the network or the user is put in the page as
 // text (textContent, append of strings), never parsed as HTML: a message

@@ -204,7 +204,7 @@ impl Builder {
 /// replaces the entry of `base` under the same key (in place) or is appended;
 /// where both values are arrays, they are merged the same way instead.
 ///
-/// This is how a gateway applies `CMD_UPDATE_SESSION` (SPEC.md §3.3).
+/// This is how a gateway applies `CMD_UPDATE_SESSION` (docs/GATEWAY-PROTOCOL.md §3.3).
 pub fn array_replace_recursive(base: &Array, new: &Array) -> Array {
     let mut out = Builder::from_array(base.clone());
     for (k, v) in new {

@@ -1,4 +1,4 @@
-//! The JSON `ext_data` of list-carrying commands (SPEC.md §3.4), byte-exact
+//! The JSON `ext_data` of list-carrying commands (docs/GATEWAY-PROTOCOL.md §3.4), byte-exact
 //! with what `Lib\Gateway` sends and read the way `Gateway.php` reads it.
 //!
 //! PHP builds these with `json_encode` of PHP arrays, so two details decide the
@@ -354,7 +354,7 @@ mod tests {
 
     #[test]
     fn php_bytes() {
-        // Captured from Lib\Gateway (SPEC.md §3.4).
+        // Captured from Lib\Gateway (docs/GATEWAY-PROTOCOL.md §3.4).
         assert_eq!(text(IdList(vec!["bob".into()]).encode()), r#"["bob"]"#);
         assert_eq!(
             text(IdList(vec![Id::Int(7), "a/é".into()]).encode()),

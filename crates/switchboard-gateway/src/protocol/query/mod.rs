@@ -1,5 +1,5 @@
 //! Query sockets: how gateways answer requests, and the JSON `ext_data` of
-//! commands that carry lists (SPEC.md §3.4, §4).
+//! commands that carry lists (docs/GATEWAY-PROTOCOL.md §3.4, §4).
 //!
 //! A reply is not a frame: it is a big-endian `u32` length and that many bytes
 //! of PHP `serialize()` output, written on the connection that asked. Integer
