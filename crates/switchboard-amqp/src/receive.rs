@@ -89,10 +89,27 @@ async fn read(
     // When the oldest unacknowledged delivery must be acknowledged at the latest.
     let timer = tokio::time::sleep(ACK_DELAY);
     tokio::pin!(timer);
+    // A consumer whose connection died does not always end: a session
+    // retired for any reason (a failed publish, a deaf queue) ends its read,
+    // or the node would keep reading a dead consumer while its new session's
+    // queue went unread.
+    let mut state = shared.link.subscribe();
+    let generation = session.generation;
+    let retired = async move {
+        let gone = |s: &crate::link::LinkState| {
+            s.session
+                .as_ref()
+                .is_none_or(|x| x.generation != generation)
+        };
+        // The guard it returns is not `Send`: drop it at once.
+        let _ = state.wait_for(gone).await.map(drop);
+    };
+    tokio::pin!(retired);
     loop {
         let next = tokio::select! {
             biased;
             () = stop.cancelled() => return Ended::Stop,
+            () = &mut retired => return Ended::Failed("the session was retired".into()),
             item = consumer.next() => item,
             () = &mut timer, if last.is_some() => {
                 unacked = 0;
