@@ -57,8 +57,13 @@ pub(crate) async fn consumer(shared: Arc<Shared>, inbound: Inbound, stop: Cancel
         // Announce (again): peers answer with who is alive, and the node
         // counts as alive to them before its first heartbeat.
         let hello = Control::Hello(shared.node().clone());
-        if let Err(e) = publish_control(&shared, &session, wire::BROADCAST_KEY, &hello).await {
-            shared.link.failed(session.generation, &e);
+        let hello = publish_control(&shared, &session, wire::BROADCAST_KEY, &hello);
+        match tokio::time::timeout(BROKER_OP_TIMEOUT, hello).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => shared.link.failed(session.generation, &e),
+            Err(_) => shared
+                .link
+                .failed(session.generation, &"the hello timed out"),
         }
         let ended = read(&shared, &session, &mut consumer, &inbound, &stop).await;
         shared.receiving.store(false, Ordering::Release);
@@ -69,12 +74,23 @@ pub(crate) async fn consumer(shared: Arc<Shared>, inbound: Inbound, stop: Cancel
     }
 }
 
+/// How long a broker operation of the reader may take: on a connection that
+/// died without lapin noticing, an acknowledgement or a publish never
+/// completes, and a reader waiting on it would never read the next session.
+const BROKER_OP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn ack(acker: &Acker) -> Result<(), Ended> {
-    acker
-        .ack(BasicAckOptions { multiple: true })
-        .await
-        .map(drop)
-        .map_err(|e| Ended::Failed(format!("acknowledging deliveries failed: {e}")))
+    match tokio::time::timeout(
+        BROKER_OP_TIMEOUT,
+        acker.ack(BasicAckOptions { multiple: true }),
+    )
+    .await
+    {
+        Ok(r) => r
+            .map(drop)
+            .map_err(|e| Ended::Failed(format!("acknowledging deliveries failed: {e}"))),
+        Err(_) => Err(Ended::Failed("acknowledging deliveries timed out".into())),
+    }
 }
 
 async fn read(
