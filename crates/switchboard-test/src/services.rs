@@ -331,21 +331,52 @@ impl RabbitServer {
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             // Its own process group: the script starts the Erlang VM as a
             // child, and a kill must reach it.
             .process_group(0);
-        self.child = Some(cmd.spawn().context("starting rabbitmq-server")?);
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !amqp_answers(&format!("127.0.0.1:{}", self.port)) {
-            if Instant::now() > deadline {
-                self.kill();
-                bail!("rabbitmq-server on port {} did not start", self.port);
+        // A broker started again on the same node name can exit at once
+        // while the killed one is still registered; it is then started
+        // again. Its output is kept, and shown when it never comes up.
+        let out_path = d.join("server.out");
+        for attempt in 1..=3 {
+            let out = std::fs::File::create(&out_path)?;
+            cmd.stdout(out.try_clone()?).stderr(out);
+            self.child = Some(cmd.spawn().context("starting rabbitmq-server")?);
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                if amqp_answers(&format!("127.0.0.1:{}", self.port)) {
+                    return Ok(());
+                }
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                if exited || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            self.kill();
+            eprintln!(
+                "rabbitmq-server on port {}: start {attempt} failed",
+                self.port
+            );
+            std::thread::sleep(Duration::from_secs(1));
         }
-        Ok(())
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let tail: String = output
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        bail!(
+            "rabbitmq-server on port {} did not start; its output:\n{tail}",
+            self.port
+        )
     }
 
     /// Kills the server (SIGKILL to its whole process group: no goodbye to clients).
