@@ -10,114 +10,136 @@ use serde::Deserialize;
 use switchboard::core::Framing;
 use switchboard::{Limits, NodeId};
 
-/// Flags of `switchboard serve`. Each also reads a `SWITCHBOARD_*` variable.
-#[derive(Debug, Args, Default)]
-pub struct ServeArgs {
-    /// TOML configuration file; its keys are the flag names with `_` for `-`.
-    #[arg(long, env = "SWITCHBOARD_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// This node's id (A-Z a-z 0-9 _ -); random when unset.
-    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
-    pub node_id: Option<String>,
-    /// WebSocket listen address, or `off` [default: 127.0.0.1:9001]
-    #[arg(long, env = "SWITCHBOARD_WS")]
-    pub ws: Option<String>,
-    /// WebSocket path [default: /ws]
-    #[arg(long, env = "SWITCHBOARD_WS_PATH")]
-    pub ws_path: Option<String>,
-    /// TCP listen address, or `off` [default: 127.0.0.1:9101]
-    #[arg(long, env = "SWITCHBOARD_TCP")]
-    pub tcp: Option<String>,
-    /// TCP framing: `line` or `length` [default: line]
-    #[arg(long, env = "SWITCHBOARD_TCP_FRAMING")]
-    pub tcp_framing: Option<Framing>,
-    /// Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..` [default: local]
-    #[arg(long, env = "SWITCHBOARD_CLUSTER")]
-    pub cluster: Option<String>,
-    /// Redis: key and channel prefix (overrides the URL's `prefix`) [default: sb]
-    #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX")]
-    pub redis_prefix: Option<String>,
-    /// Redis: seconds after which a silent node counts as dead (URL `ttl`) [default: 10]
-    #[arg(long, env = "SWITCHBOARD_REDIS_TTL")]
-    pub redis_ttl: Option<String>,
-    /// Redis queue mode: approximate maximum stream length per node (URL `queue_cap`) [default: 100000]
-    #[arg(long, env = "SWITCHBOARD_REDIS_QUEUE_CAP")]
-    pub redis_queue_cap: Option<String>,
-    /// Redis queue mode: seconds an undelivered envelope is kept (URL `queue_age`) [default: 300]
-    #[arg(long, env = "SWITCHBOARD_REDIS_QUEUE_AGE")]
-    pub redis_queue_age: Option<String>,
-    /// Redis queue mode: stream entries read and dispatched per round trip (URL `concurrency`) [default: 256]
-    #[arg(long, env = "SWITCHBOARD_REDIS_CONCURRENCY")]
-    pub redis_concurrency: Option<String>,
-    /// Redis queue mode: seconds a restarted node waits before delivering its backlog (URL `backlog_grace`) [default: 5]
-    #[arg(long, env = "SWITCHBOARD_REDIS_BACKLOG_GRACE")]
-    pub redis_backlog_grace: Option<String>,
-    /// RabbitMQ: `fanout` or `routing` (overrides the URL's `mode`) [default: fanout]
-    #[arg(long, env = "SWITCHBOARD_AMQP_MODE")]
-    pub amqp_mode: Option<String>,
-    /// RabbitMQ: the deployment's exchange (URL `exchange`) [default: PREFIX.MODE]
-    #[arg(long, env = "SWITCHBOARD_AMQP_EXCHANGE")]
-    pub amqp_exchange: Option<String>,
-    /// RabbitMQ: prefix of the node queues' names (URL `prefix`) [default: sb]
-    #[arg(long, env = "SWITCHBOARD_AMQP_PREFIX")]
-    pub amqp_prefix: Option<String>,
-    /// RabbitMQ: seconds after which a silent node counts as dead (URL `ttl`) [default: 10]
-    #[arg(long, env = "SWITCHBOARD_AMQP_TTL")]
-    pub amqp_ttl: Option<String>,
-    /// RabbitMQ: most messages a node's queue holds (URL `queue_cap`) [default: 100000]
-    #[arg(long, env = "SWITCHBOARD_AMQP_QUEUE_CAP")]
-    pub amqp_queue_cap: Option<String>,
-    /// Largest inbound message in bytes [default: 65536]
-    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
-    pub max_message_size: Option<usize>,
-    /// Frames a connection's outbound queue holds before it is closed as slow [default: 1024]
-    #[arg(long, env = "SWITCHBOARD_OUTBOX_FRAMES")]
-    pub outbox_frames: Option<usize>,
-    /// Seconds between WebSocket pings [default: 25]
-    #[arg(long, env = "SWITCHBOARD_HEARTBEAT")]
-    pub heartbeat: Option<u64>,
-    /// Seconds of silence after which a WebSocket client is closed; 0 disables [default: 60]
-    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT")]
-    pub idle_timeout: Option<u64>,
-    /// Seconds of silence after which a TCP client is closed; 0 disables [default: 0]
-    #[arg(long, env = "SWITCHBOARD_TCP_IDLE_TIMEOUT")]
-    pub tcp_idle_timeout: Option<u64>,
-    /// Seconds a client has to complete its handshake [default: 10]
-    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_TIMEOUT")]
-    pub handshake_timeout: Option<u64>,
-    /// Seconds shutdown waits for connections to close [default: 10]
-    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_TIMEOUT")]
-    pub shutdown_timeout: Option<u64>,
+/// Declares every option of `switchboard serve` once: its flag (the name with
+/// `-` for `_`), its `SWITCHBOARD_*` variable, its TOML key (the name), its
+/// built-in default and its help text. From that one table come the flags
+/// ([`ServeArgs`], which is also what a TOML file deserializes into, unknown
+/// keys refused), the merge of flags over file, and [`Options`], the merged
+/// values with the defaults applied.
+macro_rules! options {
+    ($(
+        $(#[$attr:meta])*
+        $name:ident : $ty:ty $(= $default:literal)?, $env:literal, $help:literal;
+    )*) => {
+        /// Flags of `switchboard serve`, and the keys of its TOML file. Each
+        /// flag also reads a `SWITCHBOARD_*` variable.
+        #[derive(Debug, Default, Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ServeArgs {
+            /// TOML configuration file; its keys are the flag names with `_` for `-`.
+            #[arg(long, env = "SWITCHBOARD_CONFIG")]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                #[doc = $help]
+                #[arg(long, env = $env, help = concat!($help $(, " [default: ", $default, "]")?))]
+                #[serde(default)]
+                $(#[$attr])*
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        /// Every option, merged: flags over the file, the file over the
+        /// built-in defaults.
+        #[derive(Debug, Clone)]
+        #[non_exhaustive]
+        pub struct Options {
+            $(
+                #[doc = $help]
+                pub $name: options!(@ty $ty $(, $default)?),
+            )*
+        }
+
+        impl ServeArgs {
+            /// These flags over `file`, over the defaults.
+            fn merge(self, file: ServeArgs) -> Options {
+                Options {
+                    $( $name: options!(@val self.$name.or(file.$name) $(, $default)?), )*
+                }
+            }
+        }
+    };
+    (@ty $ty:ty) => { Option<$ty> };
+    (@ty $ty:ty, $default:literal) => { $ty };
+    (@val $v:expr) => { $v };
+    (@val $v:expr, $default:literal) => {
+        match $v {
+            Some(v) => v,
+            // Every default parses: `every_default_parses` below.
+            None => $default.parse().expect("a built-in default parses"),
+        }
+    };
 }
 
-/// The same settings, from a TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    node_id: Option<String>,
-    ws: Option<String>,
-    ws_path: Option<String>,
-    tcp: Option<String>,
-    tcp_framing: Option<Framing>,
-    cluster: Option<String>,
-    redis_prefix: Option<String>,
-    redis_ttl: Option<toml::Value>,
-    redis_queue_cap: Option<toml::Value>,
-    redis_queue_age: Option<toml::Value>,
-    redis_concurrency: Option<toml::Value>,
-    redis_backlog_grace: Option<toml::Value>,
-    amqp_mode: Option<String>,
-    amqp_exchange: Option<String>,
-    amqp_prefix: Option<String>,
-    amqp_ttl: Option<toml::Value>,
-    amqp_queue_cap: Option<toml::Value>,
-    max_message_size: Option<usize>,
-    outbox_frames: Option<usize>,
-    heartbeat: Option<u64>,
-    idle_timeout: Option<u64>,
-    tcp_idle_timeout: Option<u64>,
-    handshake_timeout: Option<u64>,
-    shutdown_timeout: Option<u64>,
+options! {
+    node_id: String, "SWITCHBOARD_NODE_ID",
+        "This node's id (A-Z a-z 0-9 _ -); random when unset.";
+    ws: String = "127.0.0.1:9001", "SWITCHBOARD_WS",
+        "WebSocket listen address, or `off`";
+    ws_path: String = "/ws", "SWITCHBOARD_WS_PATH",
+        "WebSocket path";
+    tcp: String = "127.0.0.1:9101", "SWITCHBOARD_TCP",
+        "TCP listen address, or `off`";
+    tcp_framing: Framing = "line", "SWITCHBOARD_TCP_FRAMING",
+        "TCP framing: `line` or `length`";
+    cluster: String = "local", "SWITCHBOARD_CLUSTER",
+        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..`";
+    #[serde(deserialize_with = "text")]
+    redis_prefix: String, "SWITCHBOARD_REDIS_PREFIX",
+        "Redis: key and channel prefix (overrides the URL's `prefix`; default sb)";
+    #[serde(deserialize_with = "text")]
+    redis_ttl: String, "SWITCHBOARD_REDIS_TTL",
+        "Redis: seconds after which a silent node counts as dead (URL `ttl`; default 10)";
+    #[serde(deserialize_with = "text")]
+    redis_queue_cap: String, "SWITCHBOARD_REDIS_QUEUE_CAP",
+        "Redis queue mode: approximate maximum stream length per node (URL `queue_cap`; default 100000)";
+    #[serde(deserialize_with = "text")]
+    redis_queue_age: String, "SWITCHBOARD_REDIS_QUEUE_AGE",
+        "Redis queue mode: seconds an undelivered envelope is kept (URL `queue_age`; default 300)";
+    #[serde(deserialize_with = "text")]
+    redis_concurrency: String, "SWITCHBOARD_REDIS_CONCURRENCY",
+        "Redis queue mode: stream entries read and dispatched per round trip (URL `concurrency`; default 256)";
+    #[serde(deserialize_with = "text")]
+    redis_backlog_grace: String, "SWITCHBOARD_REDIS_BACKLOG_GRACE",
+        "Redis queue mode: seconds a restarted node waits before delivering its backlog (URL `backlog_grace`; default 5)";
+    #[serde(deserialize_with = "text")]
+    amqp_mode: String, "SWITCHBOARD_AMQP_MODE",
+        "RabbitMQ: `fanout` or `routing` (overrides the URL's `mode`; default fanout)";
+    #[serde(deserialize_with = "text")]
+    amqp_exchange: String, "SWITCHBOARD_AMQP_EXCHANGE",
+        "RabbitMQ: the deployment's exchange (URL `exchange`; default PREFIX.MODE)";
+    #[serde(deserialize_with = "text")]
+    amqp_prefix: String, "SWITCHBOARD_AMQP_PREFIX",
+        "RabbitMQ: prefix of the node queues' names (URL `prefix`; default sb)";
+    #[serde(deserialize_with = "text")]
+    amqp_ttl: String, "SWITCHBOARD_AMQP_TTL",
+        "RabbitMQ: seconds after which a silent node counts as dead (URL `ttl`; default 10)";
+    #[serde(deserialize_with = "text")]
+    amqp_queue_cap: String, "SWITCHBOARD_AMQP_QUEUE_CAP",
+        "RabbitMQ: most messages a node's queue holds (URL `queue_cap`; default 100000)";
+    max_message_size: usize = "65536", "SWITCHBOARD_MAX_MESSAGE_SIZE",
+        "Largest inbound message in bytes";
+    outbox_frames: usize = "1024", "SWITCHBOARD_OUTBOX_FRAMES",
+        "Frames a connection's outbound queue holds before it is closed as slow";
+    heartbeat: u64 = "25", "SWITCHBOARD_HEARTBEAT",
+        "Seconds between WebSocket pings";
+    idle_timeout: u64 = "60", "SWITCHBOARD_IDLE_TIMEOUT",
+        "Seconds of silence after which a WebSocket client is closed; 0 disables";
+    tcp_idle_timeout: u64 = "0", "SWITCHBOARD_TCP_IDLE_TIMEOUT",
+        "Seconds of silence after which a TCP client is closed; 0 disables";
+    handshake_timeout: u64 = "10", "SWITCHBOARD_HANDSHAKE_TIMEOUT",
+        "Seconds a client has to complete its handshake";
+    shutdown_timeout: u64 = "10", "SWITCHBOARD_SHUTDOWN_TIMEOUT",
+        "Seconds shutdown waits for connections to close";
+}
+
+/// A cluster option from TOML, where it may be written as a string or a
+/// number: the text its URL parser reads.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Some(match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => s,
+        other => other.to_string(),
+    }))
 }
 
 /// Where the cluster's other nodes are reached.
@@ -243,34 +265,16 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
+    /// The built-in defaults of the options table.
     fn default() -> Self {
-        Self {
-            node_id: None,
-            ws: Some("127.0.0.1:9001".into()),
-            ws_path: "/ws".into(),
-            tcp: Some("127.0.0.1:9101".into()),
-            tcp_framing: Framing::Line,
-            cluster: ClusterUrl::Local,
-            limits: Limits::default(),
-            shutdown_timeout: Duration::from_secs(10),
-        }
+        Self::from_options(ServeArgs::default().merge(ServeArgs::default()))
+            .expect("the built-in defaults are a valid configuration")
     }
 }
 
-fn listener(value: Option<String>, default: Option<String>) -> Option<String> {
-    match value {
-        Some(v) if v == "off" || v == "none" || v.is_empty() => None,
-        Some(v) => Some(v),
-        None => default,
-    }
-}
-
-/// A TOML scalar as the text an option parser reads.
-fn toml_text(v: toml::Value) -> String {
-    match v {
-        toml::Value::String(s) => s,
-        other => other.to_string(),
-    }
+/// A listen address, or `None` for `off`.
+fn listener(value: String) -> Option<String> {
+    (!matches!(value.as_str(), "off" | "none" | "")).then_some(value)
 }
 
 /// Sets each given `(URL option, config key, value)` on the cluster with
@@ -301,87 +305,45 @@ impl ServeConfig {
                     path: path.clone(),
                     source,
                 })?;
-                toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse {
+                toml::from_str::<ServeArgs>(&text).map_err(|source| ConfigError::Parse {
                     path: path.clone(),
                     source,
                 })?
             }
-            None => FileConfig::default(),
+            None => ServeArgs::default(),
         };
-        let d = ServeConfig::default();
+        Self::from_options(args.merge(file))
+    }
+
+    /// Checks merged options and builds the node's configuration from them.
+    pub fn from_options(o: Options) -> Result<Self, ConfigError> {
         let mut limits = Limits::default();
-        if let Some(v) = args.max_message_size.or(file.max_message_size) {
-            limits.max_message_size = v;
-        }
-        if let Some(v) = args.outbox_frames.or(file.outbox_frames) {
-            limits.outbox_frames = v.max(1);
-        }
-        if let Some(v) = args.heartbeat.or(file.heartbeat) {
-            limits.heartbeat = Duration::from_secs(v.max(1));
-        }
-        if let Some(v) = args.idle_timeout.or(file.idle_timeout) {
-            limits.ws_idle_timeout = secs_opt(v);
-        }
-        if let Some(v) = args.tcp_idle_timeout.or(file.tcp_idle_timeout) {
-            limits.tcp_idle_timeout = secs_opt(v);
-        }
-        if let Some(v) = args.handshake_timeout.or(file.handshake_timeout) {
-            limits.handshake_timeout = Duration::from_secs(v.max(1));
-        }
-        let cfg = ServeConfig {
-            node_id: args.node_id.or(file.node_id).map(NodeId::new).transpose()?,
-            ws: listener(args.ws.or(file.ws), d.ws),
-            ws_path: args.ws_path.or(file.ws_path).unwrap_or(d.ws_path),
-            tcp: listener(args.tcp.or(file.tcp), d.tcp),
-            tcp_framing: args
-                .tcp_framing
-                .or(file.tcp_framing)
-                .unwrap_or(d.tcp_framing),
-            cluster: args
-                .cluster
-                .or(file.cluster)
-                .map(|c| c.parse())
-                .transpose()?
-                .unwrap_or(d.cluster),
+        limits.max_message_size = o.max_message_size;
+        limits.outbox_frames = o.outbox_frames.max(1);
+        limits.heartbeat = Duration::from_secs(o.heartbeat.max(1));
+        limits.ws_idle_timeout = secs_opt(o.idle_timeout);
+        limits.tcp_idle_timeout = secs_opt(o.tcp_idle_timeout);
+        limits.handshake_timeout = Duration::from_secs(o.handshake_timeout.max(1));
+        let mut cfg = ServeConfig {
+            node_id: o.node_id.map(NodeId::new).transpose()?,
+            ws: listener(o.ws),
+            ws_path: o.ws_path,
+            tcp: listener(o.tcp),
+            tcp_framing: o.tcp_framing,
+            cluster: o.cluster.parse()?,
             limits,
-            shutdown_timeout: args
-                .shutdown_timeout
-                .or(file.shutdown_timeout)
-                .map_or(d.shutdown_timeout, Duration::from_secs),
+            shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
         };
-        let mut cfg = cfg;
-        let redis_opts: [(&'static str, &'static str, Option<String>); 6] = [
-            (
-                "prefix",
-                "redis_prefix",
-                args.redis_prefix.or(file.redis_prefix),
-            ),
-            (
-                "ttl",
-                "redis_ttl",
-                args.redis_ttl.or(file.redis_ttl.map(toml_text)),
-            ),
-            (
-                "queue_cap",
-                "redis_queue_cap",
-                args.redis_queue_cap.or(file.redis_queue_cap.map(toml_text)),
-            ),
-            (
-                "queue_age",
-                "redis_queue_age",
-                args.redis_queue_age.or(file.redis_queue_age.map(toml_text)),
-            ),
-            (
-                "concurrency",
-                "redis_concurrency",
-                args.redis_concurrency
-                    .or(file.redis_concurrency.map(toml_text)),
-            ),
+        let redis_opts = [
+            ("prefix", "redis_prefix", o.redis_prefix),
+            ("ttl", "redis_ttl", o.redis_ttl),
+            ("queue_cap", "redis_queue_cap", o.redis_queue_cap),
+            ("queue_age", "redis_queue_age", o.redis_queue_age),
+            ("concurrency", "redis_concurrency", o.redis_concurrency),
             (
                 "backlog_grace",
                 "redis_backlog_grace",
-                args.redis_backlog_grace
-                    .or(file.redis_backlog_grace.map(toml_text)),
+                o.redis_backlog_grace,
             ),
         ];
         apply(
@@ -393,28 +355,12 @@ impl ServeConfig {
             },
         )
         .map_err(|e| e.unwrap_or_else(ConfigError::RedisOptionWithoutRedis))?;
-        let amqp_opts: [(&'static str, &'static str, Option<String>); 5] = [
-            ("mode", "amqp_mode", args.amqp_mode.or(file.amqp_mode)),
-            (
-                "exchange",
-                "amqp_exchange",
-                args.amqp_exchange.or(file.amqp_exchange),
-            ),
-            (
-                "prefix",
-                "amqp_prefix",
-                args.amqp_prefix.or(file.amqp_prefix),
-            ),
-            (
-                "ttl",
-                "amqp_ttl",
-                args.amqp_ttl.or(file.amqp_ttl.map(toml_text)),
-            ),
-            (
-                "queue_cap",
-                "amqp_queue_cap",
-                args.amqp_queue_cap.or(file.amqp_queue_cap.map(toml_text)),
-            ),
+        let amqp_opts = [
+            ("mode", "amqp_mode", o.amqp_mode),
+            ("exchange", "amqp_exchange", o.amqp_exchange),
+            ("prefix", "amqp_prefix", o.amqp_prefix),
+            ("ttl", "amqp_ttl", o.amqp_ttl),
+            ("queue_cap", "amqp_queue_cap", o.amqp_queue_cap),
         ];
         apply(
             &mut cfg.cluster,
@@ -552,5 +498,55 @@ mod tests {
             }),
             Err(ConfigError::NoListener)
         ));
+    }
+
+    #[test]
+    fn every_default_parses_and_matches_the_library() {
+        // `ServeConfig::default` parses every default of the table.
+        let cfg = ServeConfig::default();
+        assert_eq!(cfg.ws.as_deref(), Some("127.0.0.1:9001"));
+        assert_eq!(cfg.tcp.as_deref(), Some("127.0.0.1:9101"));
+        assert!(matches!(cfg.cluster, ClusterUrl::Local));
+        // The server's defaults are the library's, so a library user and an
+        // operator get the same node.
+        let lib = Limits::default();
+        assert_eq!(cfg.limits.max_message_size, lib.max_message_size);
+        assert_eq!(cfg.limits.outbox_frames, lib.outbox_frames);
+        assert_eq!(cfg.limits.heartbeat, lib.heartbeat);
+        assert_eq!(cfg.limits.ws_idle_timeout, lib.ws_idle_timeout);
+        assert_eq!(cfg.limits.tcp_idle_timeout, lib.tcp_idle_timeout);
+        assert_eq!(cfg.limits.handshake_timeout, lib.handshake_timeout);
+    }
+
+    #[test]
+    fn the_help_names_each_flag_its_variable_and_its_default() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let mut cmd = Cli::command();
+        let help = cmd.render_long_help().to_string();
+        for needle in [
+            "--ws <WS>",
+            "SWITCHBOARD_WS=",
+            "[default: 127.0.0.1:9001]",
+            "--redis-queue-cap",
+            "SWITCHBOARD_REDIS_QUEUE_CAP=",
+            "--heartbeat",
+            "[default: 25]",
+        ] {
+            assert!(help.contains(needle), "{needle:?} missing from\n{help}");
+        }
+    }
+
+    #[test]
+    fn toml_takes_numbers_or_strings_for_cluster_options() {
+        let args: ServeArgs = toml::from_str("redis_ttl = 4\nredis_prefix = \"p\"").unwrap();
+        assert_eq!(args.redis_ttl.as_deref(), Some("4"));
+        assert_eq!(args.redis_prefix.as_deref(), Some("p"));
+        let err = toml::from_str::<ServeArgs>("config = \"x.toml\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }
