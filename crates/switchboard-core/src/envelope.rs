@@ -129,6 +129,9 @@ pub enum OpResult {
     Answer(LocalAnswer),
     /// The node refused or failed the operation.
     Failed(String),
+    /// The operation breaks a limit or a rule of the node's (a connection in
+    /// too many groups, a name too long): the reason, for the client.
+    Refused(String),
 }
 
 /// An envelope could not be decoded.

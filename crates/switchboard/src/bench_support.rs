@@ -26,7 +26,7 @@ impl std::fmt::Debug for Fanout {
 impl Fanout {
     /// Registers `n` connections of distinct users in group `g`.
     pub fn new(n: usize) -> Self {
-        let mut registry = Registry::new(NodeId::new("bench").expect("valid id"));
+        let mut registry = Registry::new(NodeId::new("bench").expect("valid id"), usize::MAX);
         let mut outboxes = Vec::with_capacity(n);
         for i in 0..n {
             let o = Arc::new(Outbox::new(Caps {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use futures_util::future::Either;
 use switchboard_core::{ConnId, Frame};
 
+use crate::config::{Bucket, Take};
 use crate::handler::{CloseReason, Transport};
 use crate::hub::Hub;
 use crate::outbox::Outbox;
@@ -43,6 +44,11 @@ pub(crate) trait Wire: Send {
     fn writable(&mut self) -> impl Future<Output = Result<(), CloseReason>> + Send;
     /// Queues a keep-alive (the next flush writes it).
     fn ping(&mut self) -> Result<(), CloseReason>;
+    /// Queues a last frame that says why the server closes, for a transport
+    /// with no close frame of its own (TCP); the next flush writes it.
+    fn notify(&mut self, frame: &Frame) {
+        let _ = frame;
+    }
     /// Whether the transport holds bytes of its own to write (a pong).
     fn wants_flush(&self) -> bool {
         false
@@ -103,6 +109,12 @@ pub(crate) fn run<W: Wire>(
         }
         tracing::debug!(node = %hub.node_id(), %conn, ?transport, "open");
 
+        // Only rate-limited connections pay for a bucket (an idle connection
+        // is mostly this future).
+        let mut bucket = hub
+            .limits()
+            .message_rate
+            .map(|l| Bucket::new(&l, hub.clock_ms()));
         let reason = loop {
             tokio::select! {
                 () = outbox.wait() => {
@@ -115,9 +127,26 @@ pub(crate) fn run<W: Wire>(
                 }
                 incoming = wire.recv() => match incoming {
                     Incoming::Frame(frame) => {
-                        outbox.heard(hub.clock_ms());
+                        let now = hub.clock_ms();
+                        outbox.heard(now);
                         Counters::add(&hub.counters().frames_in, 1);
-                        hub.handler().on_message(&hub, &conn, frame).await;
+                        match (&mut bucket, &hub.limits().message_rate) {
+                            (Some(b), Some(limit)) => match b.take(limit, now) {
+                                Take::Allow => hub.handler().on_message(&hub, &conn, frame).await,
+                                Take::Over => {
+                                    Counters::add(&hub.counters().rate_limited, 1);
+                                    hub.handler().on_rate_limited(&hub, &conn).await;
+                                }
+                                Take::Abuse => {
+                                    Counters::add(&hub.counters().rate_limited, 1);
+                                    break CloseReason::Policy(format!(
+                                        "kept sending over the limit of {} messages a second",
+                                        limit.per_second
+                                    ));
+                                }
+                            },
+                            _ => hub.handler().on_message(&hub, &conn, frame).await,
+                        }
                     }
                     Incoming::Alive => {
                         outbox.heard(hub.clock_ms());
@@ -140,6 +169,18 @@ pub(crate) fn run<W: Wire>(
                 flush(&hub, &mut wire, &outbox).await;
             } else {
                 outbox.discard();
+            }
+            let told = !matches!(reason, CloseReason::Client { .. } | CloseReason::Io(_));
+            if let Some(notice) = told
+                .then(|| hub.handler().close_notice(&hub, &reason))
+                .flatten()
+            {
+                wire.notify(&notice);
+                while let Ok(f) = wire.try_flush(&outbox) {
+                    if f.done || wire.writable().await.is_err() {
+                        break;
+                    }
+                }
             }
             wire.close(&outbox, &reason).await;
         }))

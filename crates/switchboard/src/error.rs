@@ -25,6 +25,11 @@ pub enum OpError {
     /// The node holding the connection did not answer in time.
     #[error("node {0} did not answer in time")]
     Timeout(NodeId),
+    /// The operation breaks a limit or a rule: a connection already in as many
+    /// groups as it may be, a name that is empty, too long or has control
+    /// characters. The reason is meant for the client.
+    #[error("{0}")]
+    Refused(String),
     /// The node answered with an error.
     #[error("node {node} failed the operation: {reason}")]
     Remote {

@@ -221,6 +221,8 @@ pub enum CloseReason {
     InvalidUtf8,
     /// It broke the protocol (bad framing, bad WebSocket frame).
     Protocol(String),
+    /// It broke a policy of the server's: kept sending over its rate limit.
+    Policy(String),
     /// The socket failed.
     Io(String),
     /// The server is shutting down.
@@ -236,7 +238,7 @@ impl CloseReason {
             CloseReason::Shutdown => 1001,
             CloseReason::Protocol(_) => 1002,
             CloseReason::InvalidUtf8 => 1007,
-            CloseReason::SlowConsumer => 1008,
+            CloseReason::SlowConsumer | CloseReason::Policy(_) => 1008,
             CloseReason::TooBig => 1009,
             CloseReason::Io(_) => 1011,
         }
@@ -262,6 +264,7 @@ impl fmt::Display for CloseReason {
             CloseReason::TooBig => f.write_str("message too big"),
             CloseReason::InvalidUtf8 => f.write_str("invalid UTF-8"),
             CloseReason::Protocol(r) => write!(f, "protocol error: {r}"),
+            CloseReason::Policy(r) => write!(f, "policy violation: {r}"),
             CloseReason::Io(r) => write!(f, "i/o error: {r}"),
             CloseReason::Shutdown => f.write_str("server shutting down"),
         }
@@ -284,6 +287,22 @@ pub trait Handler: Send + Sync + 'static {
     /// A connection sent a frame.
     async fn on_message(&self, hub: &Hub, conn: &ConnId, frame: Frame) {
         let _ = (hub, conn, frame);
+    }
+
+    /// A connection sent a message over its rate limit
+    /// ([`Limits::message_rate`](crate::Limits::message_rate)); the message
+    /// was not handled. Default: nothing (tell the client, for example).
+    async fn on_rate_limited(&self, hub: &Hub, conn: &ConnId) {
+        let _ = (hub, conn);
+    }
+
+    /// A last frame for a client the server closes, on a transport with no
+    /// close frame of its own (TCP; WebSocket clients get a close code and
+    /// reason): say why, in the application's own protocol. Not asked when
+    /// the client closed or the socket failed. Default: none.
+    fn close_notice(&self, hub: &Hub, reason: &CloseReason) -> Option<Frame> {
+        let _ = (hub, reason);
+        None
     }
 
     /// A connection closed. Its bindings are already gone.

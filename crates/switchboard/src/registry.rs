@@ -21,8 +21,109 @@ use crate::outbox::{Outbox, Queued};
 pub(crate) struct Slot {
     pub(crate) outbox: Arc<Outbox>,
     user: Option<UserId>,
-    groups: Vec<GroupId>,
+    groups: GroupSet,
     session: Session,
+}
+
+/// A connection's groups: a short list while there are few (most connections
+/// are in one or two groups, at 16 bytes a group), a hash set beyond, so that a
+/// join or leave never scans a long list while the registry's lock is held.
+#[derive(Debug)]
+enum GroupSet {
+    Few(Vec<GroupId>),
+    Many(HashSet<GroupId>),
+}
+
+impl Default for GroupSet {
+    fn default() -> Self {
+        GroupSet::Few(Vec::new())
+    }
+}
+
+impl GroupSet {
+    /// Past this many, a list becomes a set.
+    const FEW: usize = 8;
+
+    fn len(&self) -> usize {
+        match self {
+            GroupSet::Few(v) => v.len(),
+            GroupSet::Many(s) => s.len(),
+        }
+    }
+
+    fn contains(&self, g: &GroupId) -> bool {
+        match self {
+            GroupSet::Few(v) => v.contains(g),
+            GroupSet::Many(s) => s.contains(g),
+        }
+    }
+
+    fn insert(&mut self, g: GroupId) {
+        match self {
+            GroupSet::Few(v) if v.len() < Self::FEW => v.push(g),
+            GroupSet::Few(v) => {
+                let mut set: HashSet<GroupId> = v.drain(..).collect();
+                set.insert(g);
+                *self = GroupSet::Many(set);
+            }
+            GroupSet::Many(s) => {
+                s.insert(g);
+            }
+        }
+    }
+
+    /// Removes `g`; whether it was there.
+    fn remove(&mut self, g: &GroupId) -> bool {
+        match self {
+            GroupSet::Few(v) => match v.iter().position(|x| x == g) {
+                Some(i) => {
+                    v.swap_remove(i);
+                    true
+                }
+                None => false,
+            },
+            GroupSet::Many(s) => {
+                let removed = s.remove(g);
+                shrink(s.len(), s.capacity(), |n| s.shrink_to(n));
+                removed
+            }
+        }
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = &GroupId> + '_> {
+        match self {
+            GroupSet::Few(v) => Box::new(v.iter()),
+            GroupSet::Many(s) => Box::new(s.iter()),
+        }
+    }
+
+    fn take(&mut self) -> Vec<GroupId> {
+        match std::mem::take(self) {
+            GroupSet::Few(v) => v,
+            GroupSet::Many(s) => s.into_iter().collect(),
+        }
+    }
+}
+
+/// Gives memory back once a map is mostly empty: a hash map keeps its
+/// capacity when entries leave, so one client that joined 100,000 groups would
+/// otherwise leave megabytes behind it. Halving at a quarter keeps the cost
+/// amortized O(1) per removal.
+fn shrink(len: usize, capacity: usize, shrink_to: impl FnOnce(usize)) {
+    if capacity > 64 && len * 4 < capacity {
+        shrink_to(len * 2);
+    }
+}
+
+/// What a join did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Joined {
+    /// The connection is in the group (it may already have been).
+    Yes,
+    /// No such connection.
+    NoConn,
+    /// The connection is in as many groups as it may be.
+    Full,
 }
 
 /// What a local delivery did.
@@ -39,11 +140,14 @@ pub(crate) struct Registry {
     conns: HashMap<u64, Slot>,
     users: HashMap<UserId, Vec<u64>>,
     groups: HashMap<GroupId, HashMap<u64, Arc<Outbox>>>,
+    /// Most groups one connection may be in.
+    max_groups: usize,
 }
 
 impl Registry {
-    pub(crate) fn new(node: NodeId) -> Self {
+    pub(crate) fn new(node: NodeId, max_groups: usize) -> Self {
         Self {
+            max_groups,
             node,
             conns: HashMap::new(),
             users: HashMap::new(),
@@ -83,7 +187,7 @@ impl Registry {
             Slot {
                 outbox,
                 user: None,
-                groups: Vec::new(),
+                groups: GroupSet::default(),
                 session,
             },
         );
@@ -98,7 +202,14 @@ impl Registry {
             self.bind(seq, u, bp);
         }
         for g in groups {
-            self.join(seq, g, bp);
+            if self.join(seq, g, bp) == Joined::Full {
+                tracing::warn!(
+                    conn = %self.id(seq),
+                    max = self.max_groups,
+                    "the application accepted a connection into more groups than it may join; the rest are left out"
+                );
+                break;
+            }
         }
     }
 
@@ -110,12 +221,15 @@ impl Registry {
         let groups = self
             .conns
             .get_mut(&seq)
-            .map(|s| std::mem::take(&mut s.groups))
+            .map(|s| s.groups.take())
             .unwrap_or_default();
         for g in groups {
             self.leave_group_map(seq, &g, bp);
         }
         let slot = self.conns.remove(&seq);
+        shrink(self.conns.len(), self.conns.capacity(), |n| {
+            self.conns.shrink_to(n)
+        });
         bp.membership(&MembershipChange::Closed { conn: self.id(seq) });
         slot
     }
@@ -158,6 +272,9 @@ impl Registry {
             count = e.get().len() as u32;
             if count == 0 {
                 e.remove();
+                shrink(self.users.len(), self.users.capacity(), |n| {
+                    self.users.shrink_to(n)
+                });
             }
         }
         bp.membership(&MembershipChange::Unbound {
@@ -169,14 +286,17 @@ impl Registry {
         true
     }
 
-    pub(crate) fn join(&mut self, seq: u64, group: GroupId, bp: &dyn Backplane) -> bool {
+    pub(crate) fn join(&mut self, seq: u64, group: GroupId, bp: &dyn Backplane) -> Joined {
         let Some(slot) = self.conns.get_mut(&seq) else {
-            return false;
+            return Joined::NoConn;
         };
         if slot.groups.contains(&group) {
-            return true;
+            return Joined::Yes;
         }
-        slot.groups.push(group.clone());
+        if slot.groups.len() >= self.max_groups {
+            return Joined::Full;
+        }
+        slot.groups.insert(group.clone());
         let outbox = slot.outbox.clone();
         let members = self.groups.entry(group.clone()).or_default();
         let first = members.is_empty();
@@ -188,16 +308,14 @@ impl Registry {
             first,
             count,
         });
-        true
+        Joined::Yes
     }
 
     pub(crate) fn leave(&mut self, seq: u64, group: &GroupId, bp: &dyn Backplane) -> bool {
         let Some(slot) = self.conns.get_mut(&seq) else {
             return false;
         };
-        let before = slot.groups.len();
-        slot.groups.retain(|g| g != group);
-        if slot.groups.len() != before {
+        if slot.groups.remove(group) {
             self.leave_group_map(seq, group, bp);
         }
         true
@@ -210,6 +328,11 @@ impl Registry {
             count = members.len() as u32;
             if count == 0 {
                 self.groups.remove(group);
+                shrink(self.groups.len(), self.groups.capacity(), |n| {
+                    self.groups.shrink_to(n)
+                });
+            } else {
+                shrink(members.len(), members.capacity(), |n| members.shrink_to(n));
             }
         }
         bp.membership(&MembershipChange::Left {
@@ -263,7 +386,7 @@ impl Registry {
                     count,
                 });
             }
-            for group in &slot.groups {
+            for group in slot.groups.iter() {
                 let count = self.groups.get(group).map_or(0, HashMap::len) as u32;
                 f(MembershipChange::Joined {
                     conn: conn.clone(),
@@ -403,6 +526,7 @@ mod tests {
     use crate::config::SlowConsumer;
     use crate::outbox::Caps;
     use std::sync::Mutex;
+    use switchboard_core::Standalone;
     use switchboard_core::backplane::{
         BackplaneStats, Dest, Handoff, JoinContext, JoinError, Status,
     };
@@ -445,7 +569,7 @@ mod tests {
 
     fn setup() -> (Registry, Recorder, Vec<Arc<Outbox>>) {
         let bp = Recorder::default();
-        let mut r = Registry::new(NodeId::new("n").unwrap());
+        let mut r = Registry::new(NodeId::new("n").unwrap(), 128);
         let obs: Vec<_> = (0..4).map(|_| outbox()).collect();
         r.insert(
             0,
@@ -563,5 +687,37 @@ mod tests {
             LocalAnswer::Conns(vec![n(2), n(0)])
         );
         assert!(!r.bind(9, "x".into(), &bp));
+    }
+
+    #[test]
+    fn many_groups_join_and_leave_in_constant_time_and_give_memory_back() {
+        let bp = Standalone;
+        let mut r = Registry::new(NodeId::new("n").unwrap(), usize::MAX);
+        r.insert(1, outbox(), None, Vec::new(), Session::new(), &bp);
+        r.insert(2, outbox(), None, vec!["keep".into()], Session::new(), &bp);
+        let n = 20_000;
+        for i in 0..n {
+            assert_eq!(r.join(1, GroupId::from(format!("g{i}")), &bp), Joined::Yes);
+        }
+        // A repeated join finds the group by hash, not by scanning 20,000.
+        assert_eq!(r.join(1, GroupId::from("g19999"), &bp), Joined::Yes);
+        assert!(matches!(r.conns[&1].groups, GroupSet::Many(_)));
+        assert_eq!(r.groups.len(), n + 1);
+        for i in 0..n / 2 {
+            assert!(r.leave(1, &GroupId::from(format!("g{i}")), &bp));
+        }
+        assert_eq!(r.conns[&1].groups.len(), n / 2);
+        r.remove(1, &bp);
+        // What the client took is given back when it leaves.
+        assert_eq!(r.groups.len(), 1);
+        assert!(r.groups.capacity() < 1024, "{}", r.groups.capacity());
+        // A capped registry refuses past its cap.
+        let mut r = Registry::new(NodeId::new("n").unwrap(), 2);
+        r.insert(1, outbox(), None, Vec::new(), Session::new(), &bp);
+        assert_eq!(r.join(1, "a".into(), &bp), Joined::Yes);
+        assert_eq!(r.join(1, "b".into(), &bp), Joined::Yes);
+        assert_eq!(r.join(1, "a".into(), &bp), Joined::Yes, "already in");
+        assert_eq!(r.join(1, "c".into(), &bp), Joined::Full);
+        assert_eq!(r.join(9, "c".into(), &bp), Joined::NoConn);
     }
 }

@@ -15,6 +15,9 @@ pub(crate) struct Counters {
     pub(crate) slow_closed: AtomicU64,
     pub(crate) bad_envelopes: AtomicU64,
     pub(crate) inbound_dropped: AtomicU64,
+    pub(crate) ops_refused: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
+    pub(crate) policy_closed: AtomicU64,
 }
 
 impl Counters {
@@ -49,6 +52,14 @@ pub struct HubStats {
     pub bad_envelopes: u64,
     /// Envelopes from peers dropped because this node's inbound queue was full.
     pub inbound_dropped: u64,
+    /// Operations on this node's connections refused by a limit (a join past
+    /// the cap of groups per connection).
+    pub ops_refused: u64,
+    /// Client messages not handled because they came over the rate limit.
+    pub messages_rate_limited: u64,
+    /// Connections closed for a policy violation: kept sending over the rate
+    /// limit (WebSocket 1008).
+    pub policy_closed: u64,
     /// The backplane's own counters.
     pub backplane: BackplaneStats,
 }
@@ -67,6 +78,9 @@ impl Counters {
             slow_consumers_closed: g(&self.slow_closed),
             bad_envelopes: g(&self.bad_envelopes),
             inbound_dropped: g(&self.inbound_dropped),
+            ops_refused: g(&self.ops_refused),
+            messages_rate_limited: g(&self.rate_limited),
+            policy_closed: g(&self.policy_closed),
             backplane,
         }
     }

@@ -659,3 +659,106 @@ async fn a_burst_between_two_nodes_is_not_dropped() {
         n.hub.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_stop_at_the_cap_on_any_node_and_bad_names_are_refused() {
+    let bus = MemoryBus::new();
+    let mut limits = Limits::default();
+    limits.max_groups_per_conn = 3;
+    let a = node(Some(&bus), "ca", limits.clone()).await;
+    let b = node(Some(&bus), "cb", limits).await;
+    let (_ws, conn) = client(&a, "uid=u&group=g0").await;
+    for g in ["g1", "g2", "g1"] {
+        a.hub.join(&conn, g).await.unwrap();
+    }
+    // The fourth distinct group is refused, by the node holding the
+    // connection, whether asked there or from another node.
+    for hub in [&a.hub, &b.hub] {
+        let e = hub.join(&conn, "g3").await.unwrap_err();
+        assert!(
+            matches!(&e, switchboard::OpError::Refused(r) if r.contains("at most 3")),
+            "{e}"
+        );
+    }
+    assert_eq!(a.hub.stats().ops_refused, 2);
+    assert_eq!(a.hub.group_count("g3").await.value, 0);
+    // Leaving makes room again.
+    a.hub.leave(&conn, "g0").await.unwrap();
+    b.hub.join(&conn, "g3").await.unwrap();
+    assert_eq!(a.hub.group_count("g3").await.value, 1);
+    for bad in ["", "a\u{1}b"] {
+        let e = a.hub.join(&conn, bad).await.unwrap_err();
+        assert!(matches!(e, switchboard::OpError::Refused(_)), "{e}");
+    }
+    let long = "x".repeat(256);
+    assert!(a.hub.bind(&conn, long.as_str()).await.is_err());
+    assert!(
+        a.hub
+            .update_session(&conn, vec![(long, Some("v".into()))])
+            .await
+            .is_err()
+    );
+    a.stop.cancel();
+    b.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_is_refused_then_closed_with_1008() {
+    struct Counting(Arc<Mutex<(u32, u32)>>);
+    #[async_trait]
+    impl Handler for Counting {
+        async fn on_message(&self, _hub: &Hub, _conn: &ConnId, _f: switchboard::Frame) {
+            self.0.lock().unwrap().0 += 1;
+        }
+        async fn on_rate_limited(&self, _hub: &Hub, _conn: &ConnId) {
+            self.0.lock().unwrap().1 += 1;
+        }
+    }
+    let seen = Arc::new(Mutex::new((0, 0)));
+    let mut limits = Limits::default();
+    limits.message_rate = Some(switchboard::RateLimit {
+        per_second: 5.0,
+        burst: 10.0,
+    });
+    let hub = Hub::builder()
+        .limits(limits)
+        .handler(Counting(seen.clone()))
+        .start()
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let server = Server::new(hub.clone()).websocket(listener, "/ws");
+    tokio::spawn(server.serve(stop.clone().cancelled_owned()));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    use futures_util::SinkExt;
+    // Far over the rate: the burst is handled, the excess refused, and the
+    // connection closed once the excess runs past another burst.
+    let mut sent = 0;
+    while sent < 100 && ws.send(Message::text("m")).await.is_ok() {
+        sent += 1;
+    }
+    let close = tokio::time::timeout(STEP, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(c))) => return c,
+                Some(Ok(_)) => {}
+                _ => return None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let code = close.map(|c| u16::from(c.code));
+    assert_eq!(code, Some(1008));
+    let (handled, refused) = *seen.lock().unwrap();
+    assert!((10..=11).contains(&handled), "{handled} handled");
+    assert!(refused >= 10, "{refused} refused");
+    let s = hub.stats();
+    assert_eq!(s.policy_closed, 1);
+    assert_eq!(s.messages_rate_limited, u64::from(refused) + 1);
+    stop.cancel();
+}

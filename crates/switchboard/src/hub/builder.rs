@@ -133,7 +133,7 @@ impl HubBuilder {
             inner: Arc::new_cyclic(|weak| Inner {
                 handled,
                 view: Arc::new(View(weak.clone())),
-                registry: RwLock::new(Registry::new(node.clone())),
+                registry: RwLock::new(Registry::new(node.clone(), self.limits.max_groups_per_conn)),
                 node,
                 default_kind: self.default_kind,
                 caps: [

@@ -337,8 +337,10 @@ impl Hub {
             .is_some();
         if removed {
             Counters::add(&self.inner.counters.closed, 1);
-            if *reason == CloseReason::SlowConsumer {
-                Counters::add(&self.inner.counters.slow_closed, 1);
+            match reason {
+                CloseReason::SlowConsumer => Counters::add(&self.inner.counters.slow_closed, 1),
+                CloseReason::Policy(_) => Counters::add(&self.inner.counters.policy_closed, 1),
+                _ => {}
             }
         }
     }

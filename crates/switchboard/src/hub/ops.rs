@@ -12,7 +12,9 @@ use switchboard_core::{
 use tokio::sync::mpsc;
 
 use super::Hub;
+use crate::config::check_name;
 use crate::error::OpError;
+use crate::registry::Joined;
 
 /// Removes a pending request when its caller stops waiting, however it stops.
 struct PendingGuard<'a> {
@@ -35,9 +37,11 @@ impl Drop for PendingGuard<'_> {
 impl Hub {
     /// Binds a connection to a user; a connection bound to another user moves.
     pub async fn bind(&self, conn: &ConnId, user: impl Into<UserId>) -> Result<(), OpError> {
+        let user = user.into();
+        check_name("uid", user.as_str()).map_err(OpError::Refused)?;
         let op = Op::Bind {
             conn: conn.clone(),
-            user: user.into(),
+            user,
         };
         self.op(conn, op).await.map(drop)
     }
@@ -51,9 +55,11 @@ impl Hub {
 
     /// Adds a connection to a group.
     pub async fn join(&self, conn: &ConnId, group: impl Into<GroupId>) -> Result<(), OpError> {
+        let group = group.into();
+        check_name("group", group.as_str()).map_err(OpError::Refused)?;
         let op = Op::Join {
             conn: conn.clone(),
-            group: group.into(),
+            group,
         };
         self.op(conn, op).await.map(drop)
     }
@@ -91,6 +97,9 @@ impl Hub {
         conn: &ConnId,
         changes: Vec<(String, Option<String>)>,
     ) -> Result<(), OpError> {
+        for (key, _) in &changes {
+            check_name("session key", key).map_err(OpError::Refused)?;
+        }
         let op = Op::SessionUpdate {
             conn: conn.clone(),
             changes,
@@ -169,6 +178,7 @@ impl Hub {
         };
         match result {
             OpResult::NoSuchConn => Err(OpError::NoSuchConn(conn.clone())),
+            OpResult::Refused(reason) => Err(OpError::Refused(reason)),
             OpResult::Failed(reason) => Err(OpError::Remote {
                 node: conn.node().clone(),
                 reason,
@@ -197,7 +207,23 @@ impl Hub {
                 done(seq_of(&conn).is_some_and(|s| self.registry_mut().unbind(s, bp)))
             }
             Op::Join { conn, group } => {
-                done(seq_of(&conn).is_some_and(|s| self.registry_mut().join(s, group, bp)))
+                let Some(s) = seq_of(&conn) else {
+                    return OpResult::NoSuchConn;
+                };
+                match self.registry_mut().join(s, group, bp) {
+                    Joined::Yes => OpResult::Done,
+                    Joined::NoConn => OpResult::NoSuchConn,
+                    Joined::Full => {
+                        self.inner
+                            .counters
+                            .ops_refused
+                            .fetch_add(1, Ordering::Relaxed);
+                        OpResult::Refused(format!(
+                            "too many groups: a connection may be in at most {}",
+                            self.inner.limits.max_groups_per_conn
+                        ))
+                    }
+                }
             }
             Op::Leave { conn, group } => {
                 done(seq_of(&conn).is_some_and(|s| self.registry_mut().leave(s, &group, bp)))

@@ -195,6 +195,11 @@ impl Wire for TcpWire {
         Ok(())
     }
 
+    fn notify(&mut self, frame: &Frame) {
+        // Appended whole after what is buffered, like a ping.
+        let _ = framing::encode(self.framing, frame.data(), &mut self.wbuf);
+    }
+
     async fn close(&mut self, _outbox: &Outbox, reason: &CloseReason) {
         if !matches!(reason, CloseReason::Io(_) | CloseReason::Client { .. }) {
             let _ = self.stream.shutdown().await;
@@ -222,6 +227,9 @@ impl Wire for PingingWire {
         // Appended whole after what is buffered: frames never interleave.
         let _ = framing::encode(self.inner.framing, &self.ping, &mut self.inner.wbuf);
         Ok(())
+    }
+    fn notify(&mut self, frame: &Frame) {
+        self.inner.notify(frame)
     }
     fn close(
         &mut self,
