@@ -41,6 +41,7 @@
 
 #[cfg(test)]
 mod alloc_count;
+pub mod auth;
 pub mod axum;
 #[doc(hidden)]
 pub mod bench_support;
@@ -62,7 +63,7 @@ pub use switchboard_core::{
     Answer, ConnId, Frame, FrameKind, GroupId, NodeId, Session, Standalone, Target, Totals, UserId,
 };
 
-pub use config::{Limits, SlowConsumer};
+pub use config::{Limits, MAX_NAME_LEN, RateLimit, SlowConsumer, check_name};
 pub use error::{BuildError, OpError, PushError};
 pub use handler::{
     Accept, CloseReason, ConnectInfo, Decision, Handler, NoopHandler, Reject, Transport,
