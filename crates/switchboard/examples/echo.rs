@@ -1,8 +1,8 @@
 //! An echo endpoint on the standalone server, for the Autobahn WebSocket
 //! conformance cases: every message comes back to its sender.
 //!
-//! `cargo run --release -p switchboard --example echo -- 127.0.0.1:9001`,
-//! then `kosoku 127.0.0.1:9001`.
+//! `bash scripts/autobahn.sh` builds it, starts it on a free port (address
+//! `127.0.0.1:0`) and runs the cases against it; docs/TESTING.md says more.
 
 use switchboard::core::ConnId;
 use switchboard::{
@@ -32,7 +32,9 @@ async fn main() -> anyhow::Result<()> {
     limits.outbox_bytes = 64 << 20;
     let hub = Hub::builder().handler(Echo).limits(limits).start().await?;
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    eprintln!("echo on ws://{addr}/");
+    // The bound address, not the requested one: given port 0, the system picks a
+    // free port, and scripts/autobahn.sh reads it from this line.
+    eprintln!("echo on ws://{}/", listener.local_addr()?);
     Server::new(hub.clone())
         .websocket(listener, "/")
         .serve(async {
