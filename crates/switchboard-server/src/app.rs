@@ -8,21 +8,110 @@
 //! verbatim as one text frame. Bad input gets one `{"op":"error"}` reply and the
 //! connection stays open.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde_json::json;
+use switchboard::auth::{Action, Identity, Permissions};
 use switchboard::core::ConnId;
 use switchboard::{
-    Accept, ConnectInfo, Decision, Frame, Handler, Hub, Reject, Transport, async_trait,
+    Accept, CloseReason, ConnectInfo, Decision, Frame, Handler, Hub, Reject, Target, Transport,
+    async_trait, check_name,
 };
 
+use crate::security::Security;
+
+/// Session keys the application keeps a connection's grant under, so that
+/// any process handling its messages (a restarted gateway worker) finds it.
+const SESSION_UID: &str = "sb.uid";
+const SESSION_CAN: &str = "sb.can";
+const SESSION_EXP: &str = "sb.exp";
+
 /// The reference application.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct ReferenceApp;
+#[derive(Debug, Clone, Default)]
+pub struct ReferenceApp {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    security: Security,
+    /// What each authenticated connection may do, cached from its session
+    /// at its first message, dropped when it closes.
+    grants: Mutex<HashMap<ConnId, Arc<Grant>>>,
+    /// Token deadlines: (when, in milliseconds since the Unix epoch;
+    /// connection) to the expiry (seconds) the deadline is for.
+    deadlines: Mutex<BTreeMap<(u64, ConnId), Deadline>>,
+    watcher: OnceLock<()>,
+    counters: AppCounters,
+}
+
+#[derive(Debug, Default)]
+struct AppCounters {
+    refused: AtomicU64,
+    denied: AtomicU64,
+    expired: AtomicU64,
+    refreshed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Grant {
+    uid: String,
+    can: Permissions,
+    exp: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    /// The token of this expiry ends: tell the client.
+    Warn(u64),
+    /// The grace after this expiry ends: close, unless refreshed.
+    Close(u64),
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ReferenceApp {
+    /// The application with these security settings.
+    pub fn new(security: Security) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                security,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Its counters, for `/stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        let c = &self.inner.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "auth": if self.inner.security.authenticates() { "jwt" } else { "none" },
+            "connections_refused": g(&c.refused),
+            "requests_denied": g(&c.denied),
+            "tokens_expired": g(&c.expired),
+            "tokens_refreshed": g(&c.refreshed),
+        })
+    }
+}
 
 #[derive(Deserialize)]
 struct Hello {
     op: String,
-    uid: String,
+    #[serde(default)]
+    uid: Option<String>,
     #[serde(default)]
     group: Option<String>,
 }
@@ -39,9 +128,10 @@ enum Request {
     Leave { group: String },
     Online { uid: String },
     GroupCount { group: String },
+    Refresh { token: String },
 }
 
-const OPS: [&str; 9] = [
+const OPS: [&str; 10] = [
     "to_user",
     "to_users",
     "to_group",
@@ -51,6 +141,7 @@ const OPS: [&str; 9] = [
     "leave",
     "online",
     "group_count",
+    "refresh",
 ];
 
 fn error_frame(reason: &str) -> Frame {
@@ -75,60 +166,296 @@ fn parse_error(bytes: &[u8], e: &serde_json::Error) -> String {
     }
 }
 
-/// A connection request as the contract defines it: uid required, group optional.
-fn identity(info: &ConnectInfo) -> Result<(String, Option<String>), String> {
-    match info.transport {
+/// The uid and group a client names itself (development mode and
+/// `--insecure`): `?uid=U&group=G`, or the hello's `uid` and `group`.
+fn named_identity(info: &ConnectInfo) -> Result<(String, Option<String>), String> {
+    let (uid, group) = match info.transport {
         Transport::Tcp => {
-            let hello = info.hello.as_ref().ok_or("expected a hello line")?;
-            let h: Hello =
-                serde_json::from_slice(hello.data()).map_err(|e| format!("invalid hello: {e}"))?;
-            if h.op != "hello" {
-                return Err(format!("expected op \"hello\", got {:?}", h.op));
-            }
-            Ok((h.uid, h.group))
+            let h = hello(info)?;
+            (h.uid.unwrap_or_default(), h.group)
         }
         _ => {
             let uid = info
                 .query_param("uid")
                 .ok_or("uid query parameter required")?;
             let group = info.query_param("group").map(|g| g.into_owned());
-            Ok((uid.into_owned(), group))
+            (uid.into_owned(), group)
+        }
+    };
+    check_name("uid", &uid)?;
+    let group = group.filter(|g| !g.is_empty());
+    if let Some(g) = &group {
+        check_name("group", g)?;
+    }
+    Ok((uid, group))
+}
+
+/// A TCP client's hello, checked.
+fn hello(info: &ConnectInfo) -> Result<Hello, String> {
+    let hello = info.hello.as_ref().ok_or("expected a hello line")?;
+    let h: Hello =
+        serde_json::from_slice(hello.data()).map_err(|e| format!("invalid hello: {e}"))?;
+    if h.op != "hello" {
+        return Err(format!("expected op \"hello\", got {:?}", h.op));
+    }
+    Ok(h)
+}
+
+fn refuse(status: switchboard::http::StatusCode, reason: &str) -> Decision {
+    Reject::new(reason)
+        .status(status)
+        .reply(error_frame(reason))
+        .into()
+}
+
+/// What a request asks to do, for the permission check: the action and the
+/// names it concerns.
+fn wants(req: &Request) -> (Action, &'static str, Vec<&str>) {
+    match req {
+        Request::ToUser { uid, .. } => (Action::PushUser, "to_user", vec![uid.as_str()]),
+        Request::ToUsers { uids, .. } => (
+            Action::PushUser,
+            "to_users",
+            uids.iter().map(String::as_str).collect(),
+        ),
+        Request::ToGroup { group, .. } => (Action::PushGroup, "to_group", vec![group.as_str()]),
+        Request::ToAll { .. } => (Action::PushAll, "to_all", vec![""]),
+        Request::ToConn { .. } => (Action::PushConn, "to_conn", vec![""]),
+        Request::Join { group } => (Action::Join, "join", vec![group.as_str()]),
+        Request::Leave { group } => (Action::Join, "leave", vec![group.as_str()]),
+        Request::Online { uid } => (Action::QueryOnline, "online", vec![uid.as_str()]),
+        Request::GroupCount { group } => (Action::QueryGroup, "group_count", vec![group.as_str()]),
+        Request::Refresh { .. } => (Action::PushAll, "refresh", Vec::new()),
+    }
+}
+
+impl ReferenceApp {
+    /// Accepts a client that proved who it is.
+    async fn admit_token(&self, hub: &Hub, info: &ConnectInfo) -> Result<Accept, Decision> {
+        let Some(jwt) = &self.inner.security.jwt else {
+            unreachable!("called with authentication on")
+        };
+        let mut id: Identity = jwt.verify_connect(info).map_err(|e| {
+            let r = e.reject();
+            refuse(r.http_status(), r.reason())
+        })?;
+        if let Transport::Tcp = info.transport {
+            hello(info).map_err(|e| refuse(switchboard::http::StatusCode::BAD_REQUEST, &e))?;
+        }
+        id.can.extend(&self.inner.security.can);
+        if let Some(exp) = id.expires {
+            self.watch(hub, &info.conn, exp);
+        }
+        let mut session = id.session.clone();
+        session.insert(SESSION_UID.into(), id.user.to_string());
+        session.insert(
+            SESSION_CAN.into(),
+            serde_json::to_string(&id.can.to_strings()).unwrap_or_default(),
+        );
+        if let Some(exp) = id.expires {
+            session.insert(SESSION_EXP.into(), exp.to_string());
+        }
+        Ok(id.accept().session(session))
+    }
+
+    /// The grant of an authenticated connection: cached, or read back from
+    /// its session (its first message here).
+    async fn grant(&self, hub: &Hub, conn: &ConnId) -> Option<Arc<Grant>> {
+        if let Some(g) = lock(&self.inner.grants).get(conn) {
+            return Some(g.clone());
+        }
+        let session = hub.session(conn).await.ok()?;
+        let can: Vec<String> = serde_json::from_str(session.get(SESSION_CAN)?).ok()?;
+        let grant = Arc::new(Grant {
+            uid: session.get(SESSION_UID)?.clone(),
+            can: Permissions::parse(can).ok()?,
+            exp: session.get(SESSION_EXP).and_then(|e| e.parse().ok()),
+        });
+        lock(&self.inner.grants).insert(conn.clone(), grant.clone());
+        Some(grant)
+    }
+
+    /// Remembers when a connection's token expires; the watcher, started
+    /// with the first such token, tells the client then and closes it after
+    /// [`Security::refresh_grace`] unless it refreshed.
+    fn watch(&self, hub: &Hub, conn: &ConnId, exp: u64) {
+        lock(&self.inner.deadlines).insert(
+            (exp.saturating_mul(1000), conn.clone()),
+            Deadline::Warn(exp),
+        );
+        self.inner.watcher.get_or_init(|| {
+            let (app, hub) = (self.clone(), hub.clone());
+            // Owned by the hub: it ends when the hub shuts down.
+            tokio::spawn(async move {
+                let closing = hub.closing();
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tokio::select! {
+                        () = closing.cancelled() => return,
+                        _ = tick.tick() => app.expire(&hub).await,
+                    }
+                }
+            });
+        });
+    }
+
+    /// Acts on the deadlines that have passed.
+    async fn expire(&self, hub: &Hub) {
+        let now = now_ms();
+        let due: Vec<((u64, ConnId), Deadline)> = {
+            let mut d = lock(&self.inner.deadlines);
+            let later = d.split_off(&(now + 1, ConnId::new(hub.node_id().clone(), 0)));
+            std::mem::replace(&mut *d, later).into_iter().collect()
+        };
+        for ((_, conn), deadline) in due {
+            let current = self.current_exp(hub, &conn).await;
+            match deadline {
+                // Refreshed since, or gone.
+                Deadline::Warn(exp) | Deadline::Close(exp) if current != Some(exp) => {}
+                Deadline::Warn(exp) => {
+                    let grace = self.inner.security.refresh_grace;
+                    let reason = format!(
+                        "the token has expired: send {{\"op\":\"refresh\",\"token\":\"...\"}} within {} s or be closed",
+                        grace.as_secs_f64()
+                    );
+                    let _ = hub.to_conn(
+                        &conn,
+                        Frame::text(json!({"op": "expired", "reason": reason}).to_string()),
+                    );
+                    lock(&self.inner.deadlines)
+                        .insert((now + grace.as_millis() as u64, conn), Deadline::Close(exp));
+                }
+                Deadline::Close(_) => {
+                    self.inner.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    hub.close(&Target::conn(conn), "token expired");
+                }
+            }
         }
     }
-    .and_then(|(uid, group)| {
-        if uid.is_empty() {
-            return Err("uid must not be empty".to_owned());
+
+    /// The expiry a connection's token has now, if it is open.
+    async fn current_exp(&self, hub: &Hub, conn: &ConnId) -> Option<u64> {
+        let cached = lock(&self.inner.grants).get(conn).map(|g| g.exp);
+        match cached {
+            Some(exp) => return exp,
+            None if !hub.conn_exists(conn).await.value => return None,
+            None => {}
         }
-        Ok((uid, group.filter(|g| !g.is_empty())))
-    })
+        self.grant(hub, conn).await.and_then(|g| g.exp)
+    }
+
+    /// `refresh`: a fresh token for the same uid extends the connection.
+    async fn refresh(&self, hub: &Hub, conn: &ConnId, grant: &Grant, token: &str) -> Frame {
+        let Some(jwt) = &self.inner.security.jwt else {
+            return error_frame("refresh: this server does not authenticate clients");
+        };
+        let mut id = match jwt.verify(token) {
+            Ok(id) => id,
+            Err(e) => return error_frame(&format!("refresh: {e}")),
+        };
+        if id.user.as_str() != grant.uid {
+            return error_frame("refresh: the token is for another uid");
+        }
+        id.can.extend(&self.inner.security.can);
+        let mut changes = vec![(
+            SESSION_CAN.to_owned(),
+            Some(serde_json::to_string(&id.can.to_strings()).unwrap_or_default()),
+        )];
+        changes.push((SESSION_EXP.to_owned(), id.expires.map(|e| e.to_string())));
+        if let Err(e) = hub.update_session(conn, changes).await {
+            return error_frame(&format!("refresh: {e}"));
+        }
+        lock(&self.inner.grants).insert(
+            conn.clone(),
+            Arc::new(Grant {
+                uid: grant.uid.clone(),
+                can: id.can,
+                exp: id.expires,
+            }),
+        );
+        if let Some(exp) = id.expires {
+            self.watch(hub, conn, exp);
+        }
+        self.inner
+            .counters
+            .refreshed
+            .fetch_add(1, Ordering::Relaxed);
+        Frame::text(json!({"op": "refreshed", "expires": id.expires}).to_string())
+    }
+}
+
+impl crate::node::Probe for ReferenceApp {
+    fn key(&self) -> &'static str {
+        "app"
+    }
+    fn stats(&self) -> serde_json::Value {
+        ReferenceApp::stats(self)
+    }
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Handler for ReferenceApp {
-    async fn on_connect(&self, _hub: &Hub, info: &ConnectInfo) -> Decision {
-        let (uid, group) = match identity(info) {
-            Ok(id) => id,
-            Err(reason) => {
-                return Reject::new(reason.clone())
-                    .status(switchboard::http::StatusCode::BAD_REQUEST)
-                    .reply(error_frame(&reason))
-                    .into();
+    async fn on_connect(&self, hub: &Hub, info: &ConnectInfo) -> Decision {
+        let sec = &self.inner.security;
+        let refused = |d: Decision| {
+            self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+            d
+        };
+        if let Some(origin) = info.headers.get(switchboard::http::header::ORIGIN)
+            && !sec.origin_allowed(origin.to_str().unwrap_or(""))
+        {
+            let reason = format!(
+                "origin {:?} is not allowed (--allowed-origins)",
+                String::from_utf8_lossy(origin.as_bytes())
+            );
+            return refused(refuse(switchboard::http::StatusCode::FORBIDDEN, &reason));
+        }
+        let accept = if sec.authenticates() {
+            match self.admit_token(hub, info).await {
+                Ok(a) => a,
+                Err(d) => return refused(d),
+            }
+        } else {
+            match named_identity(info) {
+                Ok((uid, group)) => {
+                    let a = Accept::new().bind(uid);
+                    match group {
+                        Some(g) => a.join(g),
+                        None => a,
+                    }
+                }
+                Err(reason) => {
+                    return refuse(switchboard::http::StatusCode::BAD_REQUEST, &reason);
+                }
             }
         };
-        let welcome = json!({
+        let uid = accept.user().map(|u| u.to_string()).unwrap_or_default();
+        if let Some(max) = sec.max_conns_per_uid {
+            let held = hub.user_conns(uid.as_str()).await;
+            if held.value.len() >= max {
+                let reason =
+                    format!("{uid:?} already holds {max} connections (the most one uid may)");
+                return refused(refuse(
+                    switchboard::http::StatusCode::TOO_MANY_REQUESTS,
+                    &reason,
+                ));
+            }
+        }
+        let mut welcome = json!({
             "op": "welcome",
             "conn": info.conn.to_string(),
             // The node holding the socket: a gateway's, when the application
             // runs in a worker.
             "node": info.conn.node().as_str(),
+            "uid": uid,
         });
-        let mut accept = Accept::new()
-            .bind(uid)
-            .greet(Frame::text(welcome.to_string()));
-        if let Some(g) = group {
-            accept = accept.join(g);
+        if let Some(exp) = accept.initial_session().get(SESSION_EXP) {
+            welcome["expires"] = json!(exp.parse::<u64>().ok());
         }
-        accept.into()
+        accept.greet(Frame::text(welcome.to_string())).into()
     }
 
     async fn on_message(&self, hub: &Hub, conn: &ConnId, frame: Frame) {
@@ -139,13 +466,40 @@ impl Handler for ReferenceApp {
                 return;
             }
         };
+        // With authentication on, every request is checked against what the
+        // connection's token and the node's --can allow.
+        if self.inner.security.authenticates() {
+            let Some(grant) = self.grant(hub, conn).await else {
+                let _ = hub.to_conn(
+                    conn,
+                    error_frame("not permitted: no grant found for this connection"),
+                );
+                return;
+            };
+            if let Request::Refresh { token } = &req {
+                let reply = self.refresh(hub, conn, &grant, token).await;
+                let _ = hub.to_conn(conn, reply);
+                return;
+            }
+            let (action, op, names) = wants(&req);
+            if let Some(name) = names.iter().find(|n| !grant.can.allows(action, n)) {
+                self.inner.counters.denied.fetch_add(1, Ordering::Relaxed);
+                let what = if name.is_empty() {
+                    op.to_owned()
+                } else {
+                    format!("{op} {name:?}")
+                };
+                let _ = hub.to_conn(conn, error_frame(&format!("not permitted: {what}")));
+                return;
+            }
+        }
         let reply = match req {
-            Request::ToUser { uid, data } => push(hub, &switchboard::Target::user(uid), data),
-            Request::ToUsers { uids, data } => push(hub, &switchboard::Target::users(uids), data),
-            Request::ToGroup { group, data } => push(hub, &switchboard::Target::group(group), data),
-            Request::ToAll { data } => push(hub, &switchboard::Target::all(), data),
+            Request::ToUser { uid, data } => push(hub, &Target::user(uid), data),
+            Request::ToUsers { uids, data } => push(hub, &Target::users(uids), data),
+            Request::ToGroup { group, data } => push(hub, &Target::group(group), data),
+            Request::ToAll { data } => push(hub, &Target::all(), data),
             Request::ToConn { conn: to, data } => match to.parse::<ConnId>() {
-                Ok(to) => push(hub, &switchboard::Target::conn(to), data),
+                Ok(to) => push(hub, &Target::conn(to), data),
                 Err(e) => Some(error_frame(&e.to_string())),
             },
             Request::Join { group } => hub
@@ -170,15 +524,45 @@ impl Handler for ReferenceApp {
                 incomplete(&mut r, &a.missing);
                 Some(Frame::text(r.to_string()))
             }
+            Request::Refresh { .. } => Some(error_frame(
+                "refresh: this server does not authenticate clients",
+            )),
         };
         if let Some(reply) = reply {
             let _ = hub.to_conn(conn, reply);
         }
     }
+
+    async fn on_rate_limited(&self, hub: &Hub, conn: &ConnId) {
+        let rate = hub.limits().message_rate.map_or(0.0, |r| r.per_second);
+        let reason =
+            format!("rate limited: at most {rate} messages a second; this one was not handled");
+        let _ = hub.to_conn(conn, error_frame(&reason));
+    }
+
+    fn close_notice(&self, hub: &Hub, reason: &CloseReason) -> Option<Frame> {
+        match reason {
+            CloseReason::TooBig => Some(error_frame(&format!(
+                "message too big: at most {} bytes; closing",
+                hub.limits().max_message_size
+            ))),
+            CloseReason::Policy(r) => Some(error_frame(&format!("{r}; closing"))),
+            CloseReason::Kicked(r) if r == "token expired" => Some(error_frame(
+                "the token expired and was not refreshed; closing",
+            )),
+            _ => None,
+        }
+    }
+
+    async fn on_close(&self, _hub: &Hub, conn: &ConnId, _reason: &CloseReason) {
+        if self.inner.security.authenticates() {
+            lock(&self.inner.grants).remove(conn);
+        }
+    }
 }
 
 /// Pushes `data` verbatim as one text frame.
-fn push(hub: &Hub, target: &switchboard::Target, data: String) -> Option<Frame> {
+fn push(hub: &Hub, target: &Target, data: String) -> Option<Frame> {
     match hub.push(target, Frame::text(data)) {
         Ok(_) => None,
         Err(e) => Some(error_frame(&e.to_string())),

@@ -7,8 +7,13 @@ use std::time::Duration;
 
 use clap::Args;
 use serde::Deserialize;
+use std::sync::Arc;
+
+use switchboard::auth::{JwtVerifier, Permissions};
 use switchboard::core::Framing;
-use switchboard::{Limits, NodeId};
+use switchboard::{Limits, NodeId, RateLimit};
+
+use crate::security::{LOOPBACK_ORIGINS, Security, is_loopback};
 
 /// Declares every option of `switchboard serve` once: its flag (the name with
 /// `-` for `_`), its `SWITCHBOARD_*` variable, its TOML key (the name), its
@@ -131,6 +136,50 @@ options! {
         "Seconds a client has to complete its handshake";
     shutdown_timeout: u64 = "10", "SWITCHBOARD_SHUTDOWN_TIMEOUT",
         "Seconds shutdown waits for connections to close";
+    jwt_secret: Secret, "SWITCHBOARD_JWT_SECRET",
+        "Authenticate clients by JWT signed with this HS256 secret (prefer the variable: a flag shows in the process list)";
+    jwt_public_key: PathBuf, "SWITCHBOARD_JWT_PUBLIC_KEY",
+        "Authenticate clients by JWT verified with this PEM public key (RS256 or ES256)";
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    insecure: bool = "false", "SWITCHBOARD_INSECURE",
+        "Serve non-loopback addresses without authentication: anyone may connect as any uid and do anything";
+    can: String, "SWITCHBOARD_CAN",
+        "Permissions every authenticated client has, comma-separated rules (docs/SECURITY.md), besides its token's";
+    allowed_origins: String, "SWITCHBOARD_ALLOWED_ORIGINS",
+        "Browser origins allowed to open a WebSocket, comma-separated, `*` matching any run (default: any once authentication is on; loopback pages only in development mode)";
+    max_groups_per_conn: usize = "128", "SWITCHBOARD_MAX_GROUPS_PER_CONN",
+        "Most groups one connection may be in";
+    client_rate: f64, "SWITCHBOARD_CLIENT_RATE",
+        "Messages a second one client may send; 0 for no limit (default: 100 once authentication or --insecure is on, none in development mode)";
+    client_burst: f64, "SWITCHBOARD_CLIENT_BURST",
+        "Messages one client may send at once after a quiet spell (default: twice the rate)";
+    max_conns_per_uid: usize, "SWITCHBOARD_MAX_CONNS_PER_UID",
+        "Most connections one uid may hold across the cluster (default: no limit)";
+}
+
+/// A secret option: never shown by `Debug`, so never in a log.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
 }
 
 /// A cluster option from TOML, where it may be written as a string or a
@@ -240,6 +289,16 @@ pub enum ConfigError {
     /// No listener at all.
     #[error("both --ws and --tcp are off: nothing to serve")]
     NoListener,
+    /// A listener reachable from other hosts with nobody authenticated.
+    #[error(
+        "refusing to serve {0} without authentication: anyone could connect as any user and push to everyone. \
+         Set --jwt-secret (or SWITCHBOARD_JWT_SECRET) or --jwt-public-key, listen on a loopback address, \
+         or pass --insecure to accept that"
+    )]
+    Insecure(String),
+    /// An authentication setting that cannot be used.
+    #[error("{0}")]
+    Auth(String),
 }
 
 /// A complete, checked configuration of one node.
@@ -262,6 +321,11 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// Bound on graceful shutdown.
     pub shutdown_timeout: Duration,
+    /// Authentication and what clients may do.
+    pub security: Security,
+    /// No authentication and loopback listeners only: clients name their uid
+    /// and may do anything (a warning at start says so).
+    pub development: bool,
 }
 
 impl Default for ServeConfig {
@@ -270,6 +334,81 @@ impl Default for ServeConfig {
         Self::from_options(ServeArgs::default().merge(ServeArgs::default()))
             .expect("the built-in defaults are a valid configuration")
     }
+}
+
+/// Reads the authentication and per-client limit options into `cfg`.
+fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
+    let auth = |e: String| ConfigError::Auth(e);
+    let jwt = match (&o.jwt_secret, &o.jwt_public_key) {
+        (Some(_), Some(_)) => {
+            return Err(auth(
+                "--jwt-secret and --jwt-public-key are both set: choose one".into(),
+            ));
+        }
+        (Some(s), None) if s.expose().len() < 16 => {
+            return Err(auth(
+                "--jwt-secret is shorter than 16 bytes: use a long random secret".into(),
+            ));
+        }
+        (Some(s), None) => Some(JwtVerifier::hs256(s.expose())),
+        (None, Some(path)) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| auth(format!("cannot read {}: {e}", path.display())))?;
+            Some(
+                JwtVerifier::public_key_pem(&pem)
+                    .map_err(|e| auth(format!("{}: {e}", path.display())))?,
+            )
+        }
+        (None, None) => None,
+    };
+    let listeners: Vec<&String> = cfg.ws.iter().chain(cfg.tcp.iter()).collect();
+    let exposed = listeners.iter().find(|a| !is_loopback(a));
+    if jwt.is_none() && !o.insecure {
+        if let Some(addr) = exposed {
+            return Err(ConfigError::Insecure((*addr).clone()));
+        }
+        cfg.development = true;
+    }
+    let list = |s: &str| -> Vec<String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut sec = Security::open();
+    if let Some(v) = jwt {
+        sec.jwt = Some(Arc::new(v));
+        sec.can = Permissions::parse(list(o.can.as_deref().unwrap_or("")))
+            .map_err(|e| auth(format!("--can: {e}")))?;
+    } else if o.can.is_some() {
+        return Err(auth(
+            "--can is set but clients are not authenticated: without a token every client may do everything".into(),
+        ));
+    }
+    sec.origins = match &o.allowed_origins {
+        Some(s) => Some(list(s)),
+        None if cfg.development => Some(LOOPBACK_ORIGINS.iter().map(|s| s.to_string()).collect()),
+        None => None,
+    };
+    sec.max_conns_per_uid = o.max_conns_per_uid;
+    cfg.limits.max_groups_per_conn = o.max_groups_per_conn.max(1);
+    let rate = o
+        .client_rate
+        .unwrap_or(if cfg.development { 0.0 } else { 100.0 });
+    let rate_ok = rate.is_finite() && rate >= 0.0;
+    let burst_ok = o.client_burst.is_none_or(|b| b.is_finite() && b >= 1.0);
+    if !rate_ok || !burst_ok {
+        return Err(auth(
+            "--client-rate must be 0 or more, --client-burst 1 or more".into(),
+        ));
+    }
+    cfg.limits.message_rate = (rate > 0.0).then(|| RateLimit {
+        per_second: rate,
+        burst: o.client_burst.unwrap_or((rate * 2.0).max(1.0)),
+    });
+    cfg.security = sec;
+    Ok(())
 }
 
 /// A listen address, or `None` for `off`.
@@ -325,15 +464,18 @@ impl ServeConfig {
         limits.tcp_idle_timeout = secs_opt(o.tcp_idle_timeout);
         limits.handshake_timeout = Duration::from_secs(o.handshake_timeout.max(1));
         let mut cfg = ServeConfig {
-            node_id: o.node_id.map(NodeId::new).transpose()?,
-            ws: listener(o.ws),
-            ws_path: o.ws_path,
-            tcp: listener(o.tcp),
+            node_id: o.node_id.clone().map(NodeId::new).transpose()?,
+            ws: listener(o.ws.clone()),
+            ws_path: o.ws_path.clone(),
+            tcp: listener(o.tcp.clone()),
             tcp_framing: o.tcp_framing,
             cluster: o.cluster.parse()?,
             limits,
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
+            security: Security::open(),
+            development: false,
         };
+        secure(&mut cfg, &o)?;
         let redis_opts = [
             ("prefix", "redis_prefix", o.redis_prefix),
             ("ttl", "redis_ttl", o.redis_ttl),
@@ -548,5 +690,53 @@ mod tests {
         assert_eq!(args.redis_prefix.as_deref(), Some("p"));
         let err = toml::from_str::<ServeArgs>("config = \"x.toml\"").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn an_exposed_address_needs_authentication_or_insecure() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let exposed = |extra: &[&str]| {
+            let mut argv = vec!["x", "--ws", "0.0.0.0:1", "--tcp", "off"];
+            argv.extend_from_slice(extra);
+            ServeConfig::load(Cli::try_parse_from(argv).unwrap().serve)
+        };
+        let err = exposed(&[]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Insecure(a) if a == "0.0.0.0:1"),
+            "{err}"
+        );
+        let cfg = exposed(&["--insecure"]).unwrap();
+        assert!(!cfg.development && !cfg.security.authenticates());
+        assert_eq!(cfg.limits.message_rate.map(|r| r.per_second), Some(100.0));
+        assert!(cfg.security.origins.is_none());
+        let cfg = exposed(&["--jwt-secret", "0123456789abcdef"]).unwrap();
+        assert!(cfg.security.authenticates());
+        assert!(matches!(
+            exposed(&["--jwt-secret", "short"]),
+            Err(ConfigError::Auth(e)) if e.contains("16 bytes")
+        ));
+        assert!(matches!(
+            exposed(&["--insecure", "--can", "push:all"]),
+            Err(ConfigError::Auth(e)) if e.contains("--can")
+        ));
+        assert!(matches!(
+            exposed(&["--jwt-secret", "0123456789abcdef", "--can", "push:everyone"]),
+            Err(ConfigError::Auth(e)) if e.contains("push:everyone")
+        ));
+        // Loopback without authentication: development mode, no rate limit,
+        // pages of this machine only.
+        let dev = ServeConfig::default();
+        assert!(dev.development);
+        assert_eq!(dev.limits.message_rate, None);
+        assert!(!dev.security.origin_allowed("https://example.com"));
+        assert_eq!(dev.limits.max_groups_per_conn, 128);
+        // The secret never shows in a debug print.
+        let args = Cli::try_parse_from(["x", "--jwt-secret", "hunter2-hunter2-hunter2"]).unwrap();
+        assert!(!format!("{:?}", args.serve).contains("hunter2"));
     }
 }

@@ -9,6 +9,8 @@ pub mod console;
 pub mod demo;
 pub mod node;
 pub mod roles;
+pub mod security;
+pub mod token;
 
 pub use app::ReferenceApp;
 pub use config::{ClusterUrl, ServeArgs, ServeConfig};

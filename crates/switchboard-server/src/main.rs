@@ -41,6 +41,8 @@ enum Command {
     Push(switchboard_server::roles::PushArgs),
     /// Load-test a server that speaks docs/CLIENT-PROTOCOL.md (this one or a peer).
     Bench(switchboard_server::bench::BenchArgs),
+    /// Mint a development token (HS256) for a node started with --jwt-secret.
+    Token(switchboard_server::token::TokenArgs),
     /// Internal: one worker process of `bench`.
     #[command(hide = true)]
     BenchWorker,
@@ -96,6 +98,13 @@ fn main() -> anyhow::Result<()> {
             switchboard_server::roles::worker(args, stop).await
         }),
         Command::Push(args) => rt.block_on(switchboard_server::roles::push(args)),
+        Command::Token(args) => {
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", switchboard_server::token::mint(&args)?);
+            }
+            Ok(())
+        }
         Command::Bench(args) => rt.block_on(switchboard_server::bench::run(args)),
         Command::BenchWorker => {
             // One thread: workers are many processes sharing two cores.
@@ -109,6 +118,17 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = ServeConfig::load(args)?;
+    if cfg.development {
+        tracing::warn!(
+            "development mode: no authentication (set --jwt-secret or --jwt-public-key); clients \
+             name their own uid with ?uid= and may do anything, and only loopback addresses are served"
+        );
+    } else if !cfg.security.authenticates() {
+        tracing::warn!(
+            "--insecure: no authentication on a reachable address; anyone may connect as any \
+             uid and push to everyone"
+        );
+    }
     // Signal handlers are installed before the addresses are printed: whoever
     // reads them may signal at once, and must get a graceful stop.
     let signal = shutdown_signal()?;

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::ReferenceApp;
 use crate::config::{ClusterUrl, ServeConfig};
+use crate::security::Security;
 
 /// A running node.
 #[derive(Debug)]
@@ -52,7 +53,11 @@ pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane
 /// What a role adds to a node's `/stats` and `/ready` (a gateway: its
 /// workers and held events).
 pub trait Probe: Send + Sync + 'static {
-    /// Extra counters, under `"role"` in `/stats`.
+    /// The key its counters go under in `/stats`.
+    fn key(&self) -> &'static str {
+        "role"
+    }
+    /// Extra counters, under [`Probe::key`] in `/stats`.
     fn stats(&self) -> serde_json::Value;
     /// Whether the role can serve; `Err` says why not.
     fn ready(&self) -> Result<(), String>;
@@ -70,11 +75,12 @@ pub struct AppSpec {
 
 impl AppSpec {
     /// The reference application.
-    pub fn reference() -> Self {
+    pub fn reference(security: Security) -> Self {
+        let app = ReferenceApp::new(security);
         Self {
-            handler: Arc::new(ReferenceApp),
+            handler: Arc::new(app.clone()),
             tcp_hello: true,
-            probe: None,
+            probe: Some(Arc::new(app)),
         }
     }
 }
@@ -96,6 +102,9 @@ fn stats(
         "frames_queued": s.frames_queued,
         "frames_dropped": s.frames_dropped,
         "slow_consumers_closed": s.slow_consumers_closed,
+        "ops_refused": s.ops_refused,
+        "messages_rate_limited": s.messages_rate_limited,
+        "policy_closed": s.policy_closed,
         "bad_envelopes": s.bad_envelopes,
         "runtime_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
         "backplane": {
@@ -110,7 +119,7 @@ fn stats(
     });
     let mut body = body;
     if let Some(p) = probe {
-        body["role"] = p.stats();
+        body[p.key()] = p.stats();
     }
     (
         [(switchboard::http::header::CONTENT_TYPE, "application/json")],
@@ -182,7 +191,13 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
 /// Binds the listeners of `cfg` and serves the reference application on them
 /// through `backplane`.
 pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow::Result<Running> {
-    launch_app(cfg, backplane, AppSpec::reference(), |b| b).await
+    launch_app(
+        cfg,
+        backplane,
+        AppSpec::reference(cfg.security.clone()),
+        |b| b,
+    )
+    .await
 }
 
 /// Binds the listeners of `cfg` and serves `app` on them through

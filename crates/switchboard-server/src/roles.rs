@@ -280,7 +280,7 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
     if let Some(k) = args.key {
         cfg = cfg.key(k);
     }
-    let worker = Worker::start(cfg, Arc::new(ReferenceApp))
+    let worker = Worker::start(cfg, Arc::new(ReferenceApp::default()))
         .await
         .context("starting the worker")?;
     #[allow(clippy::print_stdout)]

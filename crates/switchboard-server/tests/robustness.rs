@@ -68,7 +68,8 @@ async fn ws_invalid_utf8_closes_with_1007() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ws_oversize_closes_with_1009_and_tcp_oversize_closes() -> Result<()> {
+async fn ws_oversize_closes_with_1009_and_tcp_oversize_gets_an_error_line_then_closes() -> Result<()>
+{
     let c = small_limits().await?;
     let mut big = Client::ws(c.nodes[0].ws.unwrap(), "big", None).await?;
     big.send_text(&"x".repeat(2000)).await?;
@@ -79,9 +80,18 @@ async fn ws_oversize_closes_with_1009_and_tcp_oversize_closes() -> Result<()> {
     fits.send_text(&"x".repeat(1000)).await?;
     assert_eq!(fits.recv_json().await?["op"], "error");
 
-    // TCP: a line that never ends is cut off at the limit, not buffered forever.
+    // TCP: a line that never ends is cut off at the limit, not buffered
+    // forever, and the client is told why (TCP has no close code).
     let mut t = Client::tcp(c.nodes[1].tcp.unwrap(), "bigtcp", None).await?;
     t.send_raw(&[b'y'; 4096]).await?;
+    let told = t.recv_json().await?;
+    assert_eq!(told["op"], "error", "{told}");
+    assert!(
+        told["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("too big") && r.contains("1024")),
+        "{told}"
+    );
     assert_eq!(t.expect_closed(switchboard_test::STEP).await?, None);
     neighbours_still_work(&c).await?;
     Box::new(c).shutdown_all().await;

@@ -70,6 +70,88 @@ impl Client {
         Self::welcomed(Io::Ws(Box::new(ws)), uid).await
     }
 
+    /// Connects over WebSocket to `/ws?{query}` (a token, say) and reads the
+    /// welcome; the uid is the one the welcome names.
+    pub async fn ws_query(addr: SocketAddr, query: &str) -> Result<Client> {
+        let url = format!("ws://{addr}/ws?{query}");
+        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+            .await
+            .context("ws connect timed out")??;
+        Self::welcomed(Io::Ws(Box::new(ws)), "").await
+    }
+
+    /// Asks for a WebSocket at `/ws?{query}` with extra headers, expecting a
+    /// refusal: its HTTP status and body. An error if it was accepted.
+    pub async fn ws_refused(
+        addr: SocketAddr,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, String)> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes())?,
+                http::HeaderValue::from_str(v)?,
+            );
+        }
+        match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(req))
+            .await
+            .context("ws connect timed out")?
+        {
+            Ok(_) => bail!("the WebSocket was accepted"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
+                Ok((resp.status().as_u16(), body))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Connects over TCP, sends `hello` as its first line, and reads the
+    /// welcome; the uid is the one the welcome names.
+    pub async fn tcp_hello(addr: SocketAddr, hello: &Value) -> Result<Client> {
+        let (read, write) = Self::tcp_send_hello(addr, hello).await?;
+        Self::welcomed(Io::Tcp { read, write }, "").await
+    }
+
+    /// Connects over TCP and sends `hello`, expecting a refusal: the line it
+    /// got before the server closed. An error if it was welcomed.
+    pub async fn tcp_refused(addr: SocketAddr, hello: &Value) -> Result<Value> {
+        let (mut read, _write) = Self::tcp_send_hello(addr, hello).await?;
+        let mut line = String::new();
+        tokio::time::timeout(STEP, read.read_line(&mut line))
+            .await
+            .context("no answer to the hello")??;
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("{line:?}"))?;
+        if v["op"] == "welcome" {
+            bail!("the hello was welcomed: {v}");
+        }
+        let mut rest = String::new();
+        let n = tokio::time::timeout(STEP, read.read_line(&mut rest))
+            .await
+            .context("not closed after the refusal")??;
+        if n != 0 {
+            bail!("more after the refusal: {rest:?}");
+        }
+        Ok(v)
+    }
+
+    async fn tcp_send_hello(
+        addr: SocketAddr,
+        hello: &Value,
+    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf)> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (r, mut w) = stream.into_split();
+        w.write_all(format!("{hello}\n").as_bytes()).await?;
+        Ok((BufReader::new(r), w))
+    }
+
     /// Connects over WebSocket at a non-default path.
     pub async fn connect_path(addr: SocketAddr, path: &str, uid: &str) -> Result<Client> {
         let url = format!("ws://{addr}{path}?uid={uid}");
@@ -131,6 +213,9 @@ impl Client {
             .as_str()
             .ok_or_else(|| anyhow!("welcome without node: {w}"))?
             .to_owned();
+        if let Some(uid) = w["uid"].as_str() {
+            c.uid = uid.to_owned();
+        }
         Ok(c)
     }
 

@@ -245,7 +245,7 @@ impl GatewayCluster {
             let cfg = WorkerConfig::new(c.register.addr.to_string())
                 .secret(secret)
                 .key(format!("test:{i}"));
-            started.push(Worker::start(cfg, Arc::new(ReferenceApp)).await?);
+            started.push(Worker::start(cfg, Arc::new(ReferenceApp::default())).await?);
         }
         c.wait_attached(workers).await?;
         Ok((c, started))

@@ -770,10 +770,11 @@ impl WithDeafNode {
 /// A reference-app node `id` on `bus` whose cluster queries and remote
 /// operations wait at most `query_timeout`.
 pub async fn node_on(bus: &MemoryBus, id: &str, query_timeout: Duration) -> Result<Running> {
+    let cfg = test_config(id);
     node::launch_app(
-        &test_config(id),
+        &cfg,
         Arc::new(bus.backplane()),
-        AppSpec::reference(),
+        AppSpec::reference(cfg.security.clone()),
         |b| b.query_timeout(query_timeout),
     )
     .await

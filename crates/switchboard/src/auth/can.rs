@@ -189,6 +189,12 @@ fn parse_rule(s: &str) -> Result<Rule, String> {
     ))
 }
 
+/// Whether `pattern` matches `name`: `*` matches any run of characters,
+/// `\*` and `\\` are a literal `*` and `\`.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    matches(pattern, name)
+}
+
 /// A pattern that matches `name` only: `\*` for a literal `*`, `\\` for `\`.
 fn escape(name: &str) -> String {
     name.replace('\\', "\\\\").replace('*', "\\*")

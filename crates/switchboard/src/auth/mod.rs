@@ -45,7 +45,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use switchboard_core::{GroupId, Session, UserId};
 
-pub use can::{Action, Permissions};
+pub use can::{Action, Permissions, pattern_matches};
 
 use crate::config::check_name;
 use crate::handler::{Accept, ConnectInfo, Reject};
