@@ -147,6 +147,11 @@ pub(crate) fn run<W: Wire>(
                             },
                             _ => hub.handler().on_message(&hub, &conn, frame).await,
                         }
+                        // A client's messages already buffered are read
+                        // without touching the socket, so without this a burst
+                        // of thousands would be handled in one go and starve
+                        // every other connection on this worker thread.
+                        tokio::task::coop::consume_budget().await;
                     }
                     Incoming::Alive => {
                         outbox.heard(hub.clock_ms());
