@@ -125,7 +125,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     } else if !cfg.security.authenticates() {
         tracing::warn!(
-            "--insecure: no authentication on a reachable address; anyone may connect as any \
+            "--insecure: no authentication; anyone who reaches this node may connect as any \
              uid and push to everyone"
         );
     }

@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -11,6 +13,8 @@ use switchboard::auth::{Claims, mint_hs256, now_secs};
 use switchboard_server::config::{ServeArgs, ServeConfig};
 use switchboard_server::node::{self, Running};
 use switchboard_test::client::Event;
+use switchboard_test::cluster::ProcessNode;
+use switchboard_test::probe::{on_own_thread, p99, round_trips};
 use switchboard_test::{Client, STEP};
 
 const SECRET: &str = "a-test-secret-of-32-bytes-or-so!";
@@ -246,63 +250,51 @@ async fn development_mode_refuses_pages_from_other_origins() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_stop_at_the_cap_while_another_clients_round_trips_stay_fast() -> Result<()> {
-    // --insecure, with no rate limit, so that every join reaches the cap.
-    let n = node_with(ServeArgs {
-        insecure: Some(true),
-        client_rate: Some(0.0),
-        ..ServeArgs::default()
-    })
-    .await?;
+    // The shipped server, --insecure, with no rate limit so that every join
+    // reaches the cap; the flood on a thread of its own.
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_switchboard"));
+    let n = ProcessNode::spawn(bin, &["--insecure", "--client-rate", "0"]).await?;
     let (ws, tcp) = (n.ws.unwrap(), n.tcp.unwrap());
-    let mut flood = Client::tcp(tcp, "flood", None).await?;
     let mut honest = Client::ws(ws, "honest", None).await?;
+    let done = Arc::new(AtomicBool::new(false));
     let joins = 10_000;
-    let sender = tokio::spawn(async move {
-        for i in 0..joins {
-            flood
-                .send(json!({"op": "join", "group": format!("g-{i}")}))
-                .await?;
+    let flood = on_own_thread({
+        let done = done.clone();
+        move || async move {
+            let mut flood = Client::tcp(tcp, "flood", None).await?;
+            for i in 0..joins {
+                flood
+                    .send(json!({"op": "join", "group": format!("g-{i}")}))
+                    .await?;
+            }
+            // Every join past the cap gets an error, and nothing else comes.
+            for _ in 0..joins - 128 {
+                let e = flood.recv_json().await?;
+                anyhow::ensure!(reason(&e).contains("too many groups"), "{e}");
+            }
+            flood.expect_silence(Duration::from_millis(300)).await?;
+            done.store(true, Ordering::Release);
+            let mut counts = Vec::new();
+            for g in ["g-127", "g-128"] {
+                let c = flood.ask(json!({"op": "group_count", "group": g})).await?;
+                counts.push(c["count"].clone());
+            }
+            anyhow::Ok(counts)
         }
-        // Every join past the cap gets an error, and nothing else comes.
-        let mut errors = 0;
-        while errors < joins - 128 {
-            let e = flood.recv_json().await?;
-            assert!(reason(&e).contains("too many groups"), "{e}");
-            errors += 1;
-        }
-        flood.expect_silence(Duration::from_millis(300)).await?;
-        anyhow::Ok(flood)
     });
-    let mut rtts = Vec::new();
-    let conn = honest.conn.clone();
-    while !sender.is_finished() || rtts.len() < 50 {
-        let t = Instant::now();
-        honest
-            .send(json!({"op": "to_conn", "conn": conn, "data": "ping"}))
-            .await?;
-        assert_eq!(honest.recv().await?, "ping");
-        rtts.push(t.elapsed());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let mut flood = sender.await??;
-    rtts.sort();
-    let p99 = rtts[rtts.len() * 99 / 100];
+    let mut rtts = round_trips(&mut honest, &done, 100, Duration::from_millis(5)).await?;
+    let counts = flood.join().unwrap()?;
+    assert_eq!(counts, [1, 0], "in the 128th group, not the 129th");
+    let p99 = p99(&mut rtts);
     assert!(
         p99 < Duration::from_millis(50),
         "p99 {p99:?} over {} round trips",
         rtts.len()
     );
-    let count = flood
-        .ask(json!({"op": "group_count", "group": "g-127"}))
-        .await?;
-    assert_eq!(count["count"], 1);
-    let count = flood
-        .ask(json!({"op": "group_count", "group": "g-128"}))
-        .await?;
-    assert_eq!(count["count"], 0);
-    let s = stats(&n).await?;
+    let r = switchboard_test::http::get(ws, "/stats").await?;
+    let s: Value = serde_json::from_slice(&r.body)?;
     assert_eq!(s["ops_refused"], joins - 128, "{s}");
-    n.shutdown().await;
+    n.terminate().await?;
     Ok(())
 }
 

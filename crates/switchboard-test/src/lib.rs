@@ -7,6 +7,7 @@
 //! - [`browser`]: headless Chromium through chromedriver, for the web pages.
 //! - [`conformance`]: the checks every mode must pass, and the
 //!   [`conformance_suite!`] macro that turns them into tests for one mode.
+//! - [`probe`]: an honest client's round trips while others misbehave.
 //! - [`hub_api`]: the Hub API checks across two sides of a cluster, and the
 //!   [`hub_api_suite!`] macro that turns them into tests for one mode.
 
@@ -20,6 +21,7 @@ pub mod faults;
 pub mod gateway;
 pub mod http;
 pub mod hub_api;
+pub mod probe;
 pub mod services;
 
 pub use client::{Client, Kind};
