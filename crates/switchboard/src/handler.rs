@@ -244,9 +244,14 @@ impl CloseReason {
         }
     }
 
-    /// Whether the server should still try to flush queued frames before closing.
+    /// Whether the server should still try to flush queued frames before
+    /// closing. A client closed for a policy gets the answers to what it sent
+    /// before (its refusals among them), so that it can tell what was handled.
     pub(crate) fn flush_first(&self) -> bool {
-        matches!(self, CloseReason::Kicked(_) | CloseReason::Shutdown)
+        matches!(
+            self,
+            CloseReason::Kicked(_) | CloseReason::Shutdown | CloseReason::Policy(_)
+        )
     }
 }
 
