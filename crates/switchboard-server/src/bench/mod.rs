@@ -71,6 +71,10 @@ pub struct BenchArgs {
     /// Broker process ids (Redis, RabbitMQ), counted with the servers' CPU.
     #[arg(long, value_delimiter = ',')]
     pub broker_pids: Vec<u32>,
+    /// Connect with tokens signed by this HS256 secret, for a node started
+    /// with --jwt-secret (`connect` then measures token verification too).
+    #[arg(long)]
+    pub jwt_secret: Option<String>,
     /// A label for the JSON line (the mode being measured).
     #[arg(long, default_value = "")]
     pub label: String,
@@ -223,6 +227,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             messages,
             sender_rate,
             size: a.size,
+            jwt_secret: a.jwt_secret.clone(),
         };
         worker.send(&Cmd::Open { spec }).await?;
     }
@@ -297,9 +302,14 @@ pub async fn run(a: BenchArgs) -> Result<()> {
             let cpu0 = cpu(&all_pids);
             let t0 = client::now_ns();
             if a.scenario == Scenario::Fanout {
-                let mut sender =
-                    client::connect(&a.nodes[0], a.sources[0], &format!("{run}-sender"), None)
-                        .await?;
+                let mut sender = client::connect(
+                    &a.nodes[0],
+                    a.sources[0],
+                    &format!("{run}-sender"),
+                    None,
+                    a.jwt_secret.as_deref(),
+                )
+                .await?;
                 let group = format!("{run}-g");
                 if a.rate > 0.0 {
                     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));

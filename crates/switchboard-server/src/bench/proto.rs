@@ -55,6 +55,9 @@ pub struct Spec {
     pub sender_rate: f64,
     /// Payload size in bytes.
     pub size: usize,
+    /// Connect with tokens signed by this HS256 secret instead of `?uid=`.
+    #[serde(default)]
+    pub jwt_secret: Option<String>,
 }
 
 /// Coordinator → worker.

@@ -167,11 +167,18 @@ pub async fn run() -> Result<()> {
                     for (uid, group, node, receiver) in plan {
                         let (sem, endpoint, ch) =
                             (sem.clone(), s.nodes[node].clone(), connect_hist.clone());
+                        let secret = s.jwt_secret.clone();
                         tasks.spawn(async move {
                             let _permit = sem.acquire_owned().await;
                             let t = Instant::now();
-                            let r =
-                                client::connect(&endpoint, source, &uid, group.as_deref()).await;
+                            let r = client::connect(
+                                &endpoint,
+                                source,
+                                &uid,
+                                group.as_deref(),
+                                secret.as_deref(),
+                            )
+                            .await;
                             if r.is_ok() {
                                 let _ = ch.lock().map(|mut h| {
                                     h.saturating_record(t.elapsed().as_micros() as u64)
