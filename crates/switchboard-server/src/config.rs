@@ -55,6 +55,9 @@ macro_rules! options {
             )*
         }
 
+        /// Every option's TOML key and variable, in the table's order.
+        pub const OPTIONS: &[(&str, &str)] = &[$((stringify!($name), $env)),*];
+
         impl ServeArgs {
             /// These flags over `file`, over the defaults.
             fn merge(self, file: ServeArgs) -> Options {
@@ -738,5 +741,22 @@ mod tests {
         // The secret never shows in a debug print.
         let args = Cli::try_parse_from(["x", "--jwt-secret", "hunter2-hunter2-hunter2"]).unwrap();
         assert!(!format!("{:?}", args.serve).contains("hunter2"));
+    }
+
+    #[test]
+    fn the_readme_lists_every_option() {
+        let readme = include_str!("../../../README.md");
+        for (key, env) in OPTIONS {
+            // A row of the options table, or of a cluster's table.
+            let flag = format!("`--{}", key.replace('_', "-"));
+            let row = readme
+                .lines()
+                .find(|l| l.starts_with('|') && l.contains(&flag))
+                .unwrap_or_else(|| panic!("README.md has no row for {flag}"));
+            assert!(
+                row.contains(&format!("`{key}`")) && row.contains(env),
+                "README.md's row for {flag} should name `{key}` and {env}: {row}"
+            );
+        }
     }
 }
