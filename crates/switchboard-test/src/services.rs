@@ -402,6 +402,27 @@ impl RabbitCtl {
     }
 }
 
+/// Starts a watchdog in process group `group` that kills the whole group
+/// once process `owner` is gone. A test process that is ended from outside
+/// (nextest ends a test that runs too long) runs no drop, and a broker in a
+/// process group of its own is not ended with the test's group: without the
+/// watchdog, it would run on, holding its ports, for good.
+fn watchdog(group: u32, owner: u32) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    Command::new("sh")
+        .args([
+            "-c",
+            "while kill -0 \"$0\" 2>/dev/null; do sleep 1; done; kill -KILL 0",
+            &owner.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(i32::try_from(group)?)
+        .spawn()
+        .context("starting the watchdog of a private broker")
+}
+
 /// How long one start of a private `rabbitmq-server` may take to answer
 /// before it is taken for hung. It answers in 5 to 30 s, depending on the
 /// load of the machine; the ceiling only bounds a hang, and stays below the
@@ -420,6 +441,8 @@ pub struct RabbitServer {
     dir: PathBuf,
     log: BrokerLog,
     child: Option<Child>,
+    /// Kills the broker's process group once this test process is gone.
+    watchdog: Option<Child>,
 }
 
 impl RabbitServer {
@@ -444,6 +467,7 @@ impl RabbitServer {
             log: BrokerLog::new(&dir),
             dir,
             child: None,
+            watchdog: None,
         };
         std::fs::write(
             s.dir.join("rabbitmq.conf"),
@@ -502,6 +526,7 @@ impl RabbitServer {
             let child = self
                 .child
                 .insert(cmd.spawn().context("starting rabbitmq-server")?);
+            self.watchdog = Some(watchdog(child.id(), std::process::id())?);
             let not_up = match wait_until_ready(child, RABBIT_CEILING, || amqp_answers(&addr)) {
                 Ok(_) => return Ok(()),
                 Err(not_up) => not_up,
@@ -531,6 +556,10 @@ impl RabbitServer {
                 .args(["-KILL", "--", &format!("-{}", c.id())])
                 .status();
             let _ = c.wait();
+        }
+        // In the same group, so killed with it.
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.wait();
         }
     }
 
@@ -574,6 +603,38 @@ mod tests {
             "a missing service must fail the test: {r:?}"
         );
         assert!(require("x", true).is_ok());
+    }
+
+    #[test]
+    fn a_watchdog_kills_the_group_of_a_broker_once_its_owner_is_gone() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        // A broker in a group of its own, owned by a process that ends soon.
+        let mut broker = Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let mut owner = Command::new("sleep").arg("0.3").spawn().expect("sleep");
+        let mut w = watchdog(broker.id(), owner.id()).expect("watchdog");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            broker.try_wait().expect("try_wait").is_none(),
+            "killed while its owner runs"
+        );
+        owner.wait().expect("owner");
+        let t = Instant::now();
+        let ended = loop {
+            if let Some(status) = broker.try_wait().expect("try_wait") {
+                break status;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = broker.kill();
+                panic!("the broker outlived its owner by 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(ended.signal(), Some(9), "{ended:?}");
+        let _ = w.wait();
     }
 
     #[test]
