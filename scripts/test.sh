@@ -38,11 +38,11 @@ absent=()
 redis_addr=${SWITCHBOARD_TEST_REDIS:-127.0.0.1:6379}
 amqp_addr=${SWITCHBOARD_TEST_AMQP:-127.0.0.1:5672}
 if ! probe "$redis_addr" 'PING\r\n' '+PONG' || ! command -v redis-server >/dev/null; then
-  absent+=("redis|Redis at $redis_addr and the redis-server binary|package(switchboard-server) & (binary(/redis/) | test(/redis/))")
+  absent+=("redis|Redis at $redis_addr and the redis-server binary|(package(switchboard-server) | package(switchboard-test)) & (binary(/redis/) | test(/redis/))")
 fi
 if ! probe "$amqp_addr" 'AMQP\x00\x00\x09\x01' $'\x01' ||
    ! command -v rabbitmq-server >/dev/null || ! command -v rabbitmqctl >/dev/null; then
-  absent+=("amqp|RabbitMQ at $amqp_addr and rabbitmq-server, rabbitmqctl|package(switchboard-server) & (binary(/amqp/) | test(/amqp|rabbitmq/))")
+  absent+=("amqp|RabbitMQ at $amqp_addr and rabbitmq-server, rabbitmqctl|(package(switchboard-server) | package(switchboard-test)) & (binary(/amqp/) | test(/amqp|rabbitmq/))")
 fi
 if [ ! -x "${SWITCHBOARD_CHROMIUM:-/usr/bin/chromium}" ] ||
    [ ! -x "${SWITCHBOARD_CHROMEDRIVER:-/usr/bin/chromedriver}" ]; then

@@ -8,7 +8,7 @@
 //! `docs/TESTING.md`).
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -89,19 +89,147 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The output of a private broker, kept in a file of its directory: every
+/// start of the broker appends to it, after a line that marks the start. A
+/// start that fails says its tail in the error, and so does the broker's drop
+/// when the test that owns it fails, so that no test has to remember to.
+#[derive(Debug)]
+struct BrokerLog {
+    path: PathBuf,
+    starts: u32,
+}
+
+/// Lines of a broker's output shown in an error or a failing test.
+const LOG_TAIL: usize = 60;
+
+impl BrokerLog {
+    fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join("server.out"),
+            starts: 0,
+        }
+    }
+
+    /// The file the next start writes its output to (stdout and stderr), after
+    /// a line that marks the start.
+    fn next_start(&mut self) -> Result<std::fs::File> {
+        use std::io::Write;
+        self.starts += 1;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        writeln!(f, "--- start {} ---", self.starts)?;
+        Ok(f)
+    }
+
+    /// The last [`LOG_TAIL`] lines of the output.
+    fn tail(&self) -> String {
+        let text = std::fs::read(&self.path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n")
+    }
+
+    /// The tail of the output under a heading that names the broker.
+    fn report(&self, broker: &str) -> String {
+        format!(
+            "--- {broker}: the last lines of its output ({}) ---\n{}\n--- end of the output of {broker} ---",
+            self.path.display(),
+            self.tail()
+        )
+    }
+}
+
+/// Removes a private broker's directory; but when the test that owns the
+/// broker fails (the thread unwinds from a panic), shows the tail of its
+/// output and keeps the directory, whose files say more. Quiet otherwise.
+fn clean_up(broker: &str, log: &BrokerLog, dir: &Path) {
+    if std::thread::panicking() {
+        eprintln!(
+            "{}\n(the directory {} is kept)",
+            log.report(broker),
+            dir.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// How a start that did not come up ended.
+#[derive(Debug)]
+enum NotUp {
+    /// The process exited: it will never answer.
+    Exited(std::process::ExitStatus),
+    /// Still running, but not ready within the ceiling.
+    Hung(Duration),
+}
+
+impl std::fmt::Display for NotUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited(status) => write!(f, "exited at start ({status})"),
+            Self::Hung(ceiling) => write!(f, "was not ready within {ceiling:?}, and still runs"),
+        }
+    }
+}
+
+/// Waits until `ready` answers yes, checking every 20 ms, and gives up at
+/// once when `child` has exited. `ceiling` is only a last resort against a
+/// broker that hangs: a broker that starts returns as soon as it answers, and
+/// one that dies fails when it dies, however loaded the machine.
+fn wait_until_ready(
+    child: &mut Child,
+    ceiling: Duration,
+    ready: impl Fn() -> bool,
+) -> std::result::Result<Duration, NotUp> {
+    let t = Instant::now();
+    loop {
+        // Ready first: a broker that answered and then exited is seen exited
+        // by the next check of whoever uses it.
+        if ready() {
+            return Ok(t.elapsed());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(NotUp::Exited(status));
+        }
+        if t.elapsed() > ceiling {
+            return Err(NotUp::Hung(ceiling));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long a private `redis-server` may take to answer before it is taken
+/// for hung. It answers in milliseconds (an append-only file to load takes
+/// longer, but this one is small); the ceiling only bounds a hang, and stays
+/// well below the time after which nextest ends a test (`.config/nextest.toml`),
+/// so that the test fails with the broker's output.
+const REDIS_CEILING: Duration = Duration::from_secs(30);
+
 /// A private `redis-server`, on its own port and directory, that a test may
 /// kill and restart. With `durable`, it writes an fsync'd append-only file, so
-/// what it acknowledged survives a kill.
+/// what it acknowledged survives a kill. Its output is kept in its directory
+/// and shown when it fails to start or the test fails.
 pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     durable: bool,
+    /// Options added to the command line, after the harness's own.
+    extra: Vec<String>,
+    log: BrokerLog,
     child: Option<Child>,
 }
 
 impl RedisServer {
     /// Starts one; an error if `redis-server` is missing or does not start.
     pub fn start(durable: bool) -> Result<Self> {
+        Self::start_with(durable, &[])
+    }
+
+    /// Starts one with further command-line options `extra`.
+    fn start_with(durable: bool, extra: &[&str]) -> Result<Self> {
         let found = Command::new("redis-server")
             .arg("--version")
             .stdout(Stdio::null())
@@ -112,8 +240,10 @@ impl RedisServer {
         std::fs::create_dir_all(&dir)?;
         let mut s = Self {
             port: free_port()?,
+            log: BrokerLog::new(&dir),
             dir,
             durable,
+            extra: extra.iter().map(|&a| a.to_owned()).collect(),
             child: None,
         };
         s.spawn()?;
@@ -126,6 +256,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        let out = self.log.next_start()?;
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--port",
@@ -137,20 +268,29 @@ impl RedisServer {
         ])
         .arg("--dir")
         .arg(&self.dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        // Without a log file it logs to its stdout, kept with its stderr
+        // (where a refused option is reported) in its directory.
+        .args(["--logfile", ""])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
         if self.durable {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
             cmd.args(["--appendonly", "no"]);
         }
-        self.child = Some(cmd.spawn().context("starting redis-server")?);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis_answers(&format!("127.0.0.1:{}", self.port)) {
-            if Instant::now() > deadline {
-                bail!("redis-server on port {} did not start", self.port);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        cmd.args(&self.extra);
+        let child = self
+            .child
+            .insert(cmd.spawn().context("starting redis-server")?);
+        let addr = format!("127.0.0.1:{}", self.port);
+        if let Err(not_up) = wait_until_ready(child, REDIS_CEILING, || redis_answers(&addr)) {
+            self.kill();
+            bail!(
+                "redis-server on port {} {not_up}\n{}",
+                self.port,
+                self.log.report("redis-server")
+            );
         }
         Ok(())
     }
@@ -173,7 +313,11 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        clean_up(
+            &format!("redis-server on port {}", self.port),
+            &self.log,
+            &self.dir,
+        );
     }
 }
 
@@ -258,14 +402,47 @@ impl RabbitCtl {
     }
 }
 
+/// Starts a watchdog in process group `group` that kills the whole group
+/// once process `owner` is gone. A test process that is ended from outside
+/// (nextest ends a test that runs too long) runs no drop, and a broker in a
+/// process group of its own is not ended with the test's group: without the
+/// watchdog, it would run on, holding its ports, for good.
+fn watchdog(group: u32, owner: u32) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    Command::new("sh")
+        .args([
+            "-c",
+            "while kill -0 \"$0\" 2>/dev/null; do sleep 1; done; kill -KILL 0",
+            &owner.to_string(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(i32::try_from(group)?)
+        .spawn()
+        .context("starting the watchdog of a private broker")
+}
+
+/// How long one start of a private `rabbitmq-server` may take to answer
+/// before it is taken for hung. It answers in 5 to 30 s, depending on the
+/// load of the machine; the ceiling only bounds a hang, and stays below the
+/// time after which nextest ends a test (`.config/nextest.toml`), so that the
+/// test fails with the broker's output.
+const RABBIT_CEILING: Duration = Duration::from_secs(60);
+
 /// A private `rabbitmq-server` on its own ports, node name and directory,
-/// that a test may kill and restart without disturbing other tests.
+/// that a test may kill and restart without disturbing other tests. Its
+/// output (its log included) is kept in its directory and shown when it fails
+/// to start or the test fails.
 pub struct RabbitServer {
     pub port: u16,
     dist_port: u16,
     node: String,
     dir: PathBuf,
+    log: BrokerLog,
     child: Option<Child>,
+    /// Kills the broker's process group once this test process is gone.
+    watchdog: Option<Child>,
 }
 
 impl RabbitServer {
@@ -287,8 +464,10 @@ impl RabbitServer {
             port,
             dist_port: free_port()?,
             node: format!("{name}@localhost"),
+            log: BrokerLog::new(&dir),
             dir,
             child: None,
+            watchdog: None,
         };
         std::fs::write(
             s.dir.join("rabbitmq.conf"),
@@ -330,53 +509,44 @@ impl RabbitServer {
             .env("RABBITMQ_NODE_PORT", self.port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            // Its log to its stdout, kept with the rest of its output.
+            .env("RABBITMQ_LOGS", "-")
             .stdin(Stdio::null())
             // Its own process group: the script starts the Erlang VM as a
             // child, and a kill must reach it.
             .process_group(0);
         // A broker started again on the same node name can exit at once
         // while the killed one is still registered; it is then started
-        // again. Its output is kept, and shown when it never comes up.
-        let out_path = d.join("server.out");
-        for attempt in 1..=3 {
-            let out = std::fs::File::create(&out_path)?;
+        // again.
+        let addr = format!("127.0.0.1:{}", self.port);
+        let mut attempt = 1;
+        loop {
+            let out = self.log.next_start()?;
             cmd.stdout(out.try_clone()?).stderr(out);
-            self.child = Some(cmd.spawn().context("starting rabbitmq-server")?);
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                if amqp_answers(&format!("127.0.0.1:{}", self.port)) {
-                    return Ok(());
-                }
-                let exited = self
-                    .child
-                    .as_mut()
-                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
-                if exited || Instant::now() > deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            let child = self
+                .child
+                .insert(cmd.spawn().context("starting rabbitmq-server")?);
+            self.watchdog = Some(watchdog(child.id(), std::process::id())?);
+            let not_up = match wait_until_ready(child, RABBIT_CEILING, || amqp_answers(&addr)) {
+                Ok(_) => return Ok(()),
+                Err(not_up) => not_up,
+            };
             self.kill();
+            // A hung broker is not given another ceiling's worth of time.
+            if attempt == 3 || matches!(not_up, NotUp::Hung(_)) {
+                bail!(
+                    "rabbitmq-server on port {} {not_up} (start {attempt})\n{}",
+                    self.port,
+                    self.log.report("rabbitmq-server")
+                );
+            }
             eprintln!(
-                "rabbitmq-server on port {}: start {attempt} failed",
+                "rabbitmq-server on port {}: start {attempt} {not_up}; starting it again",
                 self.port
             );
+            attempt += 1;
             std::thread::sleep(Duration::from_secs(1));
         }
-        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
-        let tail: String = output
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n");
-        bail!(
-            "rabbitmq-server on port {} did not start; its output:\n{tail}",
-            self.port
-        )
     }
 
     /// Kills the server (SIGKILL to its whole process group: no goodbye to clients).
@@ -386,6 +556,10 @@ impl RabbitServer {
                 .args(["-KILL", "--", &format!("-{}", c.id())])
                 .status();
             let _ = c.wait();
+        }
+        // In the same group, so killed with it.
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.wait();
         }
     }
 
@@ -400,7 +574,11 @@ impl RabbitServer {
 impl Drop for RabbitServer {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        clean_up(
+            &format!("rabbitmq-server on port {}", self.port),
+            &self.log,
+            &self.dir,
+        );
     }
 }
 
@@ -425,5 +603,86 @@ mod tests {
             "a missing service must fail the test: {r:?}"
         );
         assert!(require("x", true).is_ok());
+    }
+
+    #[test]
+    fn a_watchdog_kills_the_group_of_a_broker_once_its_owner_is_gone() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        // A broker in a group of its own, owned by a process that ends soon.
+        let mut broker = Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let mut owner = Command::new("sleep").arg("0.3").spawn().expect("sleep");
+        let mut w = watchdog(broker.id(), owner.id()).expect("watchdog");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            broker.try_wait().expect("try_wait").is_none(),
+            "killed while its owner runs"
+        );
+        owner.wait().expect("owner");
+        let t = Instant::now();
+        let ended = loop {
+            if let Some(status) = broker.try_wait().expect("try_wait") {
+                break status;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = broker.kill();
+                panic!("the broker outlived its owner by 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(ended.signal(), Some(9), "{ended:?}");
+        let _ = w.wait();
+    }
+
+    #[test]
+    fn a_private_redis_that_exits_at_start_fails_at_once_with_its_output() {
+        let t = Instant::now();
+        let Err(e) = RedisServer::start_with(false, &["--no-such-option", "x"]) else {
+            panic!("a redis-server with an unknown option started");
+        };
+        let e = format!("{e:#}");
+        let took = t.elapsed();
+        assert!(e.contains("exited at start"), "{e}");
+        // What redis-server said of the option, from its kept output.
+        assert!(e.contains("Bad directive"), "{e}");
+        assert!(
+            took < Duration::from_secs(5),
+            "failed only after {took:?}, though it exited at once: {e}"
+        );
+    }
+
+    #[test]
+    fn a_private_redis_keeps_its_output_across_restarts_and_after_a_failed_test() {
+        let mut rs = RedisServer::start(false).unwrap_or_else(|e| panic!("{e:#}"));
+        rs.restart().unwrap_or_else(|e| panic!("{e:#}"));
+        let tail = rs.log.tail();
+        for mark in ["--- start 1 ---", "--- start 2 ---"] {
+            assert!(tail.contains(mark), "{mark} missing from:\n{tail}");
+        }
+        assert_eq!(
+            tail.matches("Ready to accept connections").count(),
+            2,
+            "{tail}"
+        );
+        let dir = rs.dir.clone();
+        drop(rs);
+        assert!(!dir.exists(), "the directory of a passing test is removed");
+
+        // A test that fails while it owns one: the directory, and its output,
+        // are kept.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = std::thread::spawn(move || {
+            let rs = RedisServer::start(false).unwrap_or_else(|e| panic!("{e:#}"));
+            let _ = tx.send(rs.dir.clone());
+            panic!("a test that fails, on purpose, while it owns a private redis-server");
+        });
+        assert!(owner.join().is_err());
+        let dir = rx.recv().expect("the owner started its redis-server");
+        let kept = dir.join("server.out").exists();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(kept, "the output of a failed test's broker is kept");
     }
 }
