@@ -98,7 +98,11 @@ impl ReferenceApp {
         let c = &self.inner.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         json!({
-            "auth": if self.inner.security.authenticates() { "jwt" } else { "none" },
+            "auth": match (&self.inner.security.jwt, &self.inner.security.proxy) {
+                (Some(_), _) => "jwt",
+                (None, Some(_)) => "connect_proxy",
+                (None, None) => "none",
+            },
             "connections_refused": g(&c.refused),
             "requests_denied": g(&c.denied),
             "tokens_expired": g(&c.expired),
@@ -230,15 +234,21 @@ fn wants(req: &Request) -> (Action, &'static str, Vec<&str>) {
 }
 
 impl ReferenceApp {
-    /// Accepts a client that proved who it is.
+    /// Accepts a client that proved who it is: by a token, or by the
+    /// connect proxy's answer.
     async fn admit_token(&self, hub: &Hub, info: &ConnectInfo) -> Result<Accept, Decision> {
-        let Some(jwt) = &self.inner.security.jwt else {
-            unreachable!("called with authentication on")
+        let sec = &self.inner.security;
+        let mut id: Identity = match (&sec.jwt, &sec.proxy) {
+            (Some(jwt), _) => jwt.verify_connect(info).map_err(|e| {
+                let r = e.reject();
+                refuse(r.http_status(), r.reason())
+            })?,
+            (None, Some(proxy)) => proxy.check(info).await.map_err(|e| {
+                let r = e.reject();
+                refuse(r.http_status(), r.reason())
+            })?,
+            (None, None) => unreachable!("called with authentication on"),
         };
-        let mut id: Identity = jwt.verify_connect(info).map_err(|e| {
-            let r = e.reject();
-            refuse(r.http_status(), r.reason())
-        })?;
         if let Transport::Tcp = info.transport {
             hello(info).map_err(|e| refuse(switchboard::http::StatusCode::BAD_REQUEST, &e))?;
         }
@@ -347,7 +357,7 @@ impl ReferenceApp {
     /// `refresh`: a fresh token for the same uid extends the connection.
     async fn refresh(&self, hub: &Hub, conn: &ConnId, grant: &Grant, token: &str) -> Frame {
         let Some(jwt) = &self.inner.security.jwt else {
-            return error_frame("refresh: this server does not authenticate clients");
+            return error_frame("refresh: this server does not take tokens");
         };
         let mut id = match jwt.verify(token) {
             Ok(id) => id,

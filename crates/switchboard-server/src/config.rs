@@ -9,6 +9,7 @@ use clap::Args;
 use serde::Deserialize;
 use std::sync::Arc;
 
+use switchboard::auth::proxy::{ConnectProxy, ProxyConfig};
 use switchboard::auth::{JwtVerifier, Permissions};
 use switchboard::core::Framing;
 use switchboard::{Limits, NodeId, RateLimit};
@@ -143,6 +144,14 @@ options! {
         "Authenticate clients by JWT signed with this HS256 secret (prefer the variable: a flag shows in the process list)";
     jwt_public_key: PathBuf, "SWITCHBOARD_JWT_PUBLIC_KEY",
         "Authenticate clients by JWT verified with this PEM public key (RS256 or ES256)";
+    connect_proxy: String, "SWITCHBOARD_CONNECT_PROXY",
+        "Authenticate clients by asking this backend (http://HOST:PORT/PATH) whether to accept each connection, and as whom (docs/SECURITY.md)";
+    connect_proxy_timeout: u64 = "5", "SWITCHBOARD_CONNECT_PROXY_TIMEOUT",
+        "Seconds the connect proxy has to answer before the connection is refused";
+    connect_proxy_concurrency: usize = "64", "SWITCHBOARD_CONNECT_PROXY_CONCURRENCY",
+        "Connections waiting for the connect proxy at once, at most; more are refused (503)";
+    connect_proxy_headers: String = "authorization,cookie,origin,user-agent,x-forwarded-for", "SWITCHBOARD_CONNECT_PROXY_HEADERS",
+        "Request headers passed to the connect proxy, comma-separated";
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     insecure: bool = "false", "SWITCHBOARD_INSECURE",
         "Serve non-loopback addresses without authentication: anyone may connect as any uid and do anything";
@@ -295,7 +304,7 @@ pub enum ConfigError {
     /// A listener reachable from other hosts with nobody authenticated.
     #[error(
         "refusing to serve {0} without authentication: anyone could connect as any user and push to everyone. \
-         Set --jwt-secret (or SWITCHBOARD_JWT_SECRET) or --jwt-public-key, listen on a loopback address, \
+         Set --jwt-secret (or SWITCHBOARD_JWT_SECRET), --jwt-public-key or --connect-proxy, listen on a loopback address, \
          or pass --insecure to accept that"
     )]
     Insecure(String),
@@ -364,14 +373,6 @@ fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
         }
         (None, None) => None,
     };
-    let listeners: Vec<&String> = cfg.ws.iter().chain(cfg.tcp.iter()).collect();
-    let exposed = listeners.iter().find(|a| !is_loopback(a));
-    if jwt.is_none() && !o.insecure {
-        if let Some(addr) = exposed {
-            return Err(ConfigError::Insecure((*addr).clone()));
-        }
-        cfg.development = true;
-    }
     let list = |s: &str| -> Vec<String> {
         s.split(',')
             .map(str::trim)
@@ -379,9 +380,35 @@ fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
             .map(str::to_owned)
             .collect()
     };
+    let proxy = match &o.connect_proxy {
+        None => None,
+        Some(_) if jwt.is_some() => {
+            return Err(auth(
+                "--connect-proxy and a JWT key are both set: choose one".into(),
+            ));
+        }
+        Some(url) => {
+            let mut p = ProxyConfig::from_url(url).map_err(auth)?;
+            p.timeout = Duration::from_secs(o.connect_proxy_timeout.max(1));
+            p.concurrency = o.connect_proxy_concurrency.max(1);
+            p.headers = list(&o.connect_proxy_headers.to_ascii_lowercase());
+            Some(ConnectProxy::new(p))
+        }
+    };
+    let listeners: Vec<&String> = cfg.ws.iter().chain(cfg.tcp.iter()).collect();
+    let exposed = listeners.iter().find(|a| !is_loopback(a));
+    if jwt.is_none() && proxy.is_none() && !o.insecure {
+        if let Some(addr) = exposed {
+            return Err(ConfigError::Insecure((*addr).clone()));
+        }
+        cfg.development = true;
+    }
     let mut sec = Security::open();
+    sec.proxy = proxy;
     if let Some(v) = jwt {
         sec.jwt = Some(Arc::new(v));
+    }
+    if sec.authenticates() {
         sec.can = Permissions::parse(list(o.can.as_deref().unwrap_or("")))
             .map_err(|e| auth(format!("--can: {e}")))?;
     } else if o.can.is_some() {

@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchboard::auth::proxy::ConnectProxy;
 use switchboard::auth::{JwtVerifier, Permissions};
 
 /// How a node's clients are authenticated and limited.
@@ -14,6 +15,8 @@ pub struct Security {
     /// Tokens are checked with this; `None`: clients name their own uid
     /// (`?uid=`), as in development.
     pub jwt: Option<Arc<JwtVerifier>>,
+    /// The backend is asked whether to accept each connection.
+    pub proxy: Option<ConnectProxy>,
     /// Rules every authenticated client has, besides its token's.
     pub can: Permissions,
     /// Browser origins allowed to open a WebSocket (patterns, `*` any run);
@@ -34,6 +37,7 @@ impl Security {
     pub fn open() -> Self {
         Self {
             jwt: None,
+            proxy: None,
             can: Permissions::everything(),
             origins: None,
             max_conns_per_uid: None,
@@ -43,7 +47,7 @@ impl Security {
 
     /// Whether clients are authenticated.
     pub fn authenticates(&self) -> bool {
-        self.jwt.is_some()
+        self.jwt.is_some() || self.proxy.is_some()
     }
 
     /// Whether a browser page from `origin` may connect.

@@ -377,3 +377,113 @@ fn the_token_subcommand_mints_what_a_node_accepts() {
     assert_eq!(id.groups.len(), 2);
     assert!(id.expires.is_some_and(|e| e > now_secs() + 3000));
 }
+
+/// A backend for the connect proxy: `Bearer ok-UID` is UID in the lobby
+/// (allowed to push there); a query with `slow` is never answered in time;
+/// anything else is refused with a reason. It keeps the facts it was sent.
+async fn backend() -> Result<(std::net::SocketAddr, Arc<std::sync::Mutex<Vec<Value>>>)> {
+    use axum::routing::post;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = axum::Router::new().route(
+        "/auth",
+        post({
+            let seen = seen.clone();
+            move |body: String| {
+                let seen = seen.clone();
+                async move {
+                    let facts: Value = serde_json::from_str(&body).unwrap();
+                    seen.lock().unwrap().push(facts.clone());
+                    if facts["query"].as_str().unwrap_or("").contains("slow") {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    let auth = facts["headers"]["authorization"]
+                        .as_str()
+                        .or(facts["hello"]["auth"].as_str())
+                        .unwrap_or("");
+                    match auth.strip_prefix("Bearer ok-") {
+                        Some(uid) => (
+                            axum::http::StatusCode::OK,
+                            json!({"uid": uid, "groups": ["lobby"], "can": ["push:group:lobby"]})
+                                .to_string(),
+                        ),
+                        None => (
+                            axum::http::StatusCode::FORBIDDEN,
+                            json!({"reason": "unknown user"}).to_string(),
+                        ),
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, seen))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_proxy_decides_who_connects_and_as_whom() -> Result<()> {
+    let (addr, seen) = backend().await?;
+    let n = node_with(ServeArgs {
+        connect_proxy: Some(format!("http://{addr}/auth")),
+        connect_proxy_timeout: Some(1),
+        ..ServeArgs::default()
+    })
+    .await?;
+    let ws = n.ws.unwrap();
+    // Accepted as the backend says, with what it allows.
+    let mut a =
+        Client::ws_with_headers(ws, "room=4", &[("authorization", "Bearer ok-alice")]).await?;
+    assert_eq!(a.uid, "alice");
+    let mut b = Client::tcp_hello(
+        n.tcp.unwrap(),
+        &json!({"op": "hello", "auth": "Bearer ok-bob"}),
+    )
+    .await?;
+    assert_eq!(b.uid, "bob");
+    a.send(json!({"op": "to_group", "group": "lobby", "data": "hi"}))
+        .await?;
+    assert_eq!(b.recv().await?, "hi");
+    assert_eq!(a.recv().await?, "hi");
+    let e = a.ask(json!({"op": "to_all", "data": "x"})).await?;
+    assert!(reason(&e).starts_with("not permitted"), "{e}");
+    {
+        let facts = seen.lock().unwrap();
+        assert_eq!(facts[0]["transport"], "websocket");
+        assert_eq!(facts[0]["query"], "room=4");
+        assert!(
+            facts[0]["remote_addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
+        assert_eq!(facts[1]["transport"], "tcp");
+        assert_eq!(facts[1]["hello"]["auth"], "Bearer ok-bob");
+    }
+    // Refused with the backend's reason; no answer in time is a 503.
+    let (status, body) = Client::ws_refused(ws, "", &[("authorization", "Bearer nope")]).await?;
+    assert_eq!(status, 403);
+    assert!(body.contains("unknown user"), "{body}");
+    let t = Instant::now();
+    let (status, body) =
+        Client::ws_refused(ws, "slow", &[("authorization", "Bearer ok-c")]).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no answer within"), "{body}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    let refused = Client::tcp_refused(n.tcp.unwrap(), &json!({"op": "hello"})).await?;
+    assert!(reason(&refused).contains("unknown user"), "{refused}");
+    n.shutdown().await;
+    // A backend that is down refuses everyone, with 503.
+    let gone = node_with(ServeArgs {
+        connect_proxy: Some(format!(
+            "http://127.0.0.1:{}/auth",
+            switchboard_test::services::free_port()?
+        )),
+        ..ServeArgs::default()
+    })
+    .await?;
+    let (status, body) = Client::ws_refused(gone.ws.unwrap(), "", &[]).await?;
+    assert_eq!(status, 503, "{body}");
+    gone.shutdown().await;
+    Ok(())
+}

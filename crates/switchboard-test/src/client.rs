@@ -80,6 +80,27 @@ impl Client {
         Self::welcomed(Io::Ws(Box::new(ws)), "").await
     }
 
+    /// Connects over WebSocket to `/ws?{query}` with extra request headers,
+    /// and reads the welcome.
+    pub async fn ws_with_headers(
+        addr: SocketAddr,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes())?,
+                http::HeaderValue::from_str(v)?,
+            );
+        }
+        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(req))
+            .await
+            .context("ws connect timed out")??;
+        Self::welcomed(Io::Ws(Box::new(ws)), "").await
+    }
+
     /// Asks for a WebSocket at `/ws?{query}` with extra headers, expecting a
     /// refusal: its HTTP status and body. An error if it was accepted.
     pub async fn ws_refused(

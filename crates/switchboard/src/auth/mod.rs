@@ -37,6 +37,7 @@
 //! ```
 
 mod can;
+pub mod proxy;
 
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
