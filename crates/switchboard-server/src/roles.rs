@@ -31,6 +31,9 @@ pub struct RegisterArgs {
     /// Shared secret of register, gateways and workers.
     #[arg(long, env = "SWITCHBOARD_SECRET", default_value = "")]
     pub secret: String,
+    /// Listen on a non-loopback address without a secret.
+    #[arg(long, env = "SWITCHBOARD_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `switchboard gateway`.
@@ -76,6 +79,28 @@ pub struct GatewayArgs {
     /// Seconds client events wait for a worker when none is attached.
     #[arg(long, env = "SWITCHBOARD_HOLD_TIME", default_value_t = 30.0)]
     pub hold_time: f64,
+    /// Serve clients on non-loopback addresses though the reference worker
+    /// does not authenticate them, or open the inner port beyond loopback
+    /// without a secret.
+    #[arg(long, env = "SWITCHBOARD_INSECURE")]
+    pub insecure: bool,
+}
+
+/// Refuses an address reachable from other hosts where nothing
+/// authenticates, unless the operator said `--insecure`.
+fn exposed(what: &str, addr: &str, guarded: bool, insecure: bool) -> anyhow::Result<()> {
+    if guarded || insecure || crate::security::is_loopback(addr) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to serve {what} on {addr}: nothing authenticates who connects there. {}",
+        match what {
+            "clients" =>
+                "The gateway topology's reference worker does not check tokens yet;                           authenticate in your own worker's onConnect and pass --insecure,                           or listen on a loopback address",
+            _ =>
+                "Set --secret (SWITCHBOARD_SECRET) on the register, gateways and workers,                   or pass --insecure",
+        }
+    )
 }
 
 /// `switchboard worker`.
@@ -153,6 +178,12 @@ fn secs(s: f64) -> anyhow::Result<Duration> {
 
 /// Runs a register until `stop` resolves.
 pub async fn register(args: RegisterArgs, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    exposed(
+        "the register",
+        &args.listen,
+        !args.secret.is_empty(),
+        args.insecure,
+    )?;
     let l = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the register on {}", args.listen))?;
@@ -205,6 +236,16 @@ pub async fn gateway(args: GatewayArgs, stop: impl Future<Output = ()>) -> anyho
         args.ws.is_some() || args.tcp.is_some(),
         "a gateway needs --ws ADDR or --tcp ADDR (or both)"
     );
+    for addr in args.ws.iter().chain(args.tcp.iter()) {
+        exposed("clients", addr, false, args.insecure)?;
+    }
+    let inner_addr = format!("{}:{}", args.lan_ip, args.start_port);
+    exposed(
+        "the inner port",
+        &inner_addr,
+        !args.secret.is_empty(),
+        args.insecure,
+    )?;
     let inner = TcpListener::bind((args.lan_ip, args.start_port))
         .await
         .with_context(|| format!("binding the inner port {}:{}", args.lan_ip, args.start_port))?;
@@ -332,4 +373,34 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         println!("{out}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposed_roles_need_a_secret_or_insecure() {
+        assert!(exposed("the register", "127.0.0.1:1236", false, false).is_ok());
+        let e = exposed("the register", "0.0.0.0:1236", false, false).unwrap_err();
+        assert!(e.to_string().contains("--secret"), "{e}");
+        assert!(exposed("the register", "0.0.0.0:1236", true, false).is_ok());
+        assert!(exposed("the register", "0.0.0.0:1236", false, true).is_ok());
+        let e = exposed("clients", "10.0.0.1:9001", false, false).unwrap_err();
+        assert!(e.to_string().contains("--insecure"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_register_on_every_address_without_a_secret_does_not_start() {
+        let args = RegisterArgs {
+            listen: "0.0.0.0:0".into(),
+            secret: String::new(),
+            insecure: false,
+        };
+        let e = register(args, std::future::ready(())).await.unwrap_err();
+        assert!(
+            e.to_string().starts_with("refusing to serve the register"),
+            "{e}"
+        );
+    }
 }
