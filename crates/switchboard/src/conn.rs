@@ -109,12 +109,12 @@ pub(crate) fn run<W: Wire>(
         }
         tracing::debug!(node = %hub.node_id(), %conn, ?transport, "open");
 
-        // Only rate-limited connections pay for a bucket (an idle connection
-        // is mostly this future).
+        // Only rate-limited connections pay for a bucket, on the heap: an
+        // idle connection is mostly this future.
         let mut bucket = hub
             .limits()
             .message_rate
-            .map(|l| Bucket::new(&l, hub.clock_ms()));
+            .map(|l| Box::new(Bucket::new(&l, hub.clock_ms())));
         let reason = loop {
             tokio::select! {
                 () = outbox.wait() => {
@@ -125,33 +125,31 @@ pub(crate) fn run<W: Wire>(
                         break reason;
                     }
                 }
-                incoming = wire.recv() => match incoming {
+                // A client's messages already buffered are decoded without
+                // touching the socket, so without a budget of its own a burst
+                // of thousands would be handled in one go, starving every
+                // other connection on this worker thread: each message read
+                // takes a unit of tokio's cooperative budget (no state added).
+                incoming = tokio::task::coop::cooperative(wire.recv()) => match incoming {
                     Incoming::Frame(frame) => {
                         let now = hub.clock_ms();
                         outbox.heard(now);
                         Counters::add(&hub.counters().frames_in, 1);
-                        match (&mut bucket, &hub.limits().message_rate) {
-                            (Some(b), Some(limit)) => match b.take(limit, now) {
-                                Take::Allow => hub.handler().on_message(&hub, &conn, frame).await,
-                                Take::Over => {
-                                    Counters::add(&hub.counters().rate_limited, 1);
-                                    hub.handler().on_rate_limited(&hub, &conn).await;
-                                }
-                                Take::Abuse => {
-                                    Counters::add(&hub.counters().rate_limited, 1);
-                                    break CloseReason::Policy(format!(
-                                        "kept sending over the limit of {} messages a second",
-                                        limit.per_second
-                                    ));
-                                }
-                            },
-                            _ => hub.handler().on_message(&hub, &conn, frame).await,
+                        let take = match (bucket.as_deref_mut(), &hub.limits().message_rate) {
+                            (Some(b), Some(limit)) => b.take(limit, now),
+                            _ => Take::Allow,
+                        };
+                        match take {
+                            Take::Allow => hub.handler().on_message(&hub, &conn, frame).await,
+                            Take::Over => {
+                                Counters::add(&hub.counters().rate_limited, 1);
+                                hub.handler().on_rate_limited(&hub, &conn).await;
+                            }
+                            Take::Abuse => {
+                                Counters::add(&hub.counters().rate_limited, 1);
+                                break policy_close(&hub);
+                            }
                         }
-                        // A client's messages already buffered are read
-                        // without touching the socket, so without this a burst
-                        // of thousands would be handled in one go and starve
-                        // every other connection on this worker thread.
-                        tokio::task::coop::consume_budget().await;
                     }
                     Incoming::Alive => {
                         outbox.heard(hub.clock_ms());
@@ -193,6 +191,14 @@ pub(crate) fn run<W: Wire>(
         tracing::debug!(node = %hub.node_id(), %conn, %reason, "closed");
         hub.handler().on_close(&hub, &conn, &reason).await;
     }
+}
+
+/// Why a client that keeps sending over its rate is closed.
+fn policy_close(hub: &Hub) -> CloseReason {
+    let rate = hub.limits().message_rate.map_or(0.0, |l| l.per_second);
+    CloseReason::Policy(format!(
+        "kept sending over the limit of {rate} messages a second"
+    ))
 }
 
 /// Writes everything queued. Returns a close reason when the connection must
