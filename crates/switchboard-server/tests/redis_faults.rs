@@ -873,7 +873,10 @@ async fn a_directory_rebuild_never_drops_what_the_node_holds() {
     let url = rs.url();
     let prefix = unique_prefix("rebuild");
     let cluster = format!("{url}?mode=queue&prefix={prefix}");
-    let p = Process::start_cluster(BIN, 1, &cluster).await.unwrap();
+    // One connection in 3,000 groups: past the default cap of 128.
+    let p = Process::start_cluster_with(BIN, 1, &cluster, &["--max-groups-per-conn", "4000"])
+        .await
+        .unwrap();
     let node = &p.nodes[0];
     let n = node.node_id.clone();
     let mut c = Client::tcp(node.tcp.unwrap(), "holder", Some("g0"))

@@ -390,12 +390,22 @@ impl Process {
 
     /// `n` processes with `--cluster URL`, named n0, n1, ...
     pub async fn start_cluster(bin: &str, n: usize, cluster: &str) -> Result<Process> {
+        Self::start_cluster_with(bin, n, cluster, &[]).await
+    }
+
+    /// Like [`Process::start_cluster`], with more flags for every node.
+    pub async fn start_cluster_with(
+        bin: &str,
+        n: usize,
+        cluster: &str,
+        extra: &[&str],
+    ) -> Result<Process> {
         let mut nodes = Vec::new();
         for i in 0..n {
             let id = format!("n{i}");
-            nodes.push(
-                ProcessNode::spawn(bin.as_ref(), &["--node-id", &id, "--cluster", cluster]).await?,
-            );
+            let mut args = vec!["--node-id", &id, "--cluster", cluster];
+            args.extend_from_slice(extra);
+            nodes.push(ProcessNode::spawn(bin.as_ref(), &args).await?);
         }
         Ok(Process { nodes })
     }
