@@ -91,6 +91,41 @@ fn the_token_is_read_from_query_header_or_hello() {
     assert_eq!(token_of(&t).as_deref(), Some("t1"));
 }
 
+/// Keys made for these tests only (openssl genpkey), never used elsewhere.
+const ES256_PRIVATE: &[u8] = include_bytes!("testdata/es256-private.pem");
+const ES256_PUBLIC: &[u8] = include_bytes!("testdata/es256-public.pem");
+const RS256_PRIVATE: &[u8] = include_bytes!("testdata/rs256-private.pem");
+const RS256_PUBLIC: &[u8] = include_bytes!("testdata/rs256-public.pem");
+
+fn sign(alg: Algorithm, key: EncodingKey, c: &Claims) -> String {
+    jsonwebtoken::encode(&Header::new(alg), c, &key).unwrap()
+}
+
+#[test]
+fn rs256_and_es256_tokens_verify_with_their_public_keys_only() {
+    let c = claims("carol");
+    let es = JwtVerifier::public_key_pem(ES256_PUBLIC).unwrap();
+    let rs = JwtVerifier::public_key_pem(RS256_PUBLIC).unwrap();
+    let es_token = sign(
+        Algorithm::ES256,
+        EncodingKey::from_ec_pem(ES256_PRIVATE).unwrap(),
+        &c,
+    );
+    let rs_token = sign(
+        Algorithm::RS256,
+        EncodingKey::from_rsa_pem(RS256_PRIVATE).unwrap(),
+        &c,
+    );
+    assert_eq!(es.verify(&es_token).unwrap().user.as_str(), "carol");
+    assert_eq!(rs.verify(&rs_token).unwrap().user.as_str(), "carol");
+    // Each key takes its own algorithm only: no confusing one for another,
+    // nor an HS256 token signed with the public key's text as its secret.
+    assert!(es.verify(&rs_token).is_err());
+    assert!(rs.verify(&es_token).is_err());
+    let confused = mint_hs256(&c, RS256_PUBLIC);
+    assert_eq!(rs.verify(&confused), Err(AuthError::Algorithm));
+}
+
 #[test]
 fn rs256_and_es256_public_keys_are_read_and_others_refused() {
     assert!(matches!(
