@@ -97,7 +97,7 @@ options! {
     tls_key: PathBuf, "SWITCHBOARD_TLS_KEY",
         "The PEM private key of --tls-cert; read again on SIGHUP";
     cluster: String = "local", "SWITCHBOARD_CLUSTER",
-        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..`";
+        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..`; `rediss://` and `amqps://` are over TLS, the broker checked against the system trust store (or SSL_CERT_FILE)";
     #[serde(deserialize_with = "text")]
     redis_prefix: String, "SWITCHBOARD_REDIS_PREFIX",
         "Redis: key and channel prefix (overrides the URL's `prefix`; default sb)";

@@ -1,11 +1,11 @@
 //! TLS: `wss://`, `https://` and TCP over TLS with `--tls-cert`/`--tls-key`,
-//! and the certificate read again on SIGHUP. Every certificate is made here,
-//! by a CA of the test's own.
+//! the certificate read again on SIGHUP, and `rediss://` / `amqps://` to the
+//! brokers. Every certificate is made here, by a CA of the test's own.
 
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use switchboard_server::config::{ConfigError, ServeArgs, ServeConfig};
 use switchboard_server::node::{self, Running};
 use switchboard_test::client::{tls_connect, tls_trusting};
 use switchboard_test::cluster::ProcessNode;
-use switchboard_test::services::unique_prefix;
+use switchboard_test::services::{RabbitServer, RedisServer, TlsListener, unique_prefix};
 use switchboard_test::{Client, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::ClientConfig;
@@ -59,7 +59,7 @@ impl Ca {
     }
 }
 
-/// A directory with `cert.pem` and `key.pem` of a CA's certificate.
+/// A directory with `cert.pem`, `key.pem` and `ca.pem` of a CA's certificate.
 struct Files {
     dir: PathBuf,
 }
@@ -78,6 +78,7 @@ impl Files {
         let (chain, key) = ca.issue();
         std::fs::write(self.cert(), chain).unwrap();
         std::fs::write(self.key(), key).unwrap();
+        std::fs::write(self.ca(), ca.pem()).unwrap();
     }
 
     fn cert(&self) -> PathBuf {
@@ -85,6 +86,12 @@ impl Files {
     }
     fn key(&self) -> PathBuf {
         self.dir.join("key.pem")
+    }
+    fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    fn listener(&self) -> TlsListener {
+        TlsListener::new(self.cert(), self.key(), self.ca()).unwrap()
     }
 }
 
@@ -330,5 +337,123 @@ async fn sighup_makes_the_binary_serve_the_new_certificate() -> Result<()> {
     // The signal did not stop the node: SIGTERM still closes it cleanly.
     assert!(n.terminate().await?.success());
     assert_eq!(alice.expect_closed(STEP).await?, Some(1001));
+    Ok(())
+}
+
+/// Two processes of the binary on `cluster`, trusting `ca` (the system
+/// trust store replaced by SSL_CERT_FILE), each serving plain listeners.
+async fn two_nodes(cluster: &str, ca: &Path) -> Result<(ProcessNode, ProcessNode)> {
+    let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let args = ["--cluster", cluster, "--node-id", id];
+        let spawn = ProcessNode::spawn_with_env(BIN.as_ref(), &args, &env);
+        nodes.push(tokio::time::timeout(STEP, spawn).await??);
+    }
+    let b = nodes.pop().unwrap();
+    let a = nodes.pop().unwrap();
+    Ok((a, b))
+}
+
+/// The broker's certificate is checked: trusting another CA, a node cannot
+/// join `cluster`, and says why.
+async fn refused_without_trust(cluster: &str) -> Result<()> {
+    let stranger = Files::new(&Ca::new("another CA"));
+    let out = tokio::process::Command::new(BIN)
+        .args([
+            "serve",
+            "--ws",
+            "127.0.0.1:0",
+            "--tcp",
+            "off",
+            "--cluster",
+            cluster,
+        ])
+        .env("SSL_CERT_FILE", stranger.ca())
+        .env("RUST_BACKTRACE", "0")
+        .output();
+    let out = tokio::time::timeout(STEP * 3, out).await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("certificate"), "{err}");
+    Ok(())
+}
+
+/// Until the node's `/ready` answers 200.
+async fn ready(addr: SocketAddr) -> Result<()> {
+    eventually("/ready", || async {
+        switchboard_test::services::http_get(addr, "/ready")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+    })
+    .await
+}
+
+/// Alice on one node reaches Bob on the other through the broker.
+async fn across(a: &ProcessNode, b: &ProcessNode) -> Result<()> {
+    let mut alice = Client::ws(a.ws.unwrap(), "alice", None).await?;
+    let mut bob = Client::ws(b.ws.unwrap(), "bob", None).await?;
+    let deadline = Instant::now() + STEP;
+    while !online(&mut alice, "bob").await? {
+        if Instant::now() > deadline {
+            bail!("bob never online, seen from a");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    alice
+        .send(json!({"op": "to_user", "uid": "bob", "data": "via the broker"}))
+        .await?;
+    assert_eq!(bob.recv().await?, "via the broker");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rediss_carries_the_cluster_over_tls_to_a_verified_redis() -> Result<()> {
+    let ca = Ca::new("redis CA");
+    let files = Files::new(&ca);
+    let redis = RedisServer::start_tls(files.listener())?;
+    let url = format!(
+        "{}?prefix={}",
+        redis.tls_url().unwrap(),
+        unique_prefix("rediss")
+    );
+
+    let (a, b) = two_nodes(&url, &files.ca()).await?;
+    ready(a.ws.unwrap()).await?;
+    across(&a, &b).await?;
+    refused_without_trust(&url).await?;
+    assert!(a.terminate().await?.success());
+    assert!(b.terminate().await?.success());
+    Ok(())
+}
+
+#[tokio::test]
+async fn amqps_carries_the_cluster_over_tls_to_a_verified_rabbitmq() -> Result<()> {
+    let ca = Ca::new("rabbitmq CA");
+    let files = Files::new(&ca);
+    let rabbit = RabbitServer::start_tls(files.listener())?;
+    let url = format!(
+        "{}?prefix={}",
+        rabbit.tls_url().unwrap(),
+        unique_prefix("amqps")
+    );
+
+    let (a, b) = two_nodes(&url, &files.ca()).await?;
+    ready(a.ws.unwrap()).await?;
+    ready(b.ws.unwrap()).await?;
+    across(&a, &b).await?;
+    // Over TLS indeed: the broker lists the nodes' connections as TLS.
+    let ctl = rabbit.ctl();
+    let conns = ctl.list(
+        "list_connections",
+        &["ssl", "client_properties"],
+        "switchboard",
+    )?;
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    assert!(conns.iter().all(|c| c.starts_with("true")), "{conns:?}");
+    refused_without_trust(&url).await?;
+    for n in [a, b] {
+        assert!(n.terminate().await?.success());
+    }
     Ok(())
 }
