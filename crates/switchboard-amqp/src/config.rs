@@ -46,9 +46,6 @@ pub enum ConfigError {
     /// The URL itself is invalid.
     #[error("invalid amqp URL: {0}")]
     Url(String),
-    /// `amqps://`: this build has no TLS support.
-    #[error("amqps:// is not supported: put a TLS terminator next to the broker, or use amqp://")]
-    Tls,
 }
 
 /// Options of a RabbitMQ backplane.
@@ -137,13 +134,15 @@ fn name(name: &'static str, v: &str) -> Result<String, ConfigError> {
 }
 
 impl AmqpConfig {
-    /// Parses `amqp://[user:pass@]host[:port][/vhost][?mode=fanout|routing&exchange=E&prefix=P&ttl=S&queue_cap=N]`;
+    /// Parses `amqp[s]://[user:pass@]host[:port][/vhost][?mode=fanout|routing&exchange=E&prefix=P&ttl=S&queue_cap=N]`;
     /// the client's own options (`heartbeat`, `connection_timeout`, ...) pass through.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let parsed = url::Url::parse(url).map_err(|e| ConfigError::Url(e.to_string()))?;
         match parsed.scheme() {
-            "amqp" => {}
-            "amqps" => return Err(ConfigError::Tls),
+            // amqps: TLS with rustls, the server's certificate checked
+            // against the system's trust store (which SSL_CERT_FILE or
+            // SSL_CERT_DIR replace).
+            "amqp" | "amqps" => {}
             other => return Err(ConfigError::Url(format!("scheme {other:?} is not amqp"))),
         }
         let mut cfg = AmqpConfig {
@@ -267,6 +266,20 @@ mod tests {
     }
 
     #[test]
+    fn amqps_is_tls_on_the_amqps_port() {
+        use lapin::uri::AMQPScheme;
+        let c = AmqpConfig::from_url("amqps://u:p@127.0.0.1/%2f?mode=routing").unwrap();
+        let uri = c.uri();
+        assert_eq!(uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(uri.authority.port, 5671);
+        assert_eq!(
+            uri.authority.host, "127.0.0.1",
+            "the name the certificate is checked against"
+        );
+        assert_eq!(c.url, "amqps://u:p@127.0.0.1/%2f");
+    }
+
+    #[test]
     fn rejects_bad_input_with_a_typed_error() {
         let err = |u: &str| AmqpConfig::from_url(u).unwrap_err();
         assert!(matches!(
@@ -300,7 +313,6 @@ mod tests {
             err("amqp://h?heartbeat=soon"),
             ConfigError::Url(_)
         ));
-        assert!(matches!(err("amqps://h"), ConfigError::Tls));
         assert!(matches!(err("http://h"), ConfigError::Url(_)));
         assert!(matches!(err("not a url"), ConfigError::Url(_)));
     }

@@ -108,13 +108,21 @@ fn count(name: &'static str, v: &str) -> Result<usize, ConfigError> {
 }
 
 impl RedisConfig {
-    /// Parses `redis://[user:pass@]host[:port][/db][?mode=pubsub|queue&prefix=P&ttl=S&queue_cap=N&queue_age=S&concurrency=N&backlog_grace=S]`.
+    /// Parses `redis[s]://[user:pass@]host[:port][/db][?mode=pubsub|queue&prefix=P&ttl=S&queue_cap=N&queue_age=S&concurrency=N&backlog_grace=S]`.
+    /// `rediss://` is TLS, the server's certificate checked against the
+    /// system's trust store (which SSL_CERT_FILE or SSL_CERT_DIR replace).
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        // The client's own `#fragment` (`#insecure`) stays with the server URL.
+        let (url, fragment) = url.split_once('#').unwrap_or((url, ""));
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut cfg = RedisConfig {
             url: base.to_owned(),
             ..RedisConfig::default()
         };
+        if !fragment.is_empty() {
+            cfg.url.push('#');
+            cfg.url.push_str(fragment);
+        }
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             cfg.set(&k, &v)?;
         }
@@ -195,5 +203,30 @@ mod tests {
             Err(ConfigError::BadValue { .. })
         ));
         assert!(RedisConfig::from_url("http://x").is_err());
+    }
+
+    #[test]
+    fn rediss_is_tls() {
+        let c = RedisConfig::from_url("rediss://127.0.0.1:6380/1?mode=queue").unwrap();
+        assert_eq!(c.url, "rediss://127.0.0.1:6380/1");
+        assert_eq!(c.mode, Mode::Queue);
+        let client = redis::Client::open(c.url.as_str()).unwrap();
+        assert!(
+            matches!(
+                client.get_connection_info().addr(),
+                redis::ConnectionAddr::TcpTls {
+                    insecure: false,
+                    ..
+                }
+            ),
+            "{:?}",
+            client.get_connection_info().addr()
+        );
+        // The client's fragment is kept apart from switchboard's options.
+        let c = RedisConfig::from_url("rediss://h:1/?prefix=p#insecure").unwrap();
+        assert_eq!(
+            (c.url.as_str(), c.prefix.as_str()),
+            ("rediss://h:1/#insecure", "p")
+        );
     }
 }

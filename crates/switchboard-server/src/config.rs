@@ -2,7 +2,7 @@
 //! `SWITCHBOARD_*` environment variables, then command-line flags, each
 //! overriding the one before.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -12,6 +12,7 @@ use std::sync::Arc;
 use switchboard::auth::proxy::{ConnectProxy, ProxyConfig};
 use switchboard::auth::{JwtVerifier, Permissions};
 use switchboard::core::Framing;
+use switchboard::tls::Tls;
 use switchboard::{Limits, NodeId, RateLimit};
 
 use crate::security::{LOOPBACK_ORIGINS, Security, is_loopback};
@@ -91,8 +92,12 @@ options! {
         "TCP listen address, or `off`";
     tcp_framing: Framing = "line", "SWITCHBOARD_TCP_FRAMING",
         "TCP framing: `line` or `length`";
+    tls_cert: PathBuf, "SWITCHBOARD_TLS_CERT",
+        "Serve TLS (wss://, https://, and TLS on the TCP listener) with this PEM certificate chain, leaf first; read again on SIGHUP";
+    tls_key: PathBuf, "SWITCHBOARD_TLS_KEY",
+        "The PEM private key of --tls-cert; read again on SIGHUP";
     cluster: String = "local", "SWITCHBOARD_CLUSTER",
-        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..`";
+        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..`; `rediss://` and `amqps://` are over TLS, the broker checked against the system trust store (or SSL_CERT_FILE)";
     #[serde(deserialize_with = "text")]
     redis_prefix: String, "SWITCHBOARD_REDIS_PREFIX",
         "Redis: key and channel prefix (overrides the URL's `prefix`; default sb)";
@@ -311,6 +316,57 @@ pub enum ConfigError {
     /// An authentication setting that cannot be used.
     #[error("{0}")]
     Auth(String),
+    /// TLS settings or files that cannot be used.
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// The listeners' TLS: the certificate and key files, and what was last
+/// loaded from them.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// The PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The PEM private key.
+    pub key: PathBuf,
+    /// What the listeners serve; shared by clones, so a reload reaches them.
+    pub tls: Tls,
+}
+
+impl TlsFiles {
+    /// Reads and checks the pair.
+    pub fn load(cert: PathBuf, key: PathBuf) -> Result<Self, ConfigError> {
+        let (chain, pem) = read_pair(&cert, &key)?;
+        let tls = Tls::from_pem(&chain, &pem).map_err(|e| pair_error(&cert, &key, &e))?;
+        Ok(Self { cert, key, tls })
+    }
+
+    /// Reads the files again: handshakes from now on use what they hold, and
+    /// open connections are not touched. On error the certificate served so
+    /// far stays.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let (chain, pem) = read_pair(&self.cert, &self.key)?;
+        self.tls
+            .replace_pem(&chain, &pem)
+            .map_err(|e| pair_error(&self.cert, &self.key, &e))
+    }
+}
+
+fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| ConfigError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    Ok((read(cert)?, read(key)?))
+}
+
+fn pair_error(cert: &Path, key: &Path, e: &switchboard::tls::TlsError) -> ConfigError {
+    // The error names what is wrong, never the key's content.
+    ConfigError::Tls(format!(
+        "TLS certificate {} and key {}: {e}",
+        cert.display(),
+        key.display()
+    ))
 }
 
 /// A complete, checked configuration of one node.
@@ -338,6 +394,8 @@ pub struct ServeConfig {
     /// No authentication and loopback listeners only: clients name their uid
     /// and may do anything (a warning at start says so).
     pub development: bool,
+    /// TLS on every listener, when set.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ServeConfig {
@@ -504,6 +562,20 @@ impl ServeConfig {
             shutdown_timeout: Duration::from_secs(o.shutdown_timeout),
             security: Security::open(),
             development: false,
+            tls: match (o.tls_cert.clone(), o.tls_key.clone()) {
+                (Some(cert), Some(key)) => Some(TlsFiles::load(cert, key)?),
+                (None, None) => None,
+                (Some(_), None) => {
+                    return Err(ConfigError::Tls(
+                        "--tls-cert is set without --tls-key".into(),
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::Tls(
+                        "--tls-key is set without --tls-cert".into(),
+                    ));
+                }
+            },
         };
         secure(&mut cfg, &o)?;
         let redis_opts = [

@@ -132,18 +132,34 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Signal handlers are installed before the addresses are printed: whoever
     // reads them may signal at once, and must get a graceful stop.
     let signal = shutdown_signal()?;
+    let mut hangups = Hangups::new()?;
     let nodes = node::launch_all(&cfg).await?;
+    let tls = cfg.tls.is_some();
     for running in &nodes {
         let id = running.hub.node_id().to_string();
-        print_node(&id, &cfg.cluster.to_string(), running.ws, &cfg.ws_path);
+        let ws = running.ws.map(|a| (a, tls));
+        print_node(&id, &cfg.cluster.to_string(), ws, &cfg.ws_path);
         if let Some(a) = running.ws {
-            print_address("console", &format!("http://{a}/"));
+            let scheme = if tls { "https" } else { "http" };
+            print_address("console", &format!("{scheme}://{a}/"));
         }
         if let Some(a) = running.tcp {
-            print_address("tcp", &format!("tcp://{a} ({} framing)", cfg.tcp_framing));
+            let over = if tls { ", TLS" } else { "" };
+            print_address(
+                "tcp",
+                &format!("tcp://{a} ({} framing{over})", cfg.tcp_framing),
+            );
         }
     }
-    signal.await;
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            () = hangups.next() => {
+                node::reload_tls(&cfg);
+            }
+        }
+    }
     tracing::info!("signal received, stopping");
     for running in nodes {
         running.shutdown().await;
@@ -155,7 +171,12 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
     let demo = demo::start(&args).await?;
     for e in &demo.topology.endpoints {
-        print_node(&e.node, &demo.topology.cluster, Some(e.ws), &e.path);
+        print_node(
+            &e.node,
+            &demo.topology.cluster,
+            Some((e.ws, false)),
+            &e.path,
+        );
     }
     let page = format!("http://{}/", demo.page);
     #[allow(clippy::print_stdout)]
@@ -171,15 +192,17 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The heading of a node in the start-up output, and its WebSocket address.
-/// Tests and scripts read these lines to learn the ports.
-fn print_node(id: &str, cluster: &str, ws: Option<SocketAddr>, ws_path: &str) {
+/// The heading of a node in the start-up output, and its WebSocket address
+/// (and whether it speaks TLS). Tests and scripts read these lines to learn
+/// the ports.
+fn print_node(id: &str, cluster: &str, ws: Option<(SocketAddr, bool)>, ws_path: &str) {
     #[allow(clippy::print_stdout)]
     {
         println!("switchboard node {id} ({cluster} cluster)");
     }
-    if let Some(a) = ws {
-        print_address("websocket", &format!("ws://{a}{ws_path}"));
+    if let Some((a, tls)) = ws {
+        let scheme = if tls { "wss" } else { "ws" };
+        print_address("websocket", &format!("{scheme}://{a}{ws_path}"));
     }
 }
 
@@ -187,6 +210,32 @@ fn print_node(id: &str, cluster: &str, ws: Option<SocketAddr>, ws_path: &str) {
 #[allow(clippy::print_stdout)]
 fn print_address(name: &str, address: &str) {
     println!("  {name:<10} {address}");
+}
+
+/// SIGHUP, the usual "read your files again", as a stream of notices; none
+/// where there is no SIGHUP. Installed whether or not TLS is on, so that a
+/// stray SIGHUP never stops a node without its graceful close.
+struct Hangups {
+    #[cfg(unix)]
+    signal: tokio::signal::unix::Signal,
+}
+
+impl Hangups {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?,
+        })
+    }
+
+    /// The next SIGHUP.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if self.signal.recv().await.is_some() {
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are registered when this is

@@ -35,6 +35,27 @@ impl Running {
     }
 }
 
+/// What SIGHUP does to a node: reads its TLS certificate and key again, so
+/// that new handshakes use them (open connections keep theirs). A pair that
+/// cannot be used is logged and the certificate served so far stays. Returns
+/// whether a new pair is served.
+pub fn reload_tls(cfg: &ServeConfig) -> bool {
+    let Some(files) = &cfg.tls else {
+        tracing::info!("SIGHUP: nothing to reload (no --tls-cert)");
+        return false;
+    };
+    match files.reload() {
+        Ok(()) => {
+            tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "TLS certificate not reloaded; the current one stays");
+            false
+        }
+    }
+}
+
 /// Connects the backplane a cluster URL names (for `memory:N`, a bus of its
 /// own: use [`launch_all`] to start the N nodes on one bus).
 pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane>> {
@@ -269,6 +290,9 @@ pub async fn launch_app(
                 options
             },
         );
+    }
+    if let Some(files) = &cfg.tls {
+        server = server.tls(files.tls.clone());
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {

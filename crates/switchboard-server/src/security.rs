@@ -67,10 +67,14 @@ impl Default for Security {
 
 /// The origins of pages served from this machine: what development mode
 /// allows, so that a web page elsewhere cannot drive a developer's node.
-pub const LOOPBACK_ORIGINS: [&str; 4] = [
+pub const LOOPBACK_ORIGINS: [&str; 7] = [
     "http://127.0.0.1:*",
     "http://localhost:*",
     "http://[::1]:*",
+    // The console of a node served with --tls-cert.
+    "https://127.0.0.1:*",
+    "https://localhost:*",
+    "https://[::1]:*",
     "null",
 ];
 

@@ -6,11 +6,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::rustls;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::STEP;
 
@@ -21,14 +24,79 @@ pub enum Kind {
     Tcp,
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// A socket, or TLS over one.
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+
+type Ws = WebSocketStream<Box<dyn Duplex>>;
+
+/// The WebSocket handshake of `req` on a connection to `addr`, over TLS
+/// trusting `tls`'s roots when given; within [`STEP`].
+async fn ws_open(
+    addr: SocketAddr,
+    req: impl IntoClientRequest + Unpin,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Ws> {
+    let stream: Box<dyn Duplex> = match tls {
+        Some(tls) => Box::new(tls_connect(addr, tls).await?),
+        None => {
+            let s = TcpStream::connect(addr).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+    };
+    let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::client_async(req, stream))
+        .await
+        .context("ws connect timed out")??;
+    Ok(ws)
+}
+
+type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
 enum Io {
     Ws(Box<Ws>),
+    /// A socket or TLS over one.
     Tcp {
-        read: BufReader<OwnedReadHalf>,
-        write: OwnedWriteHalf,
+        read: Reader,
+        write: Writer,
     },
+}
+
+/// A TLS client configuration that trusts only the CA certificates of this
+/// PEM.
+pub fn tls_trusting(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert?)?;
+    }
+    Ok(Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
+/// A TLS handshake with `addr`, checking its certificate for its IP address
+/// against `tls`'s roots.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let connect = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, stream);
+    Ok(tokio::time::timeout(STEP, connect)
+        .await
+        .context("TLS handshake timed out")??)
+}
+
+fn split_tcp(stream: TcpStream) -> (Reader, Writer) {
+    let (r, w) = stream.into_split();
+    (BufReader::new(Box::new(r)), Box::new(w))
 }
 
 /// A connected, welcomed client.
@@ -64,9 +132,7 @@ impl Client {
         if let Some(g) = group {
             url.push_str(&format!("&group={g}"));
         }
-        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
-            .await
-            .context("ws connect timed out")??;
+        let ws = ws_open(addr, url, None).await?;
         Self::welcomed(Io::Ws(Box::new(ws)), uid).await
     }
 
@@ -74,9 +140,7 @@ impl Client {
     /// welcome; the uid is the one the welcome names.
     pub async fn ws_query(addr: SocketAddr, query: &str) -> Result<Client> {
         let url = format!("ws://{addr}/ws?{query}");
-        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
-            .await
-            .context("ws connect timed out")??;
+        let ws = ws_open(addr, url, None).await?;
         Self::welcomed(Io::Ws(Box::new(ws)), "").await
     }
 
@@ -87,7 +151,6 @@ impl Client {
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<Client> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
         for (k, v) in headers {
             req.headers_mut().insert(
@@ -95,9 +158,7 @@ impl Client {
                 http::HeaderValue::from_str(v)?,
             );
         }
-        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(req))
-            .await
-            .context("ws connect timed out")??;
+        let ws = ws_open(addr, req, None).await?;
         Self::welcomed(Io::Ws(Box::new(ws)), "").await
     }
 
@@ -108,7 +169,6 @@ impl Client {
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<(u16, String)> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
         for (k, v) in headers {
             req.headers_mut().insert(
@@ -116,21 +176,52 @@ impl Client {
                 http::HeaderValue::from_str(v)?,
             );
         }
-        match tokio::time::timeout(STEP, tokio_tungstenite::connect_async(req))
-            .await
-            .context("ws connect timed out")?
-        {
+        match ws_open(addr, req, None).await {
             Ok(_) => bail!("the WebSocket was accepted"),
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default();
-                Ok((resp.status().as_u16(), body))
-            }
-            Err(e) => Err(e.into()),
+            Err(e) => match e.downcast::<tokio_tungstenite::tungstenite::Error>()? {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    Ok((resp.status().as_u16(), body))
+                }
+                other => Err(other.into()),
+            },
         }
+    }
+
+    /// Connects over `wss://` as `uid`, trusting `tls`'s roots, and reads
+    /// the welcome.
+    pub async fn wss(
+        addr: SocketAddr,
+        uid: &str,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Client> {
+        let url = format!("wss://{addr}/ws?uid={uid}");
+        let ws = ws_open(addr, url, Some(tls)).await?;
+        Self::welcomed(Io::Ws(Box::new(ws)), uid).await
+    }
+
+    /// Connects over TCP and TLS, trusting `tls`'s roots, with a hello line
+    /// as `uid`, and reads the welcome.
+    pub async fn tcp_tls(
+        addr: SocketAddr,
+        uid: &str,
+        tls: &Arc<rustls::ClientConfig>,
+    ) -> Result<Client> {
+        let (r, mut w) = tokio::io::split(tls_connect(addr, tls).await?);
+        let hello = json!({"op": "hello", "uid": uid});
+        w.write_all(format!("{hello}\n").as_bytes()).await?;
+        Self::welcomed(
+            Io::Tcp {
+                read: BufReader::new(Box::new(r)),
+                write: Box::new(w),
+            },
+            uid,
+        )
+        .await
     }
 
     /// Connects over TCP, sends `hello` as its first line, and reads the
@@ -162,23 +253,18 @@ impl Client {
         Ok(v)
     }
 
-    async fn tcp_send_hello(
-        addr: SocketAddr,
-        hello: &Value,
-    ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf)> {
+    async fn tcp_send_hello(addr: SocketAddr, hello: &Value) -> Result<(Reader, Writer)> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (r, mut w) = stream.into_split();
+        let (r, mut w) = split_tcp(stream);
         w.write_all(format!("{hello}\n").as_bytes()).await?;
-        Ok((BufReader::new(r), w))
+        Ok((r, w))
     }
 
     /// Connects over WebSocket at a non-default path.
     pub async fn connect_path(addr: SocketAddr, path: &str, uid: &str) -> Result<Client> {
         let url = format!("ws://{addr}{path}?uid={uid}");
-        let (ws, _) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
-            .await
-            .context("ws connect timed out")??;
+        let ws = ws_open(addr, url, None).await?;
         Self::welcomed(Io::Ws(Box::new(ws)), uid).await
     }
 
@@ -186,20 +272,13 @@ impl Client {
     pub async fn tcp(addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (r, mut w) = stream.into_split();
+        let (read, mut write) = split_tcp(stream);
         let mut hello = json!({"op": "hello", "uid": uid});
         if let Some(g) = group {
             hello["group"] = json!(g);
         }
-        w.write_all(format!("{hello}\n").as_bytes()).await?;
-        Self::welcomed(
-            Io::Tcp {
-                read: BufReader::new(r),
-                write: w,
-            },
-            uid,
-        )
-        .await
+        write.write_all(format!("{hello}\n").as_bytes()).await?;
+        Self::welcomed(Io::Tcp { read, write }, uid).await
     }
 
     /// Connects with the given transport.

@@ -218,14 +218,64 @@ pub struct RedisServer {
     durable: bool,
     /// Options added to the command line, after the harness's own.
     extra: Vec<String>,
+    /// The TLS port, for a server started with TLS.
+    tls_port: Option<u16>,
     log: BrokerLog,
     child: Option<Child>,
+}
+
+/// A broker's TLS listener: its port, and its certificate, key and CA files.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub port: u16,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsListener {
+    /// A listener on a free port with these PEM files.
+    pub fn new(cert: PathBuf, key: PathBuf, ca: PathBuf) -> Result<Self> {
+        Ok(Self {
+            port: free_port()?,
+            cert,
+            key,
+            ca,
+        })
+    }
+
+    fn path(p: &std::path::Path) -> Result<&str> {
+        p.to_str().context("a TLS file's path is not UTF-8")
+    }
 }
 
 impl RedisServer {
     /// Starts one; an error if `redis-server` is missing or does not start.
     pub fn start(durable: bool) -> Result<Self> {
         Self::start_with(durable, &[])
+    }
+
+    /// Starts one that also listens with TLS (clients need no certificate
+    /// of their own); an error if `redis-server` was built without TLS.
+    pub fn start_tls(tls: TlsListener) -> Result<Self> {
+        let port = tls.port.to_string();
+        let mut s = Self::start_with(
+            false,
+            &[
+                "--tls-port",
+                &port,
+                "--tls-auth-clients",
+                "no",
+                "--tls-cert-file",
+                TlsListener::path(&tls.cert)?,
+                "--tls-key-file",
+                TlsListener::path(&tls.key)?,
+                "--tls-ca-cert-file",
+                TlsListener::path(&tls.ca)?,
+            ],
+        )?;
+        s.tls_port = Some(tls.port);
+        Ok(s)
     }
 
     /// Starts one with further command-line options `extra`.
@@ -244,6 +294,7 @@ impl RedisServer {
             dir,
             durable,
             extra: extra.iter().map(|&a| a.to_owned()).collect(),
+            tls_port: None,
             child: None,
         };
         s.spawn()?;
@@ -253,6 +304,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS-PORT`, for a server started with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
     }
 
     fn spawn(&mut self) -> Result<()> {
@@ -436,6 +492,7 @@ const RABBIT_CEILING: Duration = Duration::from_secs(60);
 /// to start or the test fails.
 pub struct RabbitServer {
     pub port: u16,
+    tls_port: Option<u16>,
     dist_port: u16,
     node: String,
     dir: PathBuf,
@@ -449,6 +506,16 @@ impl RabbitServer {
     /// Starts one (about 5 to 15 s); an error if `rabbitmq-server` is missing
     /// or does not start.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts one that also listens with TLS (clients need no certificate
+    /// of their own).
+    pub fn start_tls(tls: TlsListener) -> Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<TlsListener>) -> Result<Self> {
         let found = rabbitmq_script("rabbitmq-server").exists()
             || Command::new("which")
                 .arg("rabbitmq-server")
@@ -462,6 +529,7 @@ impl RabbitServer {
         let port = free_port()?;
         let mut s = Self {
             port,
+            tls_port: tls.as_ref().map(|t| t.port),
             dist_port: free_port()?,
             node: format!("{name}@localhost"),
             log: BrokerLog::new(&dir),
@@ -469,10 +537,22 @@ impl RabbitServer {
             child: None,
             watchdog: None,
         };
-        std::fs::write(
-            s.dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )?;
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        if let Some(t) = &tls {
+            conf.push_str(&format!(
+                "listeners.ssl.local = 127.0.0.1:{}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                t.port,
+                t.ca.display(),
+                t.cert.display(),
+                t.key.display()
+            ));
+        }
+        std::fs::write(s.dir.join("rabbitmq.conf"), conf)?;
         std::fs::write(s.dir.join("rabbitmq-env.conf"), "")?;
         std::fs::write(s.dir.join("enabled_plugins"), "[].\n")?;
         s.spawn()?;
@@ -482,6 +562,13 @@ impl RabbitServer {
     /// `amqp://guest:guest@127.0.0.1:PORT/%2f`.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `amqps://guest:guest@127.0.0.1:TLS-PORT/%2f`, for a server started
+    /// with TLS.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port
+            .map(|p| format!("amqps://guest:guest@127.0.0.1:{p}/%2f"))
     }
 
     /// `rabbitmqctl` for this server.

@@ -54,6 +54,8 @@ mod outbox;
 mod registry;
 pub mod server;
 mod stats;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
 
 pub use async_trait::async_trait;

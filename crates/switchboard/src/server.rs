@@ -28,6 +28,9 @@ pub struct Server {
     /// listener answers itself (see [`crate::transport::http`]).
     http: Vec<(TcpListener, Router, Option<Arc<str>>)>,
     tcp: Vec<(TcpListener, TcpOptions)>,
+    /// TLS on every listener.
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::Tls>,
 }
 
 impl std::fmt::Debug for Server {
@@ -47,7 +50,19 @@ impl Server {
             hub,
             http: Vec::new(),
             tcp: Vec::new(),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+
+    /// Speaks TLS on every listener of this server: `wss://` and `https://`
+    /// on the WebSocket and HTTP ones, TLS on the TCP ones. The handshake
+    /// counts in the hub's handshake timeout; a failed one counts as a
+    /// rejected connection.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Serves WebSocket connections at `path` on this listener.
@@ -84,17 +99,28 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let stop = CancellationToken::new();
         let loops = TaskTracker::new();
+        #[cfg(feature = "tls")]
+        let tls = self.tls;
+        #[cfg(not(feature = "tls"))]
+        let tls = None::<NoTls>;
         for (listener, router, ws_path) in self.http {
             loops.spawn(accept_http(
                 self.hub.clone(),
                 listener,
                 router,
                 ws_path,
+                tls.clone(),
                 stop.clone(),
             ));
         }
         for (listener, opts) in self.tcp {
-            loops.spawn(accept_tcp(self.hub.clone(), listener, opts, stop.clone()));
+            loops.spawn(accept_tcp(
+                self.hub.clone(),
+                listener,
+                opts,
+                tls.clone(),
+                stop.clone(),
+            ));
         }
         loops.close();
         let closing = self.hub.closing();
@@ -135,11 +161,24 @@ async fn accept_failed(error: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// What a listener speaks TLS with; nothing without the `tls` feature.
+#[cfg(feature = "tls")]
+type ListenerTls = crate::tls::Tls;
+#[cfg(not(feature = "tls"))]
+type ListenerTls = NoTls;
+
+/// Stands for TLS settings in a build without TLS: never made.
+#[cfg(not(feature = "tls"))]
+#[derive(Clone)]
+enum NoTls {}
+
+#[cfg_attr(not(feature = "tls"), allow(unused_variables))]
 async fn accept_http(
     hub: Hub,
     listener: TcpListener,
     router: Router,
     ws_path: Option<Arc<str>>,
+    tls: Option<ListenerTls>,
     stop: CancellationToken,
 ) {
     // Linux gives accepted sockets the listener's TCP_NODELAY: one system
@@ -152,6 +191,17 @@ async fn accept_http(
         if !inherited {
             let _ = stream.set_nodelay(true);
         }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &tls {
+            hub.spawn_conn(http::serve_tls(
+                hub.clone(),
+                stream,
+                peer,
+                router.clone(),
+                tls.clone(),
+            ));
+            continue;
+        }
         hub.spawn_conn(http::serve(
             hub.clone(),
             stream,
@@ -162,8 +212,26 @@ async fn accept_http(
     }
 }
 
-async fn accept_tcp(hub: Hub, listener: TcpListener, opts: TcpOptions, stop: CancellationToken) {
+#[cfg_attr(not(feature = "tls"), allow(unused_variables))]
+async fn accept_tcp(
+    hub: Hub,
+    listener: TcpListener,
+    opts: TcpOptions,
+    tls: Option<ListenerTls>,
+    stop: CancellationToken,
+) {
     while let Some((stream, peer)) = next_conn(&listener, &stop).await {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &tls {
+            hub.spawn_conn(tcp::handle_tls(
+                hub.clone(),
+                stream,
+                peer,
+                opts,
+                tls.clone(),
+            ));
+            continue;
+        }
         hub.spawn_conn(tcp::handle(hub.clone(), stream, peer, opts));
     }
 }

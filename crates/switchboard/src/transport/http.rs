@@ -86,6 +86,25 @@ pub(crate) async fn serve(
     }
 }
 
+/// Serves one accepted connection of an HTTP listener over TLS: the
+/// handshake (within the handshake timeout), then hyper and the router, where
+/// the WebSocket path is mounted too. Upgraded connections run on
+/// tungstenite's stream (see [`ws::upgrade`]): the direct front and its
+/// one-`writev` greeting are for plain sockets.
+#[cfg(feature = "tls")]
+pub(crate) async fn serve_tls(
+    hub: Hub,
+    stream: TcpStream,
+    peer: SocketAddr,
+    router: Router,
+    tls: crate::tls::Tls,
+) {
+    let Some(stream) = tls.accept(&hub, stream).await else {
+        return;
+    };
+    Box::pin(serve_hyper(hub, TokioIo::new(stream), peer, router)).await;
+}
+
 /// What [`read_head`] found.
 // Made once per connection and taken apart at once: boxing the request would
 // only add an allocation to every connection.

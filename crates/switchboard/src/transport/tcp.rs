@@ -1,5 +1,7 @@
 //! Raw TCP connections with line or length-prefixed framing.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -51,16 +53,56 @@ const READ_CHUNK: usize = 4096;
 /// write, so a burst leaves in few system calls.
 const WRITE_CHUNK: usize = 64 * 1024;
 
-pub(crate) struct TcpWire {
-    stream: TcpStream,
+/// The byte stream under a TCP connection: the socket itself, or TLS over it
+/// (see [`crate::tls`]). Readiness-based, like the socket: `try_` calls that
+/// never wait, and separate waits for room or data, so that an idle
+/// connection holds no buffer and no waiter.
+pub(crate) trait Io: Send + 'static {
+    /// Waits until a read may find something.
+    fn readable(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Reads what is there into `buf`'s spare room; `WouldBlock` when nothing is.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Writes what the stream takes now; `WouldBlock` when it takes nothing.
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Sends what the stream holds of what it took (TLS records), without
+    /// waiting: whether it is all out.
+    fn try_flush(&mut self) -> io::Result<bool> {
+        Ok(true)
+    }
+    /// Waits until the stream may take more.
+    fn writable(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Ends the write side (a TLS close_notify first).
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Io for TcpStream {
+    fn readable(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        TcpStream::try_write(self, buf)
+    }
+    fn writable(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        TcpStream::writable(self)
+    }
+    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> + Send {
+        AsyncWriteExt::shutdown(self)
+    }
+}
+
+pub(crate) struct TcpWire<S = TcpStream> {
+    stream: S,
     framing: Framing,
     decoder: Decoder,
     rbuf: BytesMut,
     wbuf: BytesMut,
 }
 
-impl TcpWire {
-    fn new(stream: TcpStream, framing: Framing, max: usize) -> Self {
+impl<S: Io> TcpWire<S> {
+    fn new(stream: S, framing: Framing, max: usize) -> Self {
         Self {
             stream,
             framing,
@@ -82,6 +124,13 @@ impl TcpWire {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(CloseReason::Io(e.to_string())),
             }
+        }
+        if !self
+            .stream
+            .try_flush()
+            .map_err(|e| CloseReason::Io(e.to_string()))?
+        {
+            return Ok(false);
         }
         // A burst can leave a large buffer behind; an idle connection should
         // not keep it.
@@ -120,7 +169,7 @@ fn inbound_frame(data: Bytes) -> Frame {
     Frame::text_bytes(data.clone()).unwrap_or_else(|_| Frame::binary(data))
 }
 
-impl Wire for TcpWire {
+impl<S: Io> Wire for TcpWire<S> {
     async fn recv(&mut self) -> Incoming {
         loop {
             match self.decoder.decode(&mut self.rbuf) {
@@ -208,12 +257,12 @@ impl Wire for TcpWire {
 }
 
 /// The TCP-ping variant: sends the configured ping frame every heartbeat.
-struct PingingWire {
-    inner: TcpWire,
+struct PingingWire<S> {
+    inner: TcpWire<S>,
     ping: Bytes,
 }
 
-impl Wire for PingingWire {
+impl<S: Io> Wire for PingingWire<S> {
     fn recv(&mut self) -> impl std::future::Future<Output = Incoming> + Send {
         self.inner.recv()
     }
@@ -254,9 +303,44 @@ fn set_keepalive(stream: &TcpStream) {
 pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: TcpOptions) {
     let _ = stream.set_nodelay(true);
     set_keepalive(&stream);
+    let handshake_timeout = hub.limits().handshake_timeout;
+    open(hub, stream, peer, opts, handshake_timeout).await;
+}
+
+/// Accepts one TCP connection over TLS: the TLS handshake, then as
+/// [`handle`], the whole within the handshake timeout.
+#[cfg(feature = "tls")]
+pub(crate) async fn handle_tls(
+    hub: Hub,
+    stream: TcpStream,
+    peer: SocketAddr,
+    opts: TcpOptions,
+    tls: crate::tls::Tls,
+) {
+    let _ = stream.set_nodelay(true);
+    set_keepalive(&stream);
+    let started = tokio::time::Instant::now();
+    let Some(stream) = tls.accept(&hub, stream).await else {
+        return;
+    };
+    let left = hub
+        .limits()
+        .handshake_timeout
+        .saturating_sub(started.elapsed());
+    open(hub, crate::tls::TlsIo::new(stream), peer, opts, left).await;
+}
+
+/// The optional hello, the application's decision within `handshake_timeout`,
+/// then the connection's life.
+async fn open<S: Io>(
+    hub: Hub,
+    stream: S,
+    peer: SocketAddr,
+    opts: TcpOptions,
+    handshake_timeout: Duration,
+) {
     let limits = hub.limits();
     let mut wire = TcpWire::new(stream, opts.framing, limits.max_message_size);
-    let handshake_timeout = limits.handshake_timeout;
 
     let opened = tokio::time::timeout(handshake_timeout, async {
         let hello = if opts.hello {
@@ -309,7 +393,7 @@ pub(crate) async fn handle(hub: Hub, stream: TcpStream, peer: SocketAddr, opts: 
     }
 }
 
-fn spawn<W: Wire + Send + 'static>(hub: &Hub, conn: ConnId, outbox: Arc<Outbox>, wire: W) {
+fn spawn<W: Wire + 'static>(hub: &Hub, conn: ConnId, outbox: Arc<Outbox>, wire: W) {
     hub.spawn_conn(conn::run(
         hub.clone(),
         conn,
@@ -318,4 +402,64 @@ fn spawn<W: Wire + Send + 'static>(hub: &Hub, conn: ConnId, outbox: Arc<Outbox>,
         Transport::Tcp,
         false,
     ));
+}
+
+#[cfg(all(test, feature = "tls"))]
+mod tests {
+    use super::*;
+    use crate::config::SlowConsumer;
+    use crate::outbox::Caps;
+    use tokio::io::AsyncBufReadExt;
+
+    /// rustls takes plaintext when the socket is full: a flush that counted
+    /// that as written would leave the end of a burst in rustls, unsent,
+    /// until the next write. (Run with `--features tls`.)
+    #[tokio::test]
+    async fn a_tls_flush_is_done_only_once_rustls_has_sent_everything() {
+        let (io, client) = crate::tls::tests::pair().await;
+        let mut wire = TcpWire::new(io, Framing::Line, 1 << 20);
+        let outbox = Outbox::new(Caps {
+            frames: 1 << 20,
+            bytes: usize::MAX,
+            policy: SlowConsumer::Close,
+            idle_ms: 0,
+        });
+        let line = |i: usize| format!("{i:05}{}", "x".repeat(4000));
+        // The client does not read: the socket fills, then rustls' buffer.
+        let mut sent = 0;
+        loop {
+            outbox.push(&Frame::text(line(sent)));
+            sent += 1;
+            assert!(sent < 100_000, "the socket never filled");
+            if !wire.try_flush(&outbox).unwrap().done {
+                break;
+            }
+            assert!(
+                !wire.stream.holds_records(),
+                "flush {sent} said done with TLS records unsent"
+            );
+        }
+        let reader = tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(client).lines();
+            let mut got = Vec::new();
+            while got.len() < sent {
+                got.push(lines.next_line().await.unwrap().unwrap());
+            }
+            got
+        });
+        loop {
+            if wire.try_flush(&outbox).unwrap().done {
+                break;
+            }
+            wire.writable().await.unwrap();
+        }
+        assert!(!wire.stream.holds_records());
+        let got = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("every line arrives")
+            .unwrap();
+        for (i, l) in got.iter().enumerate() {
+            assert_eq!(*l, line(i), "line {i} whole and in order");
+        }
+    }
 }
