@@ -406,10 +406,14 @@ impl Default for ServeConfig {
     }
 }
 
-/// Reads the authentication and per-client limit options into `cfg`.
-fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
+/// The JWT verifier `--jwt-secret` or `--jwt-public-key` asks for, if either
+/// is set (for `serve` and for the gateway topology's `worker`).
+pub fn jwt_verifier(
+    secret: Option<&Secret>,
+    public_key: Option<&std::path::Path>,
+) -> Result<Option<JwtVerifier>, ConfigError> {
     let auth = |e: String| ConfigError::Auth(e);
-    let jwt = match (&o.jwt_secret, &o.jwt_public_key) {
+    Ok(match (secret, public_key) {
         (Some(_), Some(_)) => {
             return Err(auth(
                 "--jwt-secret and --jwt-public-key are both set: choose one".into(),
@@ -430,7 +434,13 @@ fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
             )
         }
         (None, None) => None,
-    };
+    })
+}
+
+/// Reads the authentication and per-client limit options into `cfg`.
+fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
+    let auth = |e: String| ConfigError::Auth(e);
+    let jwt = jwt_verifier(o.jwt_secret.as_ref(), o.jwt_public_key.as_deref())?;
     let list = |s: &str| -> Vec<String> {
         s.split(',')
             .map(str::trim)

@@ -19,8 +19,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::ReferenceApp;
-use crate::config::ServeConfig;
+use crate::config::{Secret, ServeConfig, jwt_verifier};
 use crate::node;
+use crate::security::Security;
 
 /// `switchboard register`.
 #[derive(Debug, Args)]
@@ -95,10 +96,15 @@ fn exposed(what: &str, addr: &str, guarded: bool, insecure: bool) -> anyhow::Res
     anyhow::bail!(
         "refusing to serve {what} on {addr}: nothing authenticates who connects there. {}",
         match what {
-            "clients" =>
-                "The gateway topology's reference worker does not check tokens yet;                           authenticate in your own worker's onConnect and pass --insecure,                           or listen on a loopback address",
-            _ =>
-                "Set --secret (SWITCHBOARD_SECRET) on the register, gateways and workers,                   or pass --insecure",
+            "clients" => concat!(
+                "A gateway cannot tell whether its workers authenticate clients: once they do ",
+                "(switchboard worker --jwt-secret, or your own worker's onConnect), pass ",
+                "--insecure, or listen on a loopback address"
+            ),
+            _ => concat!(
+                "Set --secret (SWITCHBOARD_SECRET) on the register, gateways and workers, ",
+                "or pass --insecure"
+            ),
         }
     )
 }
@@ -115,6 +121,17 @@ pub struct WorkerArgs {
     /// This worker's key among the workers of its host (default: from the pid).
     #[arg(long, env = "SWITCHBOARD_WORKER_KEY")]
     pub key: Option<String>,
+    /// Authenticate the gateways' clients by JWT signed with this HS256
+    /// secret, as `serve --jwt-secret` does (docs/SECURITY.md).
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+    /// Authenticate them by JWT verified with this PEM public key (RS256 or ES256).
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    /// Permissions every authenticated client has, comma-separated rules, as
+    /// `serve --can`.
+    #[arg(long, env = "SWITCHBOARD_CAN")]
+    pub can: Option<String>,
 }
 
 /// `switchboard push`.
@@ -321,7 +338,24 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
     if let Some(k) = args.key {
         cfg = cfg.key(k);
     }
-    let worker = Worker::start(cfg, Arc::new(ReferenceApp::default()))
+    let mut security = Security::open();
+    if let Some(jwt) = jwt_verifier(args.jwt_secret.as_ref(), args.jwt_public_key.as_deref())? {
+        security.jwt = Some(Arc::new(jwt));
+        security.can = switchboard::auth::Permissions::parse(
+            args.can
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty()),
+        )
+        .map_err(|e| anyhow::anyhow!("--can: {e}"))?;
+    } else if args.can.is_some() {
+        anyhow::bail!(
+            "--can is set but clients are not authenticated (set --jwt-secret or --jwt-public-key)"
+        );
+    }
+    let worker = Worker::start(cfg, Arc::new(ReferenceApp::new(security)))
         .await
         .context("starting the worker")?;
     #[allow(clippy::print_stdout)]

@@ -557,3 +557,57 @@ async fn a_partial_address_list_keeps_live_links() -> Result<()> {
     }
     Ok(())
 }
+
+/// A worker started with --jwt-secret authenticates the gateways' clients as
+/// `serve` does: no token is refused with 401 through the gateway, a valid
+/// token is welcomed as its `sub`, and a request it may not make is denied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_jwt_secret_authenticates_the_gateways_clients() -> Result<()> {
+    use switchboard::auth::{Claims, mint_hs256, now_secs};
+    const SECRET: &str = "gateway-test-secret-0123456789ab";
+    let mut c = GatewayCluster::start(BIN, &[Listeners::Both], 0, "").await?;
+    c.workers.push(
+        WorkerProc::start(
+            &c.bin,
+            c.register.addr,
+            &["--jwt-secret", SECRET, "--can", "push:group:lobby"],
+        )
+        .await?,
+    );
+    c.wait_attached(1).await?;
+    let ws = c.gateways[0].ws.unwrap();
+    let (status, body) = Client::ws_refused(ws, "uid=mallory", &[]).await?;
+    ensure!(status == 401, "{status} {body}");
+    ensure!(body.contains("token is required"), "{body}");
+    let token = |sub: &str| {
+        let claims = Claims {
+            sub: sub.into(),
+            groups: vec!["lobby".into()],
+            exp: Some(now_secs() + 600),
+            ..Claims::default()
+        };
+        mint_hs256(&claims, SECRET)
+    };
+    let mut alice = Client::ws_query(ws, &format!("token={}", token("alice"))).await?;
+    ensure!(alice.uid == "alice", "{alice:?}");
+    let mut bob = Client::tcp_hello(
+        c.gateways[0].tcp.unwrap(),
+        &json!({"op": "hello", "token": token("bob")}),
+    )
+    .await?;
+    ensure!(bob.uid == "bob", "{bob:?}");
+    alice
+        .send(json!({"op": "to_group", "group": "lobby", "data": "hi"}))
+        .await?;
+    ensure!(bob.recv().await? == "hi");
+    ensure!(alice.recv().await? == "hi");
+    let e = alice.ask(json!({"op": "to_all", "data": "x"})).await?;
+    ensure!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("not permitted: to_all")),
+        "{e}"
+    );
+    Box::new(c).shutdown().await;
+    Ok(())
+}
