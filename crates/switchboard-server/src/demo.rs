@@ -1,7 +1,7 @@
 //! `switchboard demo`: a two-node cluster and a web page to try it from, on
 //! loopback, with no external service.
 //!
-//! The page is the [console](crate::console) with one pane per node, served on
+//! The page is the [`console`] with one pane per node, served on
 //! a port of its own and told by its `config.json` where the nodes listen.
 //! What runs behind it is chosen by one function, [`topology`]: today two nodes
 //! in this process on the in-memory bus (`--cluster memory:2`). Another shape

@@ -4,12 +4,12 @@
 //! and runs the application's [`Handler`] for every client event that arrives,
 //! one client's events in order, different clients concurrently. The
 //! application talks to a [`Hub`] like in every other mode; the hub's cluster
-//! backplane ([`backplane::Links`]) turns pushes, membership operations and
+//! backplane (`backplane::Links`) turns pushes, membership operations and
 //! queries into GatewayWorker commands.
 //!
 //! A link whose gateway leaves a query unanswered past the query timeout can
 //! no longer pair replies with queries (they carry no request id): it is
-//! closed, failing what waits on it, and linked again (see [`link`]).
+//! closed, failing what waits on it, and linked again (see the `link` module).
 //!
 //! Stopping a worker is safe for clients: it asks every switchboard gateway to
 //! route nothing more to it, handles what is already on its way, and only then

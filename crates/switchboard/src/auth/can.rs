@@ -1,21 +1,5 @@
-//! What a client may do, as a list of rules.
-//!
-//! A rule is an action, then for most actions a name pattern in which `*`
-//! matches any run of characters:
-//!
-//! | rule | allows |
-//! |---|---|
-//! | `join:PATTERN` | joining and leaving the groups it matches |
-//! | `push:user:PATTERN` | pushing to users (`to_user`, `to_users`: every uid must match) |
-//! | `push:group:PATTERN` | pushing to the groups it matches |
-//! | `push:conn` | pushing to a connection by its id |
-//! | `push:all` | pushing to everyone |
-//! | `query:online:PATTERN` | asking whether the users it matches are online |
-//! | `query:group:PATTERN` | asking how many are in the groups it matches |
-//! | `*` | everything |
-//!
-//! Patterns hold any character, `:` included: `join:room:*` matches the group
-//! `room:42`. Nothing is allowed that no rule allows.
+//! What a client may do, as a list of rules (the rules are on [`Permissions`],
+//! which is public where this module is not).
 
 use std::fmt;
 
@@ -80,7 +64,24 @@ enum Rule {
     },
 }
 
-/// A client's permissions: see the [module](self) for the rules.
+/// A client's permissions: a list of rules.
+///
+/// A rule is an action, then for most actions a name pattern in which `*`
+/// matches any run of characters:
+///
+/// | rule | allows |
+/// |---|---|
+/// | `join:PATTERN` | joining and leaving the groups it matches |
+/// | `push:user:PATTERN` | pushing to users (`to_user`, `to_users`: every uid must match) |
+/// | `push:group:PATTERN` | pushing to the groups it matches |
+/// | `push:conn` | pushing to a connection by its id |
+/// | `push:all` | pushing to everyone |
+/// | `query:online:PATTERN` | asking whether the users it matches are online |
+/// | `query:group:PATTERN` | asking how many are in the groups it matches |
+/// | `*` | everything |
+///
+/// Patterns hold any character, `:` included: `join:room:*` matches the group
+/// `room:42`. Nothing is allowed that no rule allows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Permissions {
     rules: Vec<Rule>,
