@@ -22,6 +22,23 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   fi
 fi
 
+# The PHP example backend's test runs php-cli with its curl extension (Debian
+# packages). Installed only when missing; in CI a failed install fails here, at
+# once, rather than as a test failure later.
+if ! php -r 'exit(function_exists("curl_init") ? 0 : 1);' >/dev/null 2>&1; then
+  echo "installing php-cli and php-curl (for the PHP example backend's test)"
+  sudo=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo"; fi
+  if ! { $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+         $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq php-cli php-curl; }; then
+    if [ "${CI:-}" = true ]; then
+      echo "FAILED: could not install php-cli and php-curl, which the PHP backend test needs" >&2
+      exit 1
+    fi
+    echo "WARNING: could not install php-cli and php-curl: the PHP backend test will be skipped" >&2
+  fi
+fi
+
 # Tests open many sockets; use what the hard limit allows.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -47,6 +64,12 @@ fi
 if [ ! -x "${SWITCHBOARD_CHROMIUM:-/usr/bin/chromium}" ] ||
    [ ! -x "${SWITCHBOARD_CHROMEDRIVER:-/usr/bin/chromedriver}" ]; then
   absent+=("browser|chromium and chromedriver|test(/browser/)")
+fi
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 8))' >/dev/null 2>&1; then
+  absent+=("python|python3 (3.8 or later)|test(/python/)")
+fi
+if ! php -r 'exit(function_exists("curl_init") ? 0 : 1);' >/dev/null 2>&1; then
+  absent+=("php|php with the curl extension|test(/php/)")
 fi
 filter=()
 if [ "${#absent[@]}" -gt 0 ]; then

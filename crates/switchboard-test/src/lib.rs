@@ -8,6 +8,7 @@
 //! - [`conformance`]: the checks every mode must pass, and the
 //!   [`conformance_suite!`] macro that turns them into tests for one mode.
 //! - [`probe`]: an honest client's round trips while others misbehave.
+//! - [`programs`]: the example backends in `examples/` and their interpreters.
 //! - [`hub_api`]: the Hub API checks across two sides of a cluster, and the
 //!   [`hub_api_suite!`] macro that turns them into tests for one mode.
 
@@ -22,6 +23,7 @@ pub mod gateway;
 pub mod http;
 pub mod hub_api;
 pub mod probe;
+pub mod programs;
 pub mod services;
 
 pub use client::{Client, Kind};
