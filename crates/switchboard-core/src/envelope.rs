@@ -60,6 +60,12 @@ pub enum Body {
         /// The outcome.
         result: OpResult,
     },
+    /// A message from the application on one node to the application on
+    /// others, opaque to the hub (presence bookkeeping, cache invalidation).
+    App {
+        /// What the application sent.
+        data: Bytes,
+    },
 }
 
 /// An operation on a connection held by another node, or a query.

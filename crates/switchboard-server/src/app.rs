@@ -22,6 +22,8 @@ use switchboard::{
     async_trait, check_name,
 };
 
+use crate::events::Events;
+use crate::events::presence::Presence;
 use crate::security::Security;
 
 /// Session keys the application keeps a connection's grant under, so that
@@ -47,6 +49,8 @@ struct Inner {
     deadlines: Mutex<BTreeMap<(u64, ConnId), Deadline>>,
     watcher: OnceLock<()>,
     counters: AppCounters,
+    /// Where client events go, when `--events-url` is set.
+    events: Option<(Events, Presence)>,
 }
 
 #[derive(Debug, Default)]
@@ -93,11 +97,23 @@ impl ReferenceApp {
         }
     }
 
+    /// The application, telling `events` what its clients do and `presence`
+    /// who comes online.
+    pub fn with_events(security: Security, events: Events, presence: Presence) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                security,
+                events: Some((events, presence)),
+                ..Inner::default()
+            }),
+        }
+    }
+
     /// Its counters, for `/stats`.
     pub fn stats(&self) -> serde_json::Value {
         let c = &self.inner.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        json!({
+        let mut stats = json!({
             "auth": match (&self.inner.security.jwt, &self.inner.security.proxy) {
                 (Some(_), _) => "jwt",
                 (None, Some(_)) => "connect_proxy",
@@ -107,7 +123,25 @@ impl ReferenceApp {
             "requests_denied": g(&c.denied),
             "tokens_expired": g(&c.expired),
             "tokens_refreshed": g(&c.refreshed),
-        })
+        });
+        if let Some((events, _)) = &self.inner.events {
+            stats["events"] = events.stats();
+        }
+        stats
+    }
+
+    /// Hands a frame the application does not handle to the backend, if
+    /// events are on; `false` when nobody takes it.
+    async fn forward(&self, hub: &Hub, conn: &ConnId, frame: &Frame) -> bool {
+        let Some((events, _)) = &self.inner.events else {
+            return false;
+        };
+        let uid = match self.grant(hub, conn).await {
+            Some(g) => Some(g.uid.clone()),
+            None => hub.conn_user(conn).await.value.map(|u| u.to_string()),
+        };
+        events.message(conn, uid.as_deref(), frame);
+        true
     }
 }
 
@@ -152,12 +186,26 @@ fn error_frame(reason: &str) -> Frame {
     Frame::text(json!({"op": "error", "reason": reason}).to_string())
 }
 
+/// Just the `op` of a frame that did not parse as a request.
+#[derive(Deserialize)]
+struct OpOnly {
+    op: Option<serde_json::Value>,
+}
+
+/// Whether a frame is no request of this application at all (not a JSON
+/// object with a known `op`), rather than a request with a mistake in it.
+fn foreign(bytes: &[u8]) -> bool {
+    match serde_json::from_slice::<OpOnly>(bytes) {
+        Err(_) | Ok(OpOnly { op: None }) => true,
+        Ok(OpOnly {
+            op: Some(serde_json::Value::String(op)),
+        }) => !OPS.contains(&op.as_str()),
+        Ok(_) => true,
+    }
+}
+
 /// Why a request could not be parsed, in words a client developer can act on.
 fn parse_error(bytes: &[u8], e: &serde_json::Error) -> String {
-    #[derive(Deserialize)]
-    struct OpOnly {
-        op: Option<serde_json::Value>,
-    }
     match serde_json::from_slice::<OpOnly>(bytes) {
         Err(_) => format!("invalid JSON: {e}"),
         Ok(OpOnly { op: None }) => "missing op".to_owned(),
@@ -465,12 +513,20 @@ impl Handler for ReferenceApp {
         if let Some(exp) = accept.initial_session().get(SESSION_EXP) {
             welcome["expires"] = json!(exp.parse::<u64>().ok());
         }
+        if let Some((events, _)) = &self.inner.events {
+            let transport = match info.transport {
+                Transport::Tcp => "tcp",
+                _ => "websocket",
+            };
+            events.connect(&info.conn, accept.user().map(|u| u.as_str()), transport);
+        }
         accept.greet(Frame::text(welcome.to_string())).into()
     }
 
     async fn on_message(&self, hub: &Hub, conn: &ConnId, frame: Frame) {
         let req = match serde_json::from_slice::<Request>(frame.data()) {
             Ok(r) => r,
+            Err(_) if foreign(frame.data()) && self.forward(hub, conn, &frame).await => return,
             Err(e) => {
                 let _ = hub.to_conn(conn, error_frame(&parse_error(frame.data(), &e)));
                 return;
@@ -564,9 +620,19 @@ impl Handler for ReferenceApp {
         }
     }
 
-    async fn on_close(&self, _hub: &Hub, conn: &ConnId, _reason: &CloseReason) {
+    async fn on_close(&self, _hub: &Hub, conn: &ConnId, reason: &CloseReason) {
         if self.inner.security.authenticates() {
             lock(&self.inner.grants).remove(conn);
+        }
+        if let Some((events, presence)) = &self.inner.events {
+            let uid = presence.closed_user(conn);
+            events.close(conn, uid.as_ref().map(|u| u.as_str()), &reason.to_string());
+        }
+    }
+
+    fn on_peer_message(&self, _hub: &Hub, from: &switchboard::NodeId, data: bytes::Bytes) {
+        if let Some((_, presence)) = &self.inner.events {
+            presence.peer_message(from, data);
         }
     }
 }

@@ -172,6 +172,18 @@ options! {
         "Messages one client may send at once after a quiet spell (default: twice the rate)";
     max_conns_per_uid: usize, "SWITCHBOARD_MAX_CONNS_PER_UID",
         "Most connections one uid may hold across the cluster (default: no limit)";
+    api: String, "SWITCHBOARD_API",
+        "Serve the server API (POST /api/<method>, /api/openapi.json, /metrics, /ready, /stats) on this address (docs/SERVER-API.md); off when unset";
+    api_key: Secret, "SWITCHBOARD_API_KEY",
+        "The key every API request carries as `Authorization: apikey KEY` (prefer the variable: a flag shows in the process list)";
+    events_url: String, "SWITCHBOARD_EVENTS_URL",
+        "POST client events (connect, message, close, online, offline) in batches to this backend URL, http://HOST:PORT/PATH (docs/EVENTS.md)";
+    events_secret: Secret, "SWITCHBOARD_EVENTS_SECRET",
+        "Sign each events body with HMAC-SHA256 under this secret, in the X-Switchboard-Signature header";
+    events_queue: usize = "10000", "SWITCHBOARD_EVENTS_QUEUE",
+        "Events waiting for the backend, at most; more are dropped and counted";
+    events_timeout: u64 = "5", "SWITCHBOARD_EVENTS_TIMEOUT",
+        "Seconds the backend has to answer one batch of events before it is retried";
 }
 
 /// A secret option: never shown by `Debug`, so never in a log.
@@ -313,6 +325,12 @@ pub enum ConfigError {
          or pass --insecure to accept that"
     )]
     Insecure(String),
+    /// A server API reachable from other hosts without a key.
+    #[error(
+        "refusing to serve the API on {0} without a key: anyone could push to everyone and close any connection. \
+         Set --api-key (or SWITCHBOARD_API_KEY), listen on a loopback address, or pass --insecure to accept that"
+    )]
+    InsecureApi(String),
     /// An authentication setting that cannot be used.
     #[error("{0}")]
     Auth(String),
@@ -396,6 +414,42 @@ pub struct ServeConfig {
     pub development: bool,
     /// TLS on every listener, when set.
     pub tls: Option<TlsFiles>,
+    /// The server API's listener, when served.
+    pub api: Option<ApiListen>,
+    /// Where client events go, when anywhere.
+    pub events: Option<crate::events::EventsConfig>,
+}
+
+/// Where the server API listens, and the key its requests carry.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ApiListen {
+    /// The listen address.
+    pub addr: String,
+    /// The key; `None` only on a loopback address or with `--insecure`.
+    pub key: Option<Secret>,
+}
+
+impl ApiListen {
+    /// Checks that an API reachable from other hosts has a key, unless the
+    /// operator said `--insecure`; a keyless API is logged as such.
+    pub fn new(addr: String, key: Option<Secret>, insecure: bool) -> Result<Self, ConfigError> {
+        if key.as_ref().is_some_and(|k| k.expose().len() < 16) {
+            return Err(ConfigError::Auth(
+                "--api-key is shorter than 16 bytes: use a long random key".into(),
+            ));
+        }
+        if key.is_none() {
+            if !is_loopback(&addr) && !insecure {
+                return Err(ConfigError::InsecureApi(addr));
+            }
+            tracing::warn!(
+                %addr,
+                "the server API has no key: anyone who reaches {addr} may push to everyone and close any connection (set --api-key)"
+            );
+        }
+        Ok(Self { addr, key })
+    }
 }
 
 impl Default for ServeConfig {
@@ -585,6 +639,29 @@ impl ServeConfig {
                         "--tls-key is set without --tls-cert".into(),
                     ));
                 }
+            },
+            api: match o.api.clone().and_then(listener) {
+                None if o.api_key.is_some() => {
+                    return Err(ConfigError::Auth(
+                        "--api-key is set but --api is not".into(),
+                    ));
+                }
+                None => None,
+                Some(addr) => Some(ApiListen::new(addr, o.api_key.clone(), o.insecure)?),
+            },
+            events: match o.events_url.clone() {
+                None if o.events_secret.is_some() => {
+                    return Err(ConfigError::Auth(
+                        "--events-secret is set but --events-url is not".into(),
+                    ));
+                }
+                None => None,
+                Some(url) => Some(crate::events::EventsConfig::new(
+                    &url,
+                    o.events_secret.clone(),
+                    o.events_queue,
+                    Duration::from_secs(o.events_timeout.max(1)),
+                )?),
             },
         };
         secure(&mut cfg, &o)?;

@@ -143,6 +143,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let scheme = if tls { "https" } else { "http" };
             print_address("console", &format!("{scheme}://{a}/"));
         }
+        if let Some(a) = running.api {
+            print_address("api", &format!("http://{a}/api/"));
+        }
         if let Some(a) = running.tcp {
             let over = if tls { ", TLS" } else { "" };
             print_address(

@@ -9,6 +9,7 @@ use switchboard::{Hub, Server, Standalone, TcpOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::ReferenceApp;
 use crate::config::{ClusterUrl, ServeConfig};
@@ -23,8 +24,15 @@ pub struct Running {
     pub ws: Option<SocketAddr>,
     /// Where TCP clients connect, if served.
     pub tcp: Option<SocketAddr>,
+    /// Where the server API is served, if it is.
+    pub api: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    /// Tasks that outlive the listeners (the API server, the events sender
+    /// and the presence tracker): stopped once the connections are closed,
+    /// so that their close events still go out.
+    background: Vec<JoinHandle<()>>,
+    background_stop: CancellationToken,
 }
 
 impl Running {
@@ -32,6 +40,10 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;
+        self.background_stop.cancel();
+        for task in self.background {
+            let _ = task.await;
+        }
     }
 }
 
@@ -97,13 +109,28 @@ pub struct AppSpec {
 impl AppSpec {
     /// The reference application.
     pub fn reference(security: Security) -> Self {
-        let app = ReferenceApp::new(security);
+        Self::of(ReferenceApp::new(security))
+    }
+
+    /// This reference application.
+    pub fn of(app: ReferenceApp) -> Self {
         Self {
             handler: Arc::new(app.clone()),
             tcp_hello: true,
             probe: Some(Arc::new(app)),
         }
     }
+}
+
+/// `/ready` and `/stats`, served on the WebSocket listener and on the API's.
+fn ops_router(hub: &Hub, probe: Option<&Arc<dyn Probe>>) -> axum::Router {
+    let (h, p) = (hub.clone(), probe.cloned());
+    let ready_route = axum::routing::get(move || ready(h.clone(), p.clone()));
+    let (h, p) = (hub.clone(), probe.cloned());
+    let stats_route = axum::routing::get(move || std::future::ready(stats(&h, p.as_deref())));
+    axum::Router::new()
+        .route("/ready", ready_route)
+        .route("/stats", stats_route)
 }
 
 /// `GET /stats`: the node's counters as JSON.
@@ -204,21 +231,34 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
         c.node_id = Some(switchboard::NodeId::new(format!("{base}{i}"))?);
         c.ws = shift(&cfg.ws, i)?;
         c.tcp = shift(&cfg.tcp, i)?;
+        if let (Some(api), Some(c_api)) = (&cfg.api, &mut c.api) {
+            c_api.addr = shift(&Some(api.addr.clone()), i)?.unwrap_or_default();
+        }
         nodes.push(launch(&c, Arc::new(bus.backplane())).await?);
     }
     Ok(nodes)
 }
 
 /// Binds the listeners of `cfg` and serves the reference application on them
-/// through `backplane`.
+/// through `backplane`, telling the backend of `--events-url` what happens.
 pub async fn launch(cfg: &ServeConfig, backplane: Arc<dyn Backplane>) -> anyhow::Result<Running> {
-    launch_app(
-        cfg,
-        backplane,
-        AppSpec::reference(cfg.security.clone()),
-        |b| b,
-    )
-    .await
+    let Some(events_cfg) = &cfg.events else {
+        let app = ReferenceApp::new(cfg.security.clone());
+        return launch_app(cfg, backplane, AppSpec::of(app), |b| b).await;
+    };
+    let (events, runner) = crate::events::Events::new(events_cfg.clone());
+    let (presence, tracker, tap) =
+        crate::events::presence::Presence::new(events.clone(), backplane);
+    let app = ReferenceApp::with_events(cfg.security.clone(), events, presence);
+    let mut running = launch_app(cfg, tap, AppSpec::of(app), |b| b).await?;
+    let stop = running.background_stop.clone();
+    running
+        .background
+        .push(runner.spawn(running.hub.clone(), stop.clone()));
+    running
+        .background
+        .push(tracker.spawn(running.hub.clone(), stop));
+    Ok(running)
 }
 
 /// Binds the listeners of `cfg` and serves `app` on them through
@@ -251,23 +291,7 @@ pub async fn launch_app(
             .await
             .with_context(|| format!("binding the WebSocket listener on {addr}"))?;
         ws = Some(l.local_addr()?);
-        let router = axum::Router::new()
-            .route(
-                "/ready",
-                axum::routing::get({
-                    let hub = hub.clone();
-                    let probe = probe.clone();
-                    move || ready(hub.clone(), probe.clone())
-                }),
-            )
-            .route(
-                "/stats",
-                axum::routing::get({
-                    let hub = hub.clone();
-                    let probe = probe.clone();
-                    move || std::future::ready(stats(&hub, probe.as_deref()))
-                }),
-            )
+        let router = ops_router(&hub, probe.as_ref())
             // A browser pointed at the node gets a console connected to it.
             .merge(crate::console::router(
                 &crate::console::node_config(hub.node_id(), &cfg.ws_path),
@@ -294,6 +318,27 @@ pub async fn launch_app(
     if let Some(files) = &cfg.tls {
         server = server.tls(files.tls.clone());
     }
+    let background_stop = CancellationToken::new();
+    let mut background = Vec::new();
+    let mut api = None;
+    if let Some(listen) = &cfg.api {
+        let l = TcpListener::bind(&listen.addr)
+            .await
+            .with_context(|| format!("binding the API listener on {}", listen.addr))?;
+        api = Some(l.local_addr()?);
+        let router =
+            crate::api::router(crate::api::ApiState::new(hub.clone(), listen.key.as_ref()))
+                .merge(ops_router(&hub, probe.as_ref()));
+        let stop = background_stop.clone();
+        background.push(tokio::spawn(async move {
+            let served = axum::serve(l, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "the API listener failed");
+            }
+        }));
+    }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {
         let _ = stopped.await;
@@ -302,7 +347,10 @@ pub async fn launch_app(
         hub,
         ws,
         tcp,
+        api,
         stop,
         task,
+        background,
+        background_stop,
     })
 }

@@ -139,6 +139,8 @@ pub struct ProcessNode {
     pub node_id: String,
     pub ws: Option<SocketAddr>,
     pub tcp: Option<SocketAddr>,
+    /// The server API, when started with `--api`.
+    pub api: Option<SocketAddr>,
 }
 
 impl ProcessNode {
@@ -173,6 +175,7 @@ impl ProcessNode {
             node_id: node.id,
             ws: node.ws,
             tcp: node.tcp,
+            api: node.api,
         })
     }
 
@@ -211,6 +214,8 @@ pub struct PrintedNode {
     pub tcp: Option<SocketAddr>,
     /// A gateway's inner (worker-facing) port.
     pub inner: Option<SocketAddr>,
+    /// The server API's port.
+    pub api: Option<SocketAddr>,
 }
 
 /// What the binary prints when it starts: a `switchboard node ID (...)` line
@@ -256,6 +261,7 @@ impl Banner {
             ("console", Some(n)) => n.console = Some(addr),
             ("tcp", Some(n)) => n.tcp = Some(addr),
             ("inner", Some(n)) => n.inner = Some(addr),
+            ("api", Some(n)) => n.api = Some(addr),
             _ => {}
         }
     }

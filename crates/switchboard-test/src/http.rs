@@ -40,6 +40,22 @@ pub async fn request(
     json: Option<&serde_json::Value>,
     within: Duration,
 ) -> Result<Response> {
+    let body = json.map(|v| Bytes::from(v.to_string()));
+    let content_type = [(header::CONTENT_TYPE.as_str(), "application/json")];
+    let headers: &[(&str, &str)] = if json.is_some() { &content_type } else { &[] };
+    request_with(addr, method, path, headers, body, within).await
+}
+
+/// Sends one request with these extra headers and this raw body, and reads
+/// the whole response within `within`.
+pub async fn request_with(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Bytes>,
+    within: Duration,
+) -> Result<Response> {
     let method_path = format!("{method} http://{addr}{path}");
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
@@ -51,13 +67,10 @@ pub async fn request(
             .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string());
-        let body = match json {
-            Some(v) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
-        };
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let body = body.unwrap_or_default();
         let response = sender.send_request(req.body(Full::new(body))?);
         // The connection ends after this one exchange: driving it to its end
         // beside the response leaves no task behind.
@@ -83,4 +96,25 @@ pub async fn request(
 /// `GET path`, within [`crate::STEP`].
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Response> {
     request(addr, Method::GET, path, None, crate::STEP).await
+}
+
+/// `POST /api/<method>` to a node's server API with `key` (when given) and a
+/// JSON body: the status and the JSON answer.
+pub async fn api(
+    addr: SocketAddr,
+    key: Option<&str>,
+    method: &str,
+    body: &serde_json::Value,
+) -> Result<(StatusCode, serde_json::Value)> {
+    let auth = key.map(|k| format!("apikey {k}"));
+    let mut headers = vec![(header::CONTENT_TYPE.as_str(), "application/json")];
+    if let Some(a) = &auth {
+        headers.push((header::AUTHORIZATION.as_str(), a.as_str()));
+    }
+    let path = format!("/api/{method}");
+    let body = Some(Bytes::from(body.to_string()));
+    let r = request_with(addr, Method::POST, &path, &headers, body, crate::STEP).await?;
+    let json = serde_json::from_slice(&r.body)
+        .with_context(|| format!("POST {path}: the answer is not JSON: {}", r.text()))?;
+    Ok((r.status, json))
 }

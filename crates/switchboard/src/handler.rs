@@ -10,7 +10,8 @@ use std::fmt;
 use std::net::SocketAddr;
 
 use async_trait::async_trait;
-use switchboard_core::{ConnId, Frame, GroupId, Session, UserId};
+use bytes::Bytes;
+use switchboard_core::{ConnId, Frame, GroupId, NodeId, Session, UserId};
 
 use crate::hub::Hub;
 
@@ -313,6 +314,13 @@ pub trait Handler: Send + Sync + 'static {
     /// A connection closed. Its bindings are already gone.
     async fn on_close(&self, hub: &Hub, conn: &ConnId, reason: &CloseReason) {
         let _ = (hub, conn, reason);
+    }
+
+    /// A message another node's application sent with [`Hub::send_to_peers`]
+    /// or [`Hub::send_to_node`]. Called on the node's dispatcher, between
+    /// envelopes from the cluster: hand the work off, never wait here.
+    fn on_peer_message(&self, hub: &Hub, from: &NodeId, data: Bytes) {
+        let _ = (hub, from, data);
     }
 }
 

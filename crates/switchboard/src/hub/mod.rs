@@ -223,6 +223,30 @@ impl Hub {
         self.push(&Target::all(), payload)
     }
 
+    /// The nodes of the cluster believed alive now, this one excluded.
+    pub fn peers(&self) -> Vec<NodeId> {
+        self.inner.backplane.peers()
+    }
+
+    /// Sends `data` to the application of every other node
+    /// ([`Handler::on_peer_message`]), with the delivery of the cluster mode's
+    /// pushes.
+    pub fn send_to_peers(&self, data: Bytes) -> Handoff {
+        if self.inner.backplane.is_standalone() {
+            return Handoff::default();
+        }
+        let env = self.envelope(Body::App { data });
+        self.inner
+            .backplane
+            .publish(Dest::Interested(&Target::all()), env)
+    }
+
+    /// Sends `data` to the application of one other node.
+    pub fn send_to_node(&self, node: &NodeId, data: Bytes) -> Handoff {
+        let env = self.envelope(Body::App { data });
+        self.inner.backplane.publish(Dest::Node(node), env)
+    }
+
     /// Closes every connection `target` selects, on any node, after flushing
     /// what is already queued to them.
     pub fn close(&self, target: &Target, reason: impl Into<String>) -> CloseReport {
@@ -531,6 +555,9 @@ impl Hub {
                     // live request; a late reply to a finished one is dropped.
                     let _ = tx.try_send((env.origin, result));
                 }
+            }
+            Body::App { data } => {
+                self.inner.handler.on_peer_message(self, &env.origin, data);
             }
             _ => {
                 Counters::add(&self.inner.counters.bad_envelopes, 1);

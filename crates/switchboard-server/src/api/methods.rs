@@ -1,0 +1,374 @@
+//! The server API's methods: JSON parameters in, a [`Reply`] out, each one a
+//! thin translation of a [`Hub`] call. Nothing here knows about HTTP beyond
+//! the status an error maps to.
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use switchboard::core::{Answer, ConnId};
+use switchboard::{Frame, Hub, NodeId, OpError, Target, check_name};
+
+use super::ApiError;
+
+/// Every method, in the order the documentation lists them.
+pub const METHODS: &[&str] = &[
+    "push",
+    "bind",
+    "unbind",
+    "join",
+    "leave",
+    "close",
+    "session_get",
+    "session_set",
+    "session_update",
+    "online",
+    "user_conns",
+    "conn_user",
+    "group_members",
+    "group_count",
+    "totals",
+    "batch",
+];
+
+/// Commands one `batch` may carry: enough to amortise a request, few enough
+/// that one request cannot hold a node's API for long.
+pub const MAX_BATCH: usize = 1000;
+
+/// A method's successful result: the value, and for cluster-wide queries the
+/// nodes that did not answer.
+#[derive(Debug)]
+pub struct Reply {
+    result: Value,
+    missing: Option<Vec<NodeId>>,
+}
+
+impl Reply {
+    fn done(result: Value) -> Self {
+        Self {
+            result,
+            missing: None,
+        }
+    }
+
+    fn answer<T>(a: Answer<T>, f: impl FnOnce(T) -> Value) -> Self {
+        Self {
+            result: f(a.value),
+            missing: Some(a.missing),
+        }
+    }
+
+    /// The JSON body: `{"result": ...}`, with `complete` and `missing` for queries.
+    pub fn into_json(self) -> Value {
+        let mut body = json!({ "result": self.result });
+        if let Some(missing) = self.missing {
+            body["complete"] = Value::Bool(missing.is_empty());
+            body["missing"] = missing.iter().map(|n| Value::from(n.as_str())).collect();
+        }
+        body
+    }
+}
+
+/// The recipients of a push or a close, as the API spells them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetParams {
+    #[serde(default)]
+    users: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    conns: Vec<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    except_users: Vec<String>,
+    #[serde(default)]
+    except_conns: Vec<String>,
+}
+
+impl TargetParams {
+    fn target(self) -> Result<Target, ApiError> {
+        for u in self.users.iter().chain(&self.except_users) {
+            name("uid", u)?;
+        }
+        for g in &self.groups {
+            name("group", g)?;
+        }
+        let mut t = if self.all {
+            Target::all()
+        } else {
+            Target::none()
+        };
+        t = t.and_conns(conns(&self.conns)?).and_groups(self.groups);
+        t = self.users.into_iter().fold(t, Target::and_user);
+        for c in conns(&self.except_conns)? {
+            t = t.except_conn(c);
+        }
+        for u in self.except_users {
+            t = t.except_user(u);
+        }
+        Ok(t)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Push {
+    #[serde(flatten)]
+    target: TargetParams,
+    data: String,
+    #[serde(default)]
+    binary: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Close {
+    #[serde(flatten)]
+    target: TargetParams,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Conn {
+    conn: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnUid {
+    conn: String,
+    uid: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnGroup {
+    conn: String,
+    group: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionSet {
+    conn: String,
+    key: String,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionUpdate {
+    conn: String,
+    session: serde_json::Map<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Uid {
+    uid: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Group {
+    group: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Nothing {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    commands: Vec<Command>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Command {
+    method: String,
+    #[serde(default)]
+    params: Option<Value>,
+}
+
+fn params<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn name(what: &str, value: &str) -> Result<(), ApiError> {
+    check_name(what, value).map_err(ApiError::bad_request)
+}
+
+fn conn(s: &str) -> Result<ConnId, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::bad_request(format!("conn {s:?}: {e}")))
+}
+
+fn conns(list: &[String]) -> Result<Vec<ConnId>, ApiError> {
+    list.iter().map(|s| conn(s)).collect()
+}
+
+fn op(r: Result<(), OpError>) -> Result<Reply, ApiError> {
+    r.map(|()| Reply::done(json!({}))).map_err(ApiError::from)
+}
+
+/// Runs one method. `batch` may not nest.
+pub async fn call(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError> {
+    if method == "batch" {
+        return batch(hub, params(body)?).await;
+    }
+    single(hub, method, body).await
+}
+
+async fn batch(hub: &Hub, b: Batch) -> Result<Reply, ApiError> {
+    if b.commands.len() > MAX_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "a batch carries at most {MAX_BATCH} commands, this one {}",
+            b.commands.len()
+        )));
+    }
+    let mut replies = Vec::with_capacity(b.commands.len());
+    // In order, one at a time: a command may depend on the one before it
+    // (bind, then push to the user).
+    for c in b.commands {
+        let params = c.params.unwrap_or_else(|| json!({}));
+        let r = if c.method == "batch" {
+            Err(ApiError::bad_request("a batch cannot contain a batch"))
+        } else {
+            single(hub, &c.method, params).await
+        };
+        replies.push(match r {
+            Ok(reply) => reply.into_json(),
+            Err(e) => e.body(),
+        });
+    }
+    Ok(Reply::done(json!({ "replies": replies })))
+}
+
+async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError> {
+    match method {
+        "push" => {
+            let p: Push = params(body)?;
+            let frame = if p.binary {
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(p.data.as_bytes())
+                    .map_err(|e| ApiError::bad_request(format!("data is not base64: {e}")))?;
+                Frame::binary(data)
+            } else {
+                Frame::text(p.data)
+            };
+            let r = hub
+                .push(&p.target.target()?, frame)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(Reply::done(json!({
+                "local": r.local,
+                "local_dropped": r.local_dropped,
+                "remote_sent": r.remote.sent,
+                "remote_dropped": r.remote.dropped,
+            })))
+        }
+        "close" => {
+            let c: Close = params(body)?;
+            let reason = c.reason.unwrap_or_else(|| "closed by the server".into());
+            let r = hub.close(&c.target.target()?, reason);
+            Ok(Reply::done(json!({
+                "local": r.local,
+                "remote_sent": r.remote.sent,
+                "remote_dropped": r.remote.dropped,
+            })))
+        }
+        "bind" => {
+            let p: ConnUid = params(body)?;
+            name("uid", &p.uid)?;
+            op(hub.bind(&conn(&p.conn)?, p.uid).await)
+        }
+        "unbind" => {
+            let p: Conn = params(body)?;
+            op(hub.unbind(&conn(&p.conn)?).await)
+        }
+        "join" => {
+            let p: ConnGroup = params(body)?;
+            name("group", &p.group)?;
+            op(hub.join(&conn(&p.conn)?, p.group).await)
+        }
+        "leave" => {
+            let p: ConnGroup = params(body)?;
+            name("group", &p.group)?;
+            op(hub.leave(&conn(&p.conn)?, p.group).await)
+        }
+        "session_get" => {
+            let p: Conn = params(body)?;
+            let s = hub.session(&conn(&p.conn)?).await?;
+            Ok(Reply::done(json!({ "session": s })))
+        }
+        "session_set" => {
+            let p: SessionSet = params(body)?;
+            op(hub.set_session(&conn(&p.conn)?, p.key, p.value).await)
+        }
+        "session_update" => {
+            let p: SessionUpdate = params(body)?;
+            let changes = p
+                .session
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::Null => Ok((k, None)),
+                    Value::String(s) => Ok((k, Some(s))),
+                    other => Err(ApiError::bad_request(format!(
+                        "session value of {k:?} must be a string or null, not {other}"
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            op(hub.update_session(&conn(&p.conn)?, changes).await)
+        }
+        "online" => {
+            let p: Uid = params(body)?;
+            name("uid", &p.uid)?;
+            let a = hub.is_online(p.uid).await;
+            Ok(Reply::answer(a, |v| json!({ "online": v })))
+        }
+        "user_conns" => {
+            let p: Uid = params(body)?;
+            name("uid", &p.uid)?;
+            let a = hub.user_conns(p.uid).await;
+            Ok(Reply::answer(a, |v| json!({ "conns": ids(&v) })))
+        }
+        "conn_user" => {
+            let p: Conn = params(body)?;
+            let a = hub.conn_user(&conn(&p.conn)?).await;
+            Ok(Reply::answer(
+                a,
+                |v| json!({ "uid": v.map(|u| u.as_str().to_owned()) }),
+            ))
+        }
+        "group_members" => {
+            let p: Group = params(body)?;
+            name("group", &p.group)?;
+            let a = hub.group_members(p.group).await;
+            Ok(Reply::answer(a, |v| json!({ "conns": ids(&v) })))
+        }
+        "group_count" => {
+            let p: Group = params(body)?;
+            name("group", &p.group)?;
+            let a = hub.group_count(p.group).await;
+            Ok(Reply::answer(a, |v| json!({ "count": v })))
+        }
+        "totals" => {
+            let _: Nothing = params(body)?;
+            let a = hub.totals().await;
+            Ok(Reply::answer(
+                a,
+                |t| json!({ "conns": t.conns, "users": t.users, "groups": t.groups }),
+            ))
+        }
+        other => Err(ApiError::unknown_method(other)),
+    }
+}
+
+fn ids(conns: &[ConnId]) -> Vec<String> {
+    conns.iter().map(ToString::to_string).collect()
+}
