@@ -213,8 +213,24 @@ fn conns(list: &[String]) -> Result<Vec<ConnId>, ApiError> {
     list.iter().map(|s| conn(s)).collect()
 }
 
-fn op(r: Result<(), OpError>) -> Result<Reply, ApiError> {
-    r.map(|()| Reply::done(json!({}))).map_err(ApiError::from)
+/// An operation's error as the API answers it. A well-formed id whose node
+/// is not in the cluster names no connection: 404, as the hub's queries
+/// answer for it, not the 503 of a node that is there but did not answer
+/// (which the backend would retry in vain).
+fn op_error(hub: &Hub, e: OpError) -> ApiError {
+    match e {
+        OpError::Unreachable(node) if node != *hub.node_id() && !hub.peers().contains(&node) => {
+            ApiError::not_found(format!(
+                "no such connection: its node {node} is not in the cluster"
+            ))
+        }
+        e => e.into(),
+    }
+}
+
+fn op(hub: &Hub, r: Result<(), OpError>) -> Result<Reply, ApiError> {
+    r.map(|()| Reply::done(json!({})))
+        .map_err(|e| op_error(hub, e))
 }
 
 /// Runs one method. `batch` may not nest.
@@ -285,30 +301,33 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
         "bind" => {
             let p: ConnUid = params(body)?;
             name("uid", &p.uid)?;
-            op(hub.bind(&conn(&p.conn)?, p.uid).await)
+            op(hub, hub.bind(&conn(&p.conn)?, p.uid).await)
         }
         "unbind" => {
             let p: Conn = params(body)?;
-            op(hub.unbind(&conn(&p.conn)?).await)
+            op(hub, hub.unbind(&conn(&p.conn)?).await)
         }
         "join" => {
             let p: ConnGroup = params(body)?;
             name("group", &p.group)?;
-            op(hub.join(&conn(&p.conn)?, p.group).await)
+            op(hub, hub.join(&conn(&p.conn)?, p.group).await)
         }
         "leave" => {
             let p: ConnGroup = params(body)?;
             name("group", &p.group)?;
-            op(hub.leave(&conn(&p.conn)?, p.group).await)
+            op(hub, hub.leave(&conn(&p.conn)?, p.group).await)
         }
         "session_get" => {
             let p: Conn = params(body)?;
-            let s = hub.session(&conn(&p.conn)?).await?;
+            let s = hub
+                .session(&conn(&p.conn)?)
+                .await
+                .map_err(|e| op_error(hub, e))?;
             Ok(Reply::done(json!({ "session": s })))
         }
         "session_set" => {
             let p: SessionSet = params(body)?;
-            op(hub.set_session(&conn(&p.conn)?, p.key, p.value).await)
+            op(hub, hub.set_session(&conn(&p.conn)?, p.key, p.value).await)
         }
         "session_update" => {
             let p: SessionUpdate = params(body)?;
@@ -323,7 +342,7 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
                     ))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            op(hub.update_session(&conn(&p.conn)?, changes).await)
+            op(hub, hub.update_session(&conn(&p.conn)?, changes).await)
         }
         "online" => {
             let p: Uid = params(body)?;

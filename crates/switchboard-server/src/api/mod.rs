@@ -73,6 +73,11 @@ impl ApiError {
         )
     }
 
+    /// The connection does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
     fn unauthorized(message: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
@@ -96,7 +101,7 @@ impl ApiError {
 impl From<OpError> for ApiError {
     fn from(e: OpError) -> Self {
         match &e {
-            OpError::NoSuchConn(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            OpError::NoSuchConn(_) => Self::not_found(e.to_string()),
             OpError::Refused(_) => Self::new(StatusCode::CONFLICT, "refused", e.to_string()),
             // Unreachable, Timeout, Remote, and whatever a later version adds:
             // the cluster could not do it now; the backend may retry.

@@ -170,10 +170,28 @@ async fn an_operation_on_a_missing_connection_is_not_found() {
         "{}",
         switchboard::core::ConnId::new(hub.node_id().clone(), 999_999)
     );
+    // A well-formed id of a node that is not in the cluster: no connection
+    // either, not a node to wait for.
+    let foreign = format!(
+        "{}",
+        switchboard::core::ConnId::new(switchboard::NodeId::new("elsewhere").expect("id"), 1)
+    );
     for (method, body) in [
         ("bind", json!({"conn": ghost, "uid": "a"})),
         ("join", json!({"conn": ghost, "group": "g"})),
         ("session_get", json!({"conn": ghost})),
+        ("bind", json!({"conn": foreign, "uid": "a"})),
+        ("unbind", json!({"conn": foreign})),
+        ("leave", json!({"conn": foreign, "group": "g"})),
+        ("session_get", json!({"conn": foreign})),
+        (
+            "session_set",
+            json!({"conn": foreign, "key": "k", "value": "v"}),
+        ),
+        (
+            "session_update",
+            json!({"conn": foreign, "session": {"k": null}}),
+        ),
     ] {
         let (s, v) = call(addr, method, body).await;
         assert_eq!(
