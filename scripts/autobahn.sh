@@ -21,6 +21,7 @@
 # take about as long against either (measured: 18 s debug, 16 s release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 # Pinned: the number of cases and their verdicts belong to this version.
 KOSOKU_VERSION=0.1.0
@@ -33,38 +34,10 @@ out=target/ci-artifacts/autobahn
 rm -rf "$out"
 mkdir -p "$out"
 
-# kosoku lives in a virtualenv of its own under target/: nothing is installed
-# into the system's or the user's Python, and the pinned version is the one run.
-venv=target/kosoku-$KOSOKU_VERSION
-if [ ! -x "$venv/bin/kosoku" ]; then
-  echo "installing kosoku $KOSOKU_VERSION into $venv"
-  rm -rf "$venv"
-  if ! { python3 -m venv "$venv" &&
-         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
-           "kosoku==$KOSOKU_VERSION"; }; then
-    rm -rf "$venv"
-    if [ "${CI:-}" = true ]; then
-      echo "FAILED: could not install kosoku $KOSOKU_VERSION (needs python3 with venv and pip)" >&2
-      exit 1
-    fi
-    echo "SKIPPING the Autobahn cases: could not install kosoku $KOSOKU_VERSION" \
-         "(with CI=true this fails instead)" >&2
-    exit 0
-  fi
-fi
+# kosoku in a virtualenv of its own under target/ (scripts/lib.sh).
+pip_tool kosoku "$KOSOKU_VERSION" "the Autobahn cases"
 
-# --workspace: the features the test suite's build resolved, so that build's
-# echo binary is reused; `-p switchboard` alone would rebuild dependencies.
-echo_bin=$(cargo build --workspace --example echo --locked \
-             --message-format=json-render-diagnostics |
-           python3 -c '
-import json, sys
-exe = ""
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "echo":
-        exe = m.get("executable") or exe
-print(exe)')
+echo_bin=$(workspace_exe example echo)
 [ -x "$echo_bin" ] || { echo "FAILED: no echo example binary" >&2; exit 1; }
 
 # Whatever happens from here on, the server (and the runner, if it is still
@@ -73,13 +46,7 @@ echo_pid="" kosoku_pid=""
 stop_all() {
   # timeout passes the TERM on to kosoku.
   if [ -n "$kosoku_pid" ]; then kill -TERM "$kosoku_pid" 2>/dev/null || true; fi
-  if [ -n "$echo_pid" ] && kill -INT "$echo_pid" 2>/dev/null; then
-    for _ in $(seq 50); do # its ctrl-c shutdown, then no more waiting
-      kill -0 "$echo_pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$echo_pid" 2>/dev/null || true
-  fi
+  stop_process "$echo_pid" INT # its ctrl-c shutdown
   wait 2>/dev/null
   echo_pid="" kosoku_pid=""
 }
