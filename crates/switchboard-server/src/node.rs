@@ -322,22 +322,10 @@ pub async fn launch_app(
     let mut background = Vec::new();
     let mut api = None;
     if let Some(listen) = &cfg.api {
-        let l = TcpListener::bind(&listen.addr)
-            .await
-            .with_context(|| format!("binding the API listener on {}", listen.addr))?;
-        api = Some(l.local_addr()?);
-        let router =
-            crate::api::router(crate::api::ApiState::new(hub.clone(), listen.key.as_ref()))
-                .merge(ops_router(&hub, probe.as_ref()));
-        let stop = background_stop.clone();
-        background.push(tokio::spawn(async move {
-            let served = axum::serve(l, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "the API listener failed");
-            }
-        }));
+        let extra = ops_router(&hub, probe.as_ref());
+        let (addr, task) = crate::api::serve(listen, &hub, extra, background_stop.clone()).await?;
+        api = Some(addr);
+        background.push(task);
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {

@@ -333,3 +333,44 @@ async fn the_backend_hears_connects_messages_closes_and_presence_once() -> Resul
     p.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_gateway_topology_the_worker_serves_the_api() -> Result<()> {
+    use switchboard_test::gateway::{GatewayCluster, Listeners, WorkerProc};
+    let mut c = GatewayCluster::start(bin(), &[Listeners::Ws, Listeners::Ws], 0, "").await?;
+    let worker = WorkerProc::start(
+        c.bin.as_path(),
+        c.register.addr,
+        &["--api", "127.0.0.1:0", "--api-key", KEY],
+    )
+    .await?;
+    let api_at = worker.api.expect("the worker printed its API address");
+    c.workers.push(worker);
+    c.wait_attached(1).await?;
+    let mut alice = Client::ws(c.gateways[1].ws.unwrap(), "alice", Some("room")).await?;
+    let ask = |method: &'static str, body: Value| async move {
+        let (status, v) = api(api_at, Some(KEY), method, &body).await?;
+        anyhow::ensure!(status == StatusCode::OK, "{method}: {status} {v}");
+        anyhow::Ok(v)
+    };
+    ask(
+        "push",
+        json!({"users": ["alice"], "data": "through a gateway"}),
+    )
+    .await?;
+    assert_eq!(alice.recv().await?, "through a gateway");
+    let v = ask("online", json!({"uid": "alice"})).await?;
+    assert_eq!(
+        v,
+        json!({"result": {"online": true}, "complete": true, "missing": []})
+    );
+    let v = ask("group_count", json!({"group": "room"})).await?;
+    assert_eq!(v["result"]["count"], 1, "{v}");
+    ask("join", json!({"conn": alice.conn, "group": "vip"})).await?;
+    ask("push", json!({"groups": ["vip"], "data": "vip"})).await?;
+    assert_eq!(alice.recv().await?, "vip");
+    let (status, _) = api(api_at, None, "totals", &json!({})).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    switchboard_test::Cluster::shutdown(Box::new(c)).await;
+    Ok(())
+}
