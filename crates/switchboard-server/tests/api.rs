@@ -374,3 +374,80 @@ async fn in_the_gateway_topology_the_worker_serves_the_api() -> Result<()> {
     switchboard_test::Cluster::shutdown(Box::new(c)).await;
     Ok(())
 }
+
+/// Two nodes of `cluster` in this process, each with the API.
+async fn launched(cluster: &str) -> Result<Vec<switchboard_server::node::Running>> {
+    use switchboard_server::config::{ServeArgs, ServeConfig};
+    use switchboard_server::node;
+    let args = || -> Result<ServeArgs> {
+        Ok(ServeArgs {
+            ws: Some("127.0.0.1:0".into()),
+            tcp: Some("off".into()),
+            api: Some("127.0.0.1:0".into()),
+            api_key: Some(KEY.parse()?),
+            cluster: Some(cluster.into()),
+            ..ServeArgs::default()
+        })
+    };
+    let cfg = ServeConfig::load(args()?)?;
+    if cluster.starts_with("memory:") {
+        return node::launch_all(&cfg).await;
+    }
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let cfg = ServeConfig::load(args()?)?;
+        nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
+    }
+    Ok(nodes)
+}
+
+/// The same calls through node 0's API for a client on node 1, in a mode.
+async fn api_contract(cluster: &str) -> Result<()> {
+    let nodes = launched(cluster).await?;
+    let at = nodes[0].api.unwrap();
+    let ask = |method: &'static str, body: Value| async move {
+        let (status, v) = api(at, Some(KEY), method, &body).await?;
+        anyhow::ensure!(status == StatusCode::OK, "{cluster} {method}: {status} {v}");
+        anyhow::Ok(v)
+    };
+    let mut alice = Client::ws(nodes[1].ws.unwrap(), "alice", Some("room")).await?;
+    ask("push", json!({"users": ["alice"], "data": "hi"})).await?;
+    assert_eq!(alice.recv().await?, "hi", "{cluster}");
+    let v = ask("online", json!({"uid": "alice"})).await?;
+    assert_eq!(
+        v,
+        json!({"result": {"online": true}, "complete": true, "missing": []}),
+        "{cluster}"
+    );
+    let v = ask("group_count", json!({"group": "room"})).await?;
+    assert_eq!(v["result"]["count"], 1, "{cluster}: {v}");
+    ask("join", json!({"conn": alice.conn, "group": "vip"})).await?;
+    ask("push", json!({"groups": ["vip"], "data": "vip"})).await?;
+    assert_eq!(alice.recv().await?, "vip", "{cluster}");
+    let (status, v) = api(
+        at,
+        Some(KEY),
+        "session_get",
+        &json!({"conn": "00000000000000000000"}),
+    )
+    .await?;
+    assert_eq!(v["error"]["code"], "unavailable", "{cluster}: {status} {v}");
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_behaves_the_same_in_every_mode() -> Result<()> {
+    api_contract("memory:2").await?;
+    let redis = services::redis_url()?;
+    let prefix = services::unique_prefix("apiq");
+    api_contract(&format!("{redis}?mode=queue&prefix={prefix}")).await?;
+    let amqp = services::amqp_url()?;
+    for mode in ["fanout", "routing"] {
+        let prefix = services::unique_prefix("api");
+        api_contract(&format!("{amqp}?mode={mode}&prefix={prefix}")).await?;
+    }
+    Ok(())
+}
