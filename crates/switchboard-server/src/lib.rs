@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod console;
 pub mod demo;
+pub mod metrics;
 pub mod node;
 pub mod roles;
 pub mod security;

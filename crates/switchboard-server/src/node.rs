@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::ReferenceApp;
 use crate::config::{ClusterUrl, ServeConfig};
+use crate::metrics::Metrics;
 use crate::security::Security;
 
 /// A running node.
@@ -23,6 +24,8 @@ pub struct Running {
     pub ws: Option<SocketAddr>,
     /// Where TCP clients connect, if served.
     pub tcp: Option<SocketAddr>,
+    /// The node's metrics, served at `/metrics` on the WebSocket listener.
+    pub metrics: Metrics,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -148,6 +151,23 @@ fn stats(
     )
 }
 
+/// `GET /metrics`: the node's metrics, with the role's counters.
+pub(crate) fn metrics(
+    metrics: &Metrics,
+    hub: &Hub,
+    probe: Option<&dyn Probe>,
+) -> ([(switchboard::http::HeaderName, &'static str); 1], String) {
+    let role = probe.map(|p| (p.key(), p.stats()));
+    let extra: Vec<(&str, &serde_json::Value)> = role.iter().map(|(k, v)| (*k, v)).collect();
+    (
+        [(
+            switchboard::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        metrics.render(hub, &extra),
+    )
+}
+
 /// `GET /ready`: 200 while the node can reach its cluster, 503 with the reason otherwise.
 async fn ready(hub: Hub, probe: Option<Arc<dyn Probe>>) -> (switchboard::http::StatusCode, String) {
     if let Some(Err(reason)) = probe.map(|p| p.ready()) {
@@ -244,6 +264,7 @@ pub async fn launch_app(
     }
     let builder = tweak(builder);
     let hub = builder.start().await.context("starting the hub")?;
+    let metrics = Metrics::new();
     let mut server = Server::new(hub.clone());
     let mut ws = None;
     if let Some(addr) = &cfg.ws {
@@ -266,6 +287,13 @@ pub async fn launch_app(
                     let hub = hub.clone();
                     let probe = probe.clone();
                     move || std::future::ready(stats(&hub, probe.as_deref()))
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get({
+                    let (hub, probe, m) = (hub.clone(), probe.clone(), metrics.clone());
+                    move || std::future::ready(self::metrics(&m, &hub, probe.as_deref()))
                 }),
             )
             // A browser pointed at the node gets a console connected to it.
@@ -302,6 +330,7 @@ pub async fn launch_app(
         hub,
         ws,
         tcp,
+        metrics,
         stop,
         task,
     })
