@@ -377,8 +377,23 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
     let (api_addr, api_task) = match &api {
         None => (None, None),
         Some(listen) => {
-            let extra = axum::Router::new();
-            let (a, t) = crate::api::serve(listen, worker.hub(), extra, stop_api.clone()).await?;
+            // The worker's own counters: its hub's, and what the API observes.
+            let metrics = crate::metrics::Metrics::new();
+            let extra = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get({
+                    let (m, hub) = (metrics.clone(), worker.hub().clone());
+                    move || std::future::ready(node::metrics(&m, &hub, None))
+                }),
+            );
+            let (a, t) = crate::api::serve(
+                listen,
+                worker.hub(),
+                extra,
+                Some(&metrics),
+                stop_api.clone(),
+            )
+            .await?;
             (Some(a), Some(t))
         }
     };

@@ -37,6 +37,17 @@ fn api_addr(n: &ProcessNode) -> SocketAddr {
     n.api.expect("the node printed its API address")
 }
 
+/// A sample of node `n`'s `/metrics` on its API listener (0 when absent).
+async fn metric(n: &ProcessNode, sample: &str) -> Result<f64> {
+    let r = switchboard_test::http::get(api_addr(n), "/metrics").await?;
+    anyhow::ensure!(r.status == 200, "/metrics: {}", r.status);
+    let text = r.text();
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
 async fn call(n: &ProcessNode, method: &str, body: Value) -> Result<Value> {
     let (status, v) = api(api_addr(n), Some(KEY), method, &body).await?;
     anyhow::ensure!(status == StatusCode::OK, "{method} {body}: {status} {v}");
@@ -61,9 +72,19 @@ async fn a_backend_pushes_binds_and_asks_through_any_node() -> Result<()> {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["error"]["code"], "unauthorized");
 
+    let pushes_before = metric(n1, "switchboard_pushes_total{target=\"user\"}").await?;
     let v = call(n1, "push", json!({"users": ["alice"], "data": "hi"})).await?;
     assert_eq!(v["result"]["remote_dropped"], 0, "{v}");
     assert_eq!(alice.recv().await?, "hi");
+    // The push moved node 1's counters, and the API timed the request.
+    let pushes_after = metric(n1, "switchboard_pushes_total{target=\"user\"}").await?;
+    assert_eq!(pushes_after, pushes_before + 1.0);
+    let timed = metric(
+        n1,
+        "switchboard_api_request_duration_seconds_count{method=\"push\",status=\"200\"}",
+    )
+    .await?;
+    assert!(timed >= 1.0, "{timed}");
 
     let v = call(n1, "online", json!({"uid": "alice"})).await?;
     assert_eq!(

@@ -199,13 +199,24 @@ pub async fn serve(
     listen: &ApiListen,
     hub: &Hub,
     extra: axum::Router,
+    metrics: Option<&crate::metrics::Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
     let l = TcpListener::bind(&listen.addr)
         .await
         .with_context(|| format!("binding the API listener on {}", listen.addr))?;
     let addr = l.local_addr()?;
-    let app = router(ApiState::new(hub.clone(), listen.key.as_ref())).merge(extra);
+    let mut state = ApiState::new(hub.clone(), listen.key.as_ref());
+    if let Some(m) = metrics.cloned() {
+        state = state.observe(Arc::new(move |method, status, took| {
+            let secs = took.as_secs_f64();
+            m.observe_api(method, status, secs);
+            if methods::QUERIES.contains(&method) {
+                m.observe_query(method, secs);
+            }
+        }));
+    }
+    let app = router(state).merge(extra);
     let task = tokio::spawn(async move {
         let served = axum::serve(l, app)
             .with_graceful_shutdown(stop.cancelled_owned())
