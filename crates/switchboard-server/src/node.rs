@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::ReferenceApp;
 use crate::config::{ClusterUrl, ServeConfig};
+use crate::metrics::Metrics;
 use crate::security::Security;
 
 /// A running node.
@@ -26,6 +27,8 @@ pub struct Running {
     pub tcp: Option<SocketAddr>,
     /// Where the server API is served, if it is.
     pub api: Option<SocketAddr>,
+    /// The node's metrics, served at `/metrics` on the WebSocket and API listeners.
+    pub metrics: Metrics,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
     /// Tasks that outlive the listeners (the API server, the events sender
@@ -122,15 +125,20 @@ impl AppSpec {
     }
 }
 
-/// `/ready` and `/stats`, served on the WebSocket listener and on the API's.
-fn ops_router(hub: &Hub, probe: Option<&Arc<dyn Probe>>) -> axum::Router {
+/// `/ready`, `/stats` and `/metrics`, served on the WebSocket listener and
+/// on the API's.
+fn ops_router(hub: &Hub, probe: Option<&Arc<dyn Probe>>, metrics: &Metrics) -> axum::Router {
     let (h, p) = (hub.clone(), probe.cloned());
     let ready_route = axum::routing::get(move || ready(h.clone(), p.clone()));
     let (h, p) = (hub.clone(), probe.cloned());
     let stats_route = axum::routing::get(move || std::future::ready(stats(&h, p.as_deref())));
+    let (h, p, m) = (hub.clone(), probe.cloned(), metrics.clone());
+    let metrics_route =
+        axum::routing::get(move || std::future::ready(self::metrics(&m, &h, p.as_deref())));
     axum::Router::new()
         .route("/ready", ready_route)
         .route("/stats", stats_route)
+        .route("/metrics", metrics_route)
 }
 
 /// `GET /stats`: the node's counters as JSON.
@@ -172,6 +180,29 @@ fn stats(
     (
         [(switchboard::http::header::CONTENT_TYPE, "application/json")],
         body.to_string(),
+    )
+}
+
+/// `GET /metrics`: the node's metrics, with the role's counters.
+pub(crate) fn metrics(
+    metrics: &Metrics,
+    hub: &Hub,
+    probe: Option<&dyn Probe>,
+) -> ([(switchboard::http::HeaderName, &'static str); 1], String) {
+    let role = probe.map(|p| (p.key(), p.stats()));
+    let mut extra: Vec<(&str, &serde_json::Value)> = role.iter().map(|(k, v)| (*k, v)).collect();
+    // The events sender's counters sit one level down in the app's.
+    if let Some((_, v)) = &role
+        && let Some(events) = v.get("events")
+    {
+        extra.push(("events", events));
+    }
+    (
+        [(
+            switchboard::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        metrics.render(hub, &extra),
     )
 }
 
@@ -284,6 +315,7 @@ pub async fn launch_app(
     }
     let builder = tweak(builder);
     let hub = builder.start().await.context("starting the hub")?;
+    let metrics = Metrics::new();
     let mut server = Server::new(hub.clone());
     let mut ws = None;
     if let Some(addr) = &cfg.ws {
@@ -291,7 +323,7 @@ pub async fn launch_app(
             .await
             .with_context(|| format!("binding the WebSocket listener on {addr}"))?;
         ws = Some(l.local_addr()?);
-        let router = ops_router(&hub, probe.as_ref())
+        let router = ops_router(&hub, probe.as_ref(), &metrics)
             // A browser pointed at the node gets a console connected to it.
             .merge(crate::console::router(
                 &crate::console::node_config(hub.node_id(), &cfg.ws_path),
@@ -322,22 +354,11 @@ pub async fn launch_app(
     let mut background = Vec::new();
     let mut api = None;
     if let Some(listen) = &cfg.api {
-        let l = TcpListener::bind(&listen.addr)
-            .await
-            .with_context(|| format!("binding the API listener on {}", listen.addr))?;
-        api = Some(l.local_addr()?);
-        let router =
-            crate::api::router(crate::api::ApiState::new(hub.clone(), listen.key.as_ref()))
-                .merge(ops_router(&hub, probe.as_ref()));
-        let stop = background_stop.clone();
-        background.push(tokio::spawn(async move {
-            let served = axum::serve(l, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "the API listener failed");
-            }
-        }));
+        let extra = ops_router(&hub, probe.as_ref(), &metrics);
+        let (addr, task) =
+            crate::api::serve(listen, &hub, extra, Some(&metrics), background_stop.clone()).await?;
+        api = Some(addr);
+        background.push(task);
     }
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(server.serve(async move {
@@ -348,6 +369,7 @@ pub async fn launch_app(
         ws,
         tcp,
         api,
+        metrics,
         stop,
         task,
         background,

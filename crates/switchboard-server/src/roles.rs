@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::ReferenceApp;
-use crate::config::{Secret, ServeConfig, jwt_verifier};
+use crate::config::{ApiListen, Secret, ServeConfig, jwt_verifier};
 use crate::node;
 use crate::security::Security;
 
@@ -132,6 +132,16 @@ pub struct WorkerArgs {
     /// `serve --can`.
     #[arg(long, env = "SWITCHBOARD_CAN")]
     pub can: Option<String>,
+    /// Serve the server API for the whole topology on this address, as
+    /// `serve --api` does (docs/SERVER-API.md).
+    #[arg(long, env = "SWITCHBOARD_API")]
+    pub api: Option<String>,
+    /// The key every API request carries as `Authorization: apikey KEY`.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+    /// Serve the API on a non-loopback address without a key.
+    #[arg(long, env = "SWITCHBOARD_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `switchboard push`.
@@ -355,9 +365,38 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
             "--can is set but clients are not authenticated (set --jwt-secret or --jwt-public-key)"
         );
     }
+    let api = match args.api {
+        Some(addr) => Some(ApiListen::new(addr, args.api_key, args.insecure)?),
+        None if args.api_key.is_some() => anyhow::bail!("--api-key is set but --api is not"),
+        None => None,
+    };
     let worker = Worker::start(cfg, Arc::new(ReferenceApp::new(security)))
         .await
         .context("starting the worker")?;
+    let stop_api = CancellationToken::new();
+    let (api_addr, api_task) = match &api {
+        None => (None, None),
+        Some(listen) => {
+            // The worker's own counters: its hub's, and what the API observes.
+            let metrics = crate::metrics::Metrics::new();
+            let extra = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get({
+                    let (m, hub) = (metrics.clone(), worker.hub().clone());
+                    move || std::future::ready(node::metrics(&m, &hub, None))
+                }),
+            );
+            let (a, t) = crate::api::serve(
+                listen,
+                worker.hub(),
+                extra,
+                Some(&metrics),
+                stop_api.clone(),
+            )
+            .await?;
+            (Some(a), Some(t))
+        }
+    };
     #[allow(clippy::print_stdout)]
     {
         println!(
@@ -365,9 +404,16 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
             worker.hub().node_id(),
             args.register
         );
+        if let Some(a) = api_addr {
+            println!("  api        http://{a}/api/");
+        }
     }
     stop.await;
     tracing::info!("signal received, draining");
+    stop_api.cancel();
+    if let Some(t) = api_task {
+        let _ = t.await;
+    }
     worker.shutdown().await;
     Ok(())
 }

@@ -37,6 +37,17 @@ fn api_addr(n: &ProcessNode) -> SocketAddr {
     n.api.expect("the node printed its API address")
 }
 
+/// A sample of node `n`'s `/metrics` on its API listener (0 when absent).
+async fn metric(n: &ProcessNode, sample: &str) -> Result<f64> {
+    let r = switchboard_test::http::get(api_addr(n), "/metrics").await?;
+    anyhow::ensure!(r.status == 200, "/metrics: {}", r.status);
+    let text = r.text();
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0))
+}
+
 async fn call(n: &ProcessNode, method: &str, body: Value) -> Result<Value> {
     let (status, v) = api(api_addr(n), Some(KEY), method, &body).await?;
     anyhow::ensure!(status == StatusCode::OK, "{method} {body}: {status} {v}");
@@ -61,9 +72,19 @@ async fn a_backend_pushes_binds_and_asks_through_any_node() -> Result<()> {
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["error"]["code"], "unauthorized");
 
+    let pushes_before = metric(n1, "switchboard_pushes_total{target=\"user\"}").await?;
     let v = call(n1, "push", json!({"users": ["alice"], "data": "hi"})).await?;
     assert_eq!(v["result"]["remote_dropped"], 0, "{v}");
     assert_eq!(alice.recv().await?, "hi");
+    // The push moved node 1's counters, and the API timed the request.
+    let pushes_after = metric(n1, "switchboard_pushes_total{target=\"user\"}").await?;
+    assert_eq!(pushes_after, pushes_before + 1.0);
+    let timed = metric(
+        n1,
+        "switchboard_api_request_duration_seconds_count{method=\"push\",status=\"200\"}",
+    )
+    .await?;
+    assert!(timed >= 1.0, "{timed}");
 
     let v = call(n1, "online", json!({"uid": "alice"})).await?;
     assert_eq!(
@@ -331,5 +352,123 @@ async fn the_backend_hears_connects_messages_closes_and_presence_once() -> Resul
     assert_eq!(backend.count("connect", "alice"), 2);
     assert_eq!(backend.count("close", "alice"), 2, "{:#?}", backend.seen);
     p.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_the_gateway_topology_the_worker_serves_the_api() -> Result<()> {
+    use switchboard_test::gateway::{GatewayCluster, Listeners, WorkerProc};
+    let mut c = GatewayCluster::start(bin(), &[Listeners::Ws, Listeners::Ws], 0, "").await?;
+    let worker = WorkerProc::start(
+        c.bin.as_path(),
+        c.register.addr,
+        &["--api", "127.0.0.1:0", "--api-key", KEY],
+    )
+    .await?;
+    let api_at = worker.api.expect("the worker printed its API address");
+    c.workers.push(worker);
+    c.wait_attached(1).await?;
+    let mut alice = Client::ws(c.gateways[1].ws.unwrap(), "alice", Some("room")).await?;
+    let ask = |method: &'static str, body: Value| async move {
+        let (status, v) = api(api_at, Some(KEY), method, &body).await?;
+        anyhow::ensure!(status == StatusCode::OK, "{method}: {status} {v}");
+        anyhow::Ok(v)
+    };
+    ask(
+        "push",
+        json!({"users": ["alice"], "data": "through a gateway"}),
+    )
+    .await?;
+    assert_eq!(alice.recv().await?, "through a gateway");
+    let v = ask("online", json!({"uid": "alice"})).await?;
+    assert_eq!(
+        v,
+        json!({"result": {"online": true}, "complete": true, "missing": []})
+    );
+    let v = ask("group_count", json!({"group": "room"})).await?;
+    assert_eq!(v["result"]["count"], 1, "{v}");
+    ask("join", json!({"conn": alice.conn, "group": "vip"})).await?;
+    ask("push", json!({"groups": ["vip"], "data": "vip"})).await?;
+    assert_eq!(alice.recv().await?, "vip");
+    let (status, _) = api(api_at, None, "totals", &json!({})).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    switchboard_test::Cluster::shutdown(Box::new(c)).await;
+    Ok(())
+}
+
+/// Two nodes of `cluster` in this process, each with the API.
+async fn launched(cluster: &str) -> Result<Vec<switchboard_server::node::Running>> {
+    use switchboard_server::config::{ServeArgs, ServeConfig};
+    use switchboard_server::node;
+    let args = || -> Result<ServeArgs> {
+        Ok(ServeArgs {
+            ws: Some("127.0.0.1:0".into()),
+            tcp: Some("off".into()),
+            api: Some("127.0.0.1:0".into()),
+            api_key: Some(KEY.parse()?),
+            cluster: Some(cluster.into()),
+            ..ServeArgs::default()
+        })
+    };
+    let cfg = ServeConfig::load(args()?)?;
+    if cluster.starts_with("memory:") {
+        return node::launch_all(&cfg).await;
+    }
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let cfg = ServeConfig::load(args()?)?;
+        nodes.push(node::launch(&cfg, node::backplane(&cfg.cluster).await?).await?);
+    }
+    Ok(nodes)
+}
+
+/// The same calls through node 0's API for a client on node 1, in a mode.
+async fn api_contract(cluster: &str) -> Result<()> {
+    let nodes = launched(cluster).await?;
+    let at = nodes[0].api.unwrap();
+    let ask = |method: &'static str, body: Value| async move {
+        let (status, v) = api(at, Some(KEY), method, &body).await?;
+        anyhow::ensure!(status == StatusCode::OK, "{cluster} {method}: {status} {v}");
+        anyhow::Ok(v)
+    };
+    let mut alice = Client::ws(nodes[1].ws.unwrap(), "alice", Some("room")).await?;
+    ask("push", json!({"users": ["alice"], "data": "hi"})).await?;
+    assert_eq!(alice.recv().await?, "hi", "{cluster}");
+    let v = ask("online", json!({"uid": "alice"})).await?;
+    assert_eq!(
+        v,
+        json!({"result": {"online": true}, "complete": true, "missing": []}),
+        "{cluster}"
+    );
+    let v = ask("group_count", json!({"group": "room"})).await?;
+    assert_eq!(v["result"]["count"], 1, "{cluster}: {v}");
+    ask("join", json!({"conn": alice.conn, "group": "vip"})).await?;
+    ask("push", json!({"groups": ["vip"], "data": "vip"})).await?;
+    assert_eq!(alice.recv().await?, "vip", "{cluster}");
+    let (status, v) = api(
+        at,
+        Some(KEY),
+        "session_get",
+        &json!({"conn": "00000000000000000000"}),
+    )
+    .await?;
+    assert_eq!(v["error"]["code"], "unavailable", "{cluster}: {status} {v}");
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_behaves_the_same_in_every_mode() -> Result<()> {
+    api_contract("memory:2").await?;
+    let redis = services::redis_url()?;
+    let prefix = services::unique_prefix("apiq");
+    api_contract(&format!("{redis}?mode=queue&prefix={prefix}")).await?;
+    let amqp = services::amqp_url()?;
+    for mode in ["fanout", "routing"] {
+        let prefix = services::unique_prefix("api");
+        api_contract(&format!("{amqp}?mode={mode}&prefix={prefix}")).await?;
+    }
     Ok(())
 }

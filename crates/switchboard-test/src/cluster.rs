@@ -235,7 +235,10 @@ impl Banner {
             self.register = rest.split(' ').next().and_then(|a| a.parse().ok());
             return;
         }
-        if let Some(rest) = line.strip_prefix("switchboard node ") {
+        if let Some(rest) = line
+            .strip_prefix("switchboard node ")
+            .or_else(|| line.strip_prefix("switchboard worker "))
+        {
             self.nodes.push(PrintedNode {
                 id: rest.split(' ').next().unwrap_or_default().to_owned(),
                 ..PrintedNode::default()

@@ -144,6 +144,8 @@ impl GatewayProc {
 #[derive(Debug)]
 pub struct WorkerProc {
     pub child: Child,
+    /// The server API, when started with `--api`.
+    pub api: Option<SocketAddr>,
 }
 
 impl WorkerProc {
@@ -152,8 +154,17 @@ impl WorkerProc {
         let reg = register.to_string();
         let mut args = vec!["worker", "--register", &reg];
         args.extend(extra);
-        let (child, _) = spawn_role(bin, &args, |l| l.starts_with("switchboard worker")).await?;
-        Ok(Self { child })
+        let serves_api = extra.contains(&"--api");
+        let (child, banner) = spawn_role(bin, &args, |l| {
+            if serves_api {
+                l.contains("/api/")
+            } else {
+                l.starts_with("switchboard worker")
+            }
+        })
+        .await?;
+        let api = banner.nodes.first().and_then(|n| n.api);
+        Ok(Self { child, api })
     }
 
     /// SIGTERM, and wait for a clean exit.

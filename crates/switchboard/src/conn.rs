@@ -16,7 +16,7 @@ use crate::config::{Bucket, Take};
 use crate::handler::{CloseReason, Transport};
 use crate::hub::Hub;
 use crate::outbox::Outbox;
-use crate::stats::Counters;
+use crate::stats::{Counters, Dropped};
 
 /// What a transport read.
 #[derive(Debug)]
@@ -63,17 +63,16 @@ pub(crate) trait Wire: Send {
 pub(crate) struct Flushed {
     /// Everything is written.
     pub(crate) done: bool,
+    /// Frames of the outbox written (whole), for [`HubStats::frames_written`](crate::HubStats).
+    pub(crate) written: u32,
     /// Frames that could not be framed for this transport and were dropped.
     pub(crate) skipped: u32,
 }
 
 impl Flushed {
-    pub(crate) const DONE: Flushed = Flushed {
-        done: true,
-        skipped: 0,
-    };
     pub(crate) const BLOCKED: Flushed = Flushed {
         done: false,
+        written: 0,
         skipped: 0,
     };
 }
@@ -171,13 +170,13 @@ pub(crate) fn run<W: Wire>(
         };
 
         // Unregister first, so that nothing more is queued to a closing connection.
-        hub.forget(&conn, &reason);
+        hub.forget(&conn, &reason, transport);
         let close_timeout = hub.limits().close_timeout;
         let _ = Box::pin(tokio::time::timeout(close_timeout, async {
             if reason.flush_first() {
                 flush(&hub, &mut wire, &outbox).await;
             } else {
-                outbox.discard();
+                discard(&hub, &outbox, &reason);
             }
             let told = !matches!(reason, CloseReason::Client { .. } | CloseReason::Io(_));
             if let Some(notice) = told
@@ -186,6 +185,7 @@ pub(crate) fn run<W: Wire>(
             {
                 wire.notify(&notice);
                 while let Ok(f) = wire.try_flush(&outbox) {
+                    counted(&hub, f);
                     if f.done || wire.writable().await.is_err() {
                         break;
                     }
@@ -243,12 +243,12 @@ fn flush_now<W: Wire>(hub: &Hub, wire: &mut W, outbox: &Outbox) -> Step {
     if let Some(reason) = &closing
         && !reason.flush_first()
     {
-        outbox.discard();
+        discard(hub, outbox, reason);
         return Step::Done(closing);
     }
     match wire.try_flush(outbox) {
         Ok(f) => {
-            Counters::add(&hub.counters().frames_dropped, u64::from(f.skipped));
+            counted(hub, f);
             if f.done {
                 Step::Done(closing)
             } else {
@@ -256,6 +256,25 @@ fn flush_now<W: Wire>(hub: &Hub, wire: &mut W, outbox: &Outbox) -> Step {
             }
         }
         Err(reason) => Step::Done(Some(reason)),
+    }
+}
+
+/// Counts what a flush wrote and dropped.
+fn counted(hub: &Hub, f: Flushed) {
+    let c = hub.counters();
+    Counters::add(&c.written, u64::from(f.written));
+    c.dropped(Dropped::Unframable, u64::from(f.skipped));
+}
+
+/// Drops what a connection closing for `reason` still has queued (the rest
+/// of a frame begun aside). What a slow consumer never got is counted as
+/// dropped: the node could not deliver it. Other closes are the client's
+/// doing (it left, idled, broke a rule), and its frames are not counted.
+fn discard(hub: &Hub, outbox: &Outbox, reason: &CloseReason) {
+    let dropped = outbox.discard();
+    if *reason == CloseReason::SlowConsumer {
+        hub.counters()
+            .dropped(Dropped::SlowConsumer, dropped as u64);
     }
 }
 

@@ -72,5 +72,5 @@ pub use handler::{
 };
 pub use hub::{CloseReport, Hub, HubBuilder, PushReport};
 pub use server::Server;
-pub use stats::HubStats;
+pub use stats::{CloseKinds, DropKinds, HubStats, PerTransport, PushKinds};
 pub use transport::TcpOptions;

@@ -57,7 +57,6 @@ impl Batch {
         self.len == 0
     }
 
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -305,14 +304,16 @@ impl Outbox {
 
     /// Drops every queued frame (a close that does not flush), except one
     /// partly written already: the peer must get it whole before anything
-    /// else.
-    pub(crate) fn discard(&self) {
+    /// else. Returns how many were dropped.
+    pub(crate) fn discard(&self) -> usize {
         let mut s = self.lock();
+        let before = s.queue.len();
         s.queue.more = VecDeque::new();
         if s.offset == 0 {
             s.queue.first = None;
         }
         s.bytes = s.queue.bytes();
+        before - s.queue.len()
     }
 
     /// The close request, if any.
@@ -476,7 +477,7 @@ mod tests {
         batch.pop_front();
         o.put_back(batch, 2);
         assert_eq!(o.counted_bytes(), 6);
-        o.discard();
+        assert_eq!(o.discard(), 1, "the frame begun stays");
         assert_eq!((o.len(), o.counted_bytes()), (1, 5));
     }
 

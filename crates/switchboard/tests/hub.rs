@@ -128,6 +128,13 @@ async fn pushes_report_what_was_queued_here_and_handed_on() {
     for want in ["2", "3", "4", "6"] {
         assert_eq!(next(&mut bob).await.as_deref(), Some(want));
     }
+    // Pushes count where they were made; on b, what came from a counts as
+    // frames.
+    let (pa, pb) = (a.hub.stats(), b.hub.stats());
+    let kinds = |p: switchboard::PushKinds| (p.conn, p.user, p.group, p.all, p.mixed);
+    assert_eq!(kinds(pa.pushes), (2, 2, 1, 1, 0));
+    assert_eq!(kinds(pb.pushes), (0, 0, 0, 0, 0));
+    assert_eq!(pb.frames_queued, 4);
 
     // Operations and questions about another node's connection are asked of
     // that node, and answered.
@@ -613,13 +620,104 @@ async fn a_push_reports_what_full_outboxes_did_not_take() {
         match policy {
             // The frame that overflowed closes the connection; later ones
             // find it closing and are not counted against it.
-            switchboard::SlowConsumer::Close => assert_eq!(dropped, 1),
-            _ => assert_eq!(dropped, 6, "every frame past the cap"),
+            switchboard::SlowConsumer::Close => {
+                assert_eq!(dropped, 1);
+                // The node counts what the client lost: that frame and the
+                // four it never got to write.
+                let s = wait_for(&n.hub, |s| s.slow_consumers_closed == 1).await;
+                assert_eq!(s.closes.slow_consumer, 1);
+                assert_eq!(s.frames_dropped_by.slow_consumer, 5);
+                assert_eq!(s.frames_dropped_by.queue_full, 0);
+            }
+            _ => {
+                assert_eq!(dropped, 6, "every frame past the cap");
+                let s = n.hub.stats();
+                assert_eq!((s.frames_dropped_by.queue_full, s.frames_dropped), (6, 6));
+                assert_eq!(s.frames_dropped_by.slow_consumer, 0);
+            }
         }
         drop(ws);
         n.stop.cancel();
         n.hub.shutdown().await;
     }
+}
+
+/// The node's stats once `done` holds of them (within [`STEP`]).
+async fn wait_for(
+    hub: &Hub,
+    done: impl Fn(&switchboard::HubStats) -> bool,
+) -> switchboard::HubStats {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let s = hub.stats();
+        if done(&s) {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "stats stayed {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every counter of connections, pushes and frames moves with what it
+/// counts, on both transports.
+#[tokio::test]
+async fn the_counters_follow_connections_pushes_and_frames() {
+    let n = node(None, "counted", Limits::default()).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_addr = listener.local_addr().unwrap();
+    let tcp = Server::new(n.hub.clone()).tcp(
+        listener,
+        switchboard::TcpOptions::new(switchboard::core::framing::Framing::Line),
+    );
+    tokio::spawn(tcp.serve(n.stop.clone().cancelled_owned()));
+
+    let (mut ws, ws_id) = client(&n, "uid=u&group=g").await;
+    let mut line = tokio::io::BufReader::new(TcpStream::connect(tcp_addr).await.unwrap());
+    let mut greeting = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut line, &mut greeting)
+        .await
+        .unwrap();
+    let s = n.hub.stats();
+    assert_eq!((s.conns_open_by.websocket, s.conns_open_by.tcp), (1, 1));
+    assert_eq!((s.conns_opened_by.websocket, s.conns_opened_by.tcp), (1, 1));
+    assert_eq!(s.conns_opened, 2);
+
+    // One push of each kind; the WebSocket client gets all five, the TCP
+    // one the push to everyone.
+    n.hub.to_conn(&ws_id, "conn").unwrap();
+    n.hub.to_user("u", "user").unwrap();
+    n.hub.to_group("g", "group").unwrap();
+    n.hub.to_all("all").unwrap();
+    n.hub
+        .push(&Target::user("u").and_group("g"), "mixed")
+        .unwrap();
+    n.hub.push(&Target::none(), "nobody").unwrap();
+    for want in ["conn", "user", "group", "all", "mixed"] {
+        assert_eq!(next(&mut ws).await.as_deref(), Some(want));
+    }
+    let mut all = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut line, &mut all)
+        .await
+        .unwrap();
+    assert_eq!(all, "all\n");
+    let p = n.hub.stats().pushes;
+    assert_eq!((p.conn, p.user, p.group, p.all, p.mixed), (1, 1, 1, 1, 1));
+    // Two greetings and six frames written, as queued.
+    let s = wait_for(&n.hub, |s| s.frames_written == 8).await;
+    assert_eq!(s.frames_queued, 6);
+
+    // The client closes; the TCP connection is kicked.
+    ws.close(None).await.unwrap();
+    wait_for(&n.hub, |s| s.conns_open_by.websocket == 0).await;
+    n.hub.close(&Target::all(), "bye");
+    let s = wait_for(&n.hub, |s| s.conns_open_by.tcp == 0).await;
+    assert_eq!(
+        (s.closes.client, s.closes.kicked, s.conns_closed),
+        (1, 1, 2)
+    );
+    assert_eq!(s.closes.slow_consumer + s.closes.shutdown + s.closes.io, 0);
+    n.stop.cancel();
+    n.hub.shutdown().await;
 }
 
 /// Shutting a node down closes its clients with "going away".

@@ -31,6 +31,16 @@ pub const METHODS: &[&str] = &[
     "batch",
 ];
 
+/// The methods that are cluster-wide queries, timed apart in `/metrics`.
+pub const QUERIES: &[&str] = &[
+    "online",
+    "user_conns",
+    "conn_user",
+    "group_members",
+    "group_count",
+    "totals",
+];
+
 /// Commands one `batch` may carry: enough to amortise a request, few enough
 /// that one request cannot hold a node's API for long.
 pub const MAX_BATCH: usize = 1000;

@@ -19,7 +19,14 @@ use sha2::{Digest, Sha256};
 use switchboard::http::{HeaderValue, Method, StatusCode, header};
 use switchboard::{Hub, OpError};
 
-use crate::config::Secret;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ApiListen, Secret};
 
 /// The largest request body the API reads. A push of a whole 64 KiB message
 /// in base64 fits with room to spare; a bigger body is refused with 413
@@ -189,6 +196,41 @@ pub fn router(state: ApiState) -> axum::Router {
         )
         .route("/api/{method}", axum::routing::any(handle))
         .with_state(state)
+}
+
+/// Binds `listen` and serves the API over `hub` there, with `extra` routes
+/// beside it, until `stop` is cancelled.
+pub async fn serve(
+    listen: &ApiListen,
+    hub: &Hub,
+    extra: axum::Router,
+    metrics: Option<&crate::metrics::Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let l = TcpListener::bind(&listen.addr)
+        .await
+        .with_context(|| format!("binding the API listener on {}", listen.addr))?;
+    let addr = l.local_addr()?;
+    let mut state = ApiState::new(hub.clone(), listen.key.as_ref());
+    if let Some(m) = metrics.cloned() {
+        state = state.observe(Arc::new(move |method, status, took| {
+            let secs = took.as_secs_f64();
+            m.observe_api(method, status, secs);
+            if methods::QUERIES.contains(&method) {
+                m.observe_query(method, secs);
+            }
+        }));
+    }
+    let app = router(state).merge(extra);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(l, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the API listener failed");
+        }
+    });
+    Ok((addr, task))
 }
 
 async fn handle(State(st): State<ApiState>, Path(method): Path<String>, req: Request) -> Response {

@@ -172,10 +172,9 @@ impl Hub {
         payload: impl Into<Payload>,
     ) -> Result<PushReport, PushError> {
         let frame = payload.into().into_frame(self.inner.default_kind)?;
+        self.inner.counters.pushed(target);
         let d = self.registry().deliver(target, &frame);
-        let c = &self.inner.counters;
-        Counters::add(&c.queued, u64::from(d.queued));
-        Counters::add(&c.frames_dropped, u64::from(d.dropped));
+        self.inner.counters.delivered(&d);
         let mut report = PushReport {
             local: d.queued,
             local_dropped: d.dropped + d.overflowed,
@@ -334,7 +333,7 @@ impl Hub {
             accept.session,
             &*self.inner.backplane,
         );
-        Counters::add(&self.inner.counters.opened, 1);
+        self.inner.counters.opened(transport);
         if self.inner.closing.is_cancelled() {
             // Shutdown began while this connection was being accepted.
             outbox.close(CloseReason::Shutdown);
@@ -354,18 +353,13 @@ impl Hub {
     }
 
     /// Unregisters a closed connection.
-    pub(crate) fn forget(&self, conn: &ConnId, reason: &CloseReason) {
+    pub(crate) fn forget(&self, conn: &ConnId, reason: &CloseReason, transport: Transport) {
         let removed = self
             .registry_mut()
             .remove(conn.seq(), &*self.inner.backplane)
             .is_some();
         if removed {
-            Counters::add(&self.inner.counters.closed, 1);
-            match reason {
-                CloseReason::SlowConsumer => Counters::add(&self.inner.counters.slow_closed, 1),
-                CloseReason::Policy(_) => Counters::add(&self.inner.counters.policy_closed, 1),
-                _ => {}
-            }
+            self.inner.counters.closed(transport, reason);
         }
     }
 
@@ -524,10 +518,10 @@ impl Hub {
         }
         match env.body {
             Body::Push { target, frame } => {
+                // A peer's push: its frames are counted, not the push (the
+                // node it was made on counted that).
                 let d = self.registry().deliver(&target, &frame);
-                let c = &self.inner.counters;
-                Counters::add(&c.queued, u64::from(d.queued));
-                Counters::add(&c.frames_dropped, u64::from(d.dropped));
+                self.inner.counters.delivered(&d);
             }
             Body::Close { target, reason } => {
                 self.registry().close(&target, &CloseReason::Kicked(reason));

@@ -206,14 +206,13 @@ impl<S: Io> Wire for TcpWire<S> {
     }
 
     fn try_flush(&mut self, outbox: &Outbox) -> Result<Flushed, CloseReason> {
-        let mut skipped = 0;
+        // Frames count as written once framed into the write buffer: it is
+        // bounded, and written out before more is taken.
+        let mut f = Flushed::BLOCKED;
         let mut frames = Batch::default();
         loop {
             if !self.write_buffered()? {
-                return Ok(Flushed {
-                    done: false,
-                    skipped,
-                });
+                return Ok(f);
             }
             // Take more only once the buffer is out, and only up to a chunk:
             // what is buffered here stays bounded.
@@ -222,13 +221,14 @@ impl<S: Io> Wire for TcpWire<S> {
                 if frames.is_empty() {
                     break;
                 }
-                skipped += self.encode(&mut frames);
+                let taken = frames.len() as u32;
+                let skipped = self.encode(&mut frames);
+                f.skipped += skipped;
+                f.written += taken - skipped;
             }
             if self.wbuf.is_empty() {
-                return Ok(Flushed {
-                    done: true,
-                    skipped,
-                });
+                f.done = true;
+                return Ok(f);
             }
         }
     }

@@ -299,7 +299,7 @@ pub(crate) async fn accept_direct(
     // and kept out of the handshake task's size.
     Box::pin(hub.settle()).await;
     let mut sock = Sock::new(stream);
-    if let Some(rest) = greet(&mut sock, &outbox, &accept_key) {
+    if let Some(rest) = greet(hub, &mut sock, &outbox, &accept_key) {
         // The socket would not take the whole response at once (unheard of
         // for a fresh connection); the driver sends the greeting after it.
         // (A failed write: the driver finds the socket broken.)
@@ -311,7 +311,7 @@ pub(crate) async fn accept_direct(
 /// Writes the `101` and what the outbox holds, in one `writev` when the
 /// socket takes it all (the frames it does not take stay queued). Returns
 /// the part of the response still to write, if any.
-fn greet(sock: &mut Sock, outbox: &Outbox, accept_key: &str) -> Option<Vec<u8>> {
+fn greet(hub: &Hub, sock: &mut Sock, outbox: &Outbox, accept_key: &str) -> Option<Vec<u8>> {
     let mut buf = [0u8; 160];
     let head = {
         let mut w = &mut buf[..];
@@ -330,6 +330,7 @@ fn greet(sock: &mut Sock, outbox: &Outbox, accept_key: &str) -> Option<Vec<u8>> 
     match write_frames(&sock.stream, head, batch.iter(), 0) {
         Ok(w) if w.head_left == 0 => {
             batch.consume(w.done);
+            Counters::add(&hub.counters().written, w.done as u64);
             sock.data_partial = w.rest > 0;
             outbox.put_back(batch, w.rest);
             None
@@ -554,9 +555,9 @@ impl FastWire {
     }
 
     /// Writes what `outbox` holds as far as the socket takes it, a batch per
-    /// `writev`; what it does not take goes back to the outbox. `Ok(false)`
-    /// when the socket is full.
-    fn write_queued(&mut self, outbox: &Outbox) -> Result<bool, CloseReason> {
+    /// `writev`, counting the frames written whole in `written`; what it does
+    /// not take goes back to the outbox. `Ok(false)` when the socket is full.
+    fn write_queued(&mut self, outbox: &Outbox, written: &mut u32) -> Result<bool, CloseReason> {
         let mut batch = Batch::default();
         loop {
             let mut offset = outbox.take(&mut batch);
@@ -567,6 +568,7 @@ impl FastWire {
                 match write_frames(self.socket(), &[], batch.iter(), offset) {
                     Ok(w) => {
                         batch.consume(w.done);
+                        *written += w.done as u32;
                         offset = w.rest;
                         self.ws.get_mut().data_partial = w.rest > 0;
                     }
@@ -623,14 +625,10 @@ impl Wire for FastWire {
         if self.ws.get_ref().control_partial && !self.flush_control()? {
             return Ok(Flushed::BLOCKED);
         }
-        if !self.write_queued(outbox)? {
-            return Ok(Flushed::BLOCKED);
-        }
-        Ok(if self.flush_control()? {
-            Flushed::DONE
-        } else {
-            Flushed::BLOCKED
-        })
+        let mut f = Flushed::BLOCKED;
+        // Control frames wait while the socket is full of data.
+        f.done = self.write_queued(outbox, &mut f.written)? && self.flush_control()?;
+        Ok(f)
     }
 
     async fn writable(&mut self) -> Result<(), CloseReason> {
@@ -774,20 +772,28 @@ where
             outbox.take(&mut frames);
             self.pending.extend(frames.map(to_message));
         }
+        // A frame counts as written once tungstenite takes it: it writes
+        // what it took before it takes more.
+        let mut f = Flushed::BLOCKED;
         while let Some(m) = self.pending.front() {
             // `feed` takes the message only once tungstenite has room for it.
             match self.ws.feed(m.clone()).now_or_never() {
                 Some(Ok(())) => {
-                    self.pending.pop_front();
+                    if let Some(Message::Text(_) | Message::Binary(_)) = self.pending.pop_front() {
+                        f.written += 1;
+                    }
                 }
                 Some(Err(e)) => return Err(io_reason(e)),
-                None => return Ok(Flushed::BLOCKED),
+                None => return Ok(f),
             }
         }
         match self.ws.flush().now_or_never() {
-            Some(Ok(())) => Ok(Flushed::DONE),
+            Some(Ok(())) => {
+                f.done = true;
+                Ok(f)
+            }
             Some(Err(e)) => Err(io_reason(e)),
-            None => Ok(Flushed::BLOCKED),
+            None => Ok(f),
         }
     }
 
