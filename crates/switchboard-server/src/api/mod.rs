@@ -247,7 +247,13 @@ async fn handle(State(st): State<ApiState>, Path(method): Path<String>, req: Req
     if let Some(observe) = &st.observe {
         observe(label, status.as_u16(), started.elapsed());
     }
-    json_response(status, &body)
+    let mut r = json_response(status, &body);
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        // A 405 says what is allowed (RFC 9110, 15.5.6).
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    }
+    r
 }
 
 async fn run(st: &ApiState, method: &str, req: Request) -> Result<Value, ApiError> {

@@ -142,23 +142,25 @@ async fn bad_requests_get_their_own_codes() {
             .await
             .expect("request");
             let v: Value = serde_json::from_slice(&r.body).expect("JSON");
-            (r.status, v)
+            (r.status, v, r.header("allow").map(str::to_owned))
         }
     };
-    let (s, v) = send(Method::POST, b"{not json").await;
+    let (s, v, _) = send(Method::POST, b"{not json").await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
-    let (s, v) = send(Method::POST, b"[1,2]").await;
+    let (s, v, _) = send(Method::POST, b"[1,2]").await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_request"));
-    let (s, v) = send(Method::GET, b"").await;
+    let (s, v, allow) = send(Method::GET, b"").await;
     assert_eq!(
         (s, code(&v)),
         (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
     );
+    // A 405 names the method that is allowed (RFC 9110, 15.5.6).
+    assert_eq!(allow.as_deref(), Some("POST"));
     // An empty body is an empty object.
-    let (s, _) = send(Method::POST, b"").await;
+    let (s, _, _) = send(Method::POST, b"").await;
     assert_eq!(s, StatusCode::OK);
     let big = Box::leak(vec![b' '; MAX_BODY + 1].into_boxed_slice());
-    let (s, v) = send(Method::POST, big).await;
+    let (s, v, _) = send(Method::POST, big).await;
     assert_eq!((s, code(&v)), (StatusCode::PAYLOAD_TOO_LARGE, "too_large"));
 }
 
