@@ -14,9 +14,10 @@
 #   openapi.json        the description that was tested
 #   .schemathesis/      its cache of failures, for `schemathesis replay ID` from here
 #   server.log          what the node printed
+#   client.log          the reconnects of the client held open during the run
 #
 # Bounded: at most EXAMPLES generated cases per operation and phase, so the
-# run takes about a minute; `timeout` stops a wedged one.
+# run takes about half a minute here; `timeout` stops a wedged one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -40,12 +41,13 @@ bin=$(workspace_exe bin switchboard)
 # A key of this run only; schemathesis hides it in what it prints.
 key=$(python3 -c 'import secrets; print(secrets.token_hex(16))')
 
-server_pid="" runner_pid=""
+server_pid="" runner_pid="" client_pid=""
 stop_all() {
   if [ -n "$runner_pid" ]; then kill -TERM "$runner_pid" 2>/dev/null || true; fi
+  if [ -n "$client_pid" ]; then kill -TERM "$client_pid" 2>/dev/null || true; fi
   stop_process "$server_pid" TERM
   wait 2>/dev/null
-  server_pid="" runner_pid=""
+  server_pid="" runner_pid="" client_pid=""
 }
 trap stop_all EXIT
 trap 'exit 130' INT
@@ -74,6 +76,30 @@ if [ ! -s "$out/openapi.json" ]; then
   cat "$out/server.log" >&2
   exit 1
 fi
+
+# A client that stays connected as alice in the group alice (the schema's
+# example name), so that the answers the examples ask for carry a real
+# connection id to check against the schema; it connects again whenever a
+# generated close ends it. A raw WebSocket handshake: no package needed.
+ws=$(sed -n 's|^ *websocket  *ws://\([^/]*\)/.*|\1|p' "$out/server.log")
+python3 - "$ws" >"$out/client.log" 2>&1 <<'EOF' &
+import base64, os, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+while True:
+    try:
+        s = socket.create_connection((host, int(port)), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall((f"GET /ws?uid=alice&group=alice HTTP/1.1\r\nHost: {sys.argv[1]}\r\n"
+                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        s.settimeout(None)
+        while s.recv(65536):  # frames are read and dropped; "" is the close
+            pass
+    except OSError as e:
+        print(f"client: {e}", flush=True)
+    time.sleep(0.05)
+EOF
+client_pid=$!
 
 echo "running schemathesis $SCHEMATHESIS_VERSION ($CHECKS, $EXAMPLES examples per operation) against $api"
 start=$(date +%s)
