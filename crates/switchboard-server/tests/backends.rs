@@ -15,67 +15,42 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use switchboard::auth::{Claims, mint_hs256, now_secs};
-use switchboard_test::cluster::ProcessNode;
+use switchboard_test::Process;
 use switchboard_test::programs::{self, Script, example};
-use switchboard_test::services::{free_port, redis_url, unique_prefix};
-use switchboard_test::{Client, STEP};
+use switchboard_test::services::{redis_url, unique_prefix};
+use switchboard_test::{Client, Cluster, STEP};
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
 const API_KEY: &str = "an-api-key-only-these-tests-use";
 const JWT_SECRET: &str = "a-jwt-secret-of-32-bytes-or-so!!";
 const EVENTS_SECRET: &str = "an-events-secret-for-the-backend";
 
-/// A node with its server API.
-struct ApiNode {
-    node: ProcessNode,
-    /// `http://127.0.0.1:PORT`
-    api: String,
-}
-
-impl ApiNode {
-    fn ws(&self) -> SocketAddr {
-        self.node.ws.unwrap()
-    }
-}
-
 /// Two nodes on Redis pub/sub under a prefix of their own, each with an API
 /// (keyed) and HS256 tokens, plus `extra` flags.
-async fn api_cluster(extra: &[&str]) -> Result<Vec<ApiNode>> {
+async fn api_cluster(extra: &[&str]) -> Result<Process> {
     let cluster = format!(
         "{}?mode=pubsub&prefix={}",
         redis_url()?,
         unique_prefix("backends")
     );
-    let mut nodes = Vec::new();
-    for i in 0..2 {
-        let api_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let (id, api) = (format!("n{i}"), api_addr.to_string());
-        let mut args = vec![
-            "--node-id",
-            &id,
-            "--cluster",
-            &cluster,
-            "--api",
-            &api,
-            "--api-key",
-            API_KEY,
-            "--jwt-secret",
-            JWT_SECRET,
-        ];
-        args.extend_from_slice(extra);
-        let node = ProcessNode::spawn(BIN.as_ref(), &args).await?;
-        nodes.push(ApiNode {
-            node,
-            api: format!("http://{api_addr}"),
-        });
-    }
-    Ok(nodes)
+    let mut args = vec![
+        "--api",
+        "127.0.0.1:0",
+        "--api-key",
+        API_KEY,
+        "--jwt-secret",
+        JWT_SECRET,
+    ];
+    args.extend_from_slice(extra);
+    Process::start_cluster_with(BIN, 2, &cluster, &args).await
 }
 
-async fn stop(nodes: Vec<ApiNode>) {
-    for n in nodes {
-        let _ = n.node.terminate().await;
-    }
+/// The base URL of node `i`'s API, as the examples take it.
+fn api_url(p: &Process, i: usize) -> String {
+    format!(
+        "http://{}",
+        p.nodes[i].api.expect("the node printed its API address")
+    )
 }
 
 /// Retries `check` until it holds, for at most [`STEP`]: the directory of a
@@ -135,7 +110,7 @@ async fn python_backend_on_redis_mints_pushes_and_answers_messages() -> Result<(
     .await?;
     let py = Script::new(
         "python3",
-        &[backend, "--api", &nodes[0].api, "--api-key", API_KEY],
+        &[backend, "--api", &api_url(&nodes, 0), "--api-key", API_KEY],
     );
     let minter = Script::new("python3", &[backend, "--jwt-secret", JWT_SECRET, "token"]);
     let minter = &minter;
@@ -143,8 +118,8 @@ async fn python_backend_on_redis_mints_pushes_and_answers_messages() -> Result<(
 
     // The backend's tokens are accepted: alice on the second node, bob on the
     // first, both in the lobby.
-    let mut alice = connect(nodes[1].ws(), &token("alice").await?, "alice").await?;
-    let mut bob = connect(nodes[0].ws(), &token("bob").await?, "bob").await?;
+    let mut alice = connect(nodes.ws(1), &token("alice").await?, "alice").await?;
+    let mut bob = connect(nodes.ws(0), &token("bob").await?, "bob").await?;
     eventually("alice online through the first node's API", || async {
         let v = json_of(&py.run(&["online", "alice"]).await?)?;
         Ok(v["online"] == true && v["complete"] == true)
@@ -211,7 +186,7 @@ async fn python_backend_on_redis_mints_pushes_and_answers_messages() -> Result<(
         Ok(json_of(&py.run(&["online", "alice"]).await?)?["online"] == false)
     })
     .await?;
-    stop(nodes).await;
+    nodes.stop().await;
     Ok(())
 }
 
@@ -231,12 +206,12 @@ async fn php_backend_on_redis_sends_and_asks_across_two_nodes() -> Result<()> {
     let cli = example("backend-php/cli.php");
     let cli = cli.to_str().unwrap();
     let nodes = api_cluster(&[]).await?;
-    let api = &nodes[0].api;
+    let api = &api_url(&nodes, 0);
     let php = Script::new("php", &[cli, "--api", api, "--api-key", API_KEY]);
 
-    let mut alice = connect(nodes[1].ws(), &token("alice", &["lobby"]), "alice").await?;
-    let mut bob = connect(nodes[0].ws(), &token("bob", &["lobby"]), "bob").await?;
-    let mut carol = connect(nodes[1].ws(), &token("carol", &[]), "carol").await?;
+    let mut alice = connect(nodes.ws(1), &token("alice", &["lobby"]), "alice").await?;
+    let mut bob = connect(nodes.ws(0), &token("bob", &["lobby"]), "bob").await?;
+    let mut carol = connect(nodes.ws(1), &token("carol", &[]), "carol").await?;
     for uid in ["alice", "bob", "carol"] {
         eventually(&format!("isUidOnline {uid}"), || async {
             Ok(php.run(&["isUidOnline", uid]).await? == "1")
@@ -281,7 +256,9 @@ async fn php_backend_on_redis_sends_and_asks_across_two_nodes() -> Result<()> {
     php.run(&["joinGroup", &carol.conn, "lobby"]).await?;
     assert_eq!(php.run(&["getClientIdCountByGroup", "lobby"]).await?, "3");
     php.run(&["sendToGroup", "lobby", "carol too"]).await?;
-    assert_eq!(carol.recv().await?, "carol too");
+    for c in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(c.recv().await?, "carol too", "{c:?}");
+    }
 
     // A wrong key is refused, and the CLI says so.
     let wrong = programs::output(
@@ -309,6 +286,6 @@ async fn php_backend_on_redis_sends_and_asks_across_two_nodes() -> Result<()> {
         Ok(php.run(&["isUidOnline", "alice"]).await? == "0")
     })
     .await?;
-    stop(nodes).await;
+    nodes.stop().await;
     Ok(())
 }
