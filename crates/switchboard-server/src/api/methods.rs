@@ -223,15 +223,16 @@ fn conns(list: &[String]) -> Result<Vec<ConnId>, ApiError> {
     list.iter().map(|s| conn(s)).collect()
 }
 
-/// An operation's error as the API answers it. A well-formed id whose node
-/// is not in the cluster names no connection: 404, as the hub's queries
-/// answer for it, not the 503 of a node that is there but did not answer
-/// (which the backend would retry in vain).
+/// An operation's error as the API answers it. On a standalone node a
+/// connection of any other node cannot exist: 404, not the 503 that tells the
+/// backend to retry (as it would forever, say with an id from before a restart
+/// under another node id). In a cluster, a node the hub cannot reach stays a
+/// 503, the same in every mode.
 fn op_error(hub: &Hub, e: OpError) -> ApiError {
     match e {
-        OpError::Unreachable(node) if node != *hub.node_id() && !hub.peers().contains(&node) => {
+        OpError::Unreachable(node) if hub.is_standalone() && node != *hub.node_id() => {
             ApiError::not_found(format!(
-                "no such connection: its node {node} is not in the cluster"
+                "no such connection: this node is alone, and {node} is another"
             ))
         }
         e => e.into(),

@@ -172,8 +172,8 @@ async fn an_operation_on_a_missing_connection_is_not_found() {
         "{}",
         switchboard::core::ConnId::new(hub.node_id().clone(), 999_999)
     );
-    // A well-formed id of a node that is not in the cluster: no connection
-    // either, not a node to wait for.
+    // On this standalone node, a well-formed id of another node: no
+    // connection either, not a node to wait for.
     let foreign = format!(
         "{}",
         switchboard::core::ConnId::new(switchboard::NodeId::new("elsewhere").expect("id"), 1)

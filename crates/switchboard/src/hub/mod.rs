@@ -227,6 +227,12 @@ impl Hub {
         self.inner.backplane.peers()
     }
 
+    /// Whether this hub can never have peers (the standalone backplane): then
+    /// every connection there is, is this node's.
+    pub fn is_standalone(&self) -> bool {
+        self.inner.backplane.is_standalone()
+    }
+
     /// Sends `data` to the application of every other node
     /// ([`Handler::on_peer_message`]), with the delivery of the cluster mode's
     /// pushes.
