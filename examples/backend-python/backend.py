@@ -25,6 +25,7 @@ import hmac
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -158,8 +159,12 @@ class Switchboard:
     def leave(self, conn, group):
         return self.call("leave", conn=conn, group=group)
 
-    def close(self, reason="", **target):
-        return self.call("close", reason=reason, **target)
+    def close(self, reason=None, **target):
+        """Closes what `target` selects (users=[...], groups=[...], conns=[...],
+        all=True, except_users=[...], except_conns=[...])."""
+        if reason is not None:
+            target["reason"] = reason
+        return self.call("close", **target)
 
     # Cluster-wide queries.
     def online(self, uid):
@@ -290,11 +295,17 @@ def serve(args):
         print(line, file=sys.stderr, flush=True)
 
     host, _, port = args.listen.rpartition(":")
-    server = ThreadingHTTPServer((host.strip("[]"), int(port)),
-                                 events_handler(ChatApp(args.room, log),
-                                                args.events_secret, log))
-    server.daemon_threads = True
+    host = host.strip("[]")
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        daemon_threads = True
+
+    server = Server((host, int(port)),
+                    events_handler(ChatApp(args.room, log), args.events_secret, log))
     bound_host, bound_port = server.server_address[:2]
+    if ":" in bound_host:
+        bound_host = f"[{bound_host}]"
     # The first line of stdout is the URL to give switchboard's --events-url.
     print(f"http://{bound_host}:{bound_port}/events", flush=True)
     if not args.events_secret:
