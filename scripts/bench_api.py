@@ -120,6 +120,32 @@ def main():
             r.read()
             assert r.status == 200, r.status
 
+    batch = json.dumps({"commands": [{"method": "push", "params": json.loads(body)}] * 100})
+
+    def via_api_batch():
+        for _ in range(a.pushes // 100):
+            api.request("POST", "/api/batch", batch, headers)
+            r = api.getresponse()
+            r.read()
+            assert r.status == 200, r.status
+
+    def http_floor():
+        # The same number of requests that push nothing: what HTTP itself costs.
+        cpu0, t0 = cpu_seconds(a.pid), time.monotonic()
+        for _ in range(a.pushes):
+            api.request("GET", "/ready")
+            api.getresponse().read()
+        secs = time.monotonic() - t0
+        cpu = cpu_seconds(a.pid) - cpu0
+        print(json.dumps({
+            "way": "http_get_ready",
+            "pushes": 0,
+            "requests": a.pushes,
+            "seconds": round(secs, 3),
+            "pushes_per_s": round(a.pushes / secs),
+            "server_cpu_us_per_push": round(cpu * 1e6 / a.pushes, 2),
+        }), flush=True)
+
     frame = json.dumps({"op": "to_user", "uid": "bob", "data": "x" * 32})
 
     def via_client():
@@ -129,7 +155,9 @@ def main():
     # Warm up both paths, then measure each.
     run("warm-up", a.pid, 1000, bob, lambda: [api.request("POST", "/api/push", body, headers) or api.getresponse().read() for _ in range(1000)])
     run("api", a.pid, a.pushes, bob, via_api)
+    run("api_batch100", a.pid, a.pushes // 100 * 100, bob, via_api_batch)
     run("client", a.pid, a.pushes, bob, via_client)
+    http_floor()
 
 
 if __name__ == "__main__":

@@ -223,10 +223,16 @@ impl Backend {
                 let mut results = Vec::new();
                 for e in batch["events"].as_array().unwrap() {
                     let _ = tx.send(e.clone());
-                    let shout = e["data"].as_str().and_then(|d| d.strip_prefix("shout:"));
-                    results.push(match shout {
-                        Some(t) => json!({"reply": t.to_uppercase()}),
-                        None => Value::Null,
+                    let data = e["data"].as_str().unwrap_or_default();
+                    results.push(if let Some(t) = data.strip_prefix("shout:") {
+                        json!({"reply": t.to_uppercase()})
+                    } else if let Some(g) = data.strip_prefix("join:") {
+                        // Join, then greet the group: in that order.
+                        json!({"join": [g], "push": [{"groups": [g], "data": format!("welcome to {g}")}]})
+                    } else if data == "bye" {
+                        json!({"close": "the backend said so"})
+                    } else {
+                        Value::Null
                     });
                 }
                 (StatusCode::OK, json!({ "results": results }).to_string())
@@ -320,15 +326,41 @@ async fn the_backend_hears_connects_messages_closes_and_presence_once() -> Resul
     // A request of the application's own is still its own.
     a1.send(json!({"op": "online", "uid": "alice"})).await?;
     assert_eq!(a1.recv_json().await?["online"], true);
+    // The backend's answer may join the sender to a group and push to it.
+    a1.send_text("join:lounge").await?;
+    assert_eq!(a1.recv().await?, "welcome to lounge");
+    let (_, count) = api(
+        api_addr(n2),
+        Some(KEY),
+        "group_count",
+        &json!({"group": "lounge"}),
+    )
+    .await?;
+    assert_eq!(count["result"]["count"], 1, "{count}");
 
     drop(a1);
     backend
         .wait_for("close", |e| e["type"] == "close" && e["conn"] == c1)
         .await?;
-    drop(a2);
+    // ... or close it.
+    let mut a2 = a2;
+    a2.send_text("bye").await?;
+    assert!(a2.expect_closed(STEP).await?.is_some());
     backend
         .wait_for("offline", |e| e["type"] == "offline" && e["uid"] == "alice")
         .await?;
+    let closed = backend
+        .wait_for("close", |e| {
+            e["type"] == "close" && e["conn"] == a2.conn.as_str()
+        })
+        .await?;
+    assert!(
+        closed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the backend said so"),
+        "{closed}"
+    );
     // Bob's only connection is on a node that dies: he goes offline when
     // the survivor stops counting that node alive.
     let _bob = Client::ws(n2.ws.unwrap(), "bob", None).await?;

@@ -368,20 +368,12 @@ pub fn sign(secret: &Secret, body: &[u8]) -> String {
     out
 }
 
-/// Runs the actions the backend answered a `message` event with: `reply`,
-/// `push`, `join`, `leave`, `close`. Returns whether every one succeeded.
+/// Runs the actions the backend answered a `message` event with, in this
+/// order: `join` and `leave` (so that a push to a group just joined reaches
+/// the sender), `reply`, `push`, then `close` (after what it sent is queued).
+/// Returns whether every one succeeded.
 async fn act(hub: &Hub, conn: &ConnId, r: &Value) -> bool {
     let mut ok = true;
-    if let Some(text) = r.get("reply").and_then(Value::as_str) {
-        ok &= hub.to_conn(conn, Frame::text(text)).is_ok();
-    }
-    if let Some(pushes) = r.get("push").and_then(Value::as_array) {
-        for p in pushes {
-            ok &= crate::api::methods::call(hub, "push", p.clone())
-                .await
-                .is_ok();
-        }
-    }
     let names = |key: &str| -> Vec<String> {
         r.get(key)
             .and_then(Value::as_array)
@@ -398,6 +390,16 @@ async fn act(hub: &Hub, conn: &ConnId, r: &Value) -> bool {
     }
     for g in names("leave") {
         ok &= hub.leave(conn, g).await.is_ok();
+    }
+    if let Some(text) = r.get("reply").and_then(Value::as_str) {
+        ok &= hub.to_conn(conn, Frame::text(text)).is_ok();
+    }
+    if let Some(pushes) = r.get("push").and_then(Value::as_array) {
+        for p in pushes {
+            ok &= crate::api::methods::call(hub, "push", p.clone())
+                .await
+                .is_ok();
+        }
     }
     if let Some(reason) = r.get("close").and_then(Value::as_str) {
         hub.close(&Target::conn(conn.clone()), reason);
