@@ -190,6 +190,9 @@ pub enum MembershipChange {
     Closed {
         /// The connection.
         conn: ConnId,
+        /// The user it was bound to when it closed, so that whoever reports
+        /// the close can say whose it was after the `Unbound`.
+        user: Option<UserId>,
     },
     /// A connection was bound to a user.
     Bound {

@@ -88,7 +88,7 @@ impl Directory {
                 pipe.hset(k.conn(conn), "node", node.as_str()).ignore();
                 pipe.sadd(k.node_conns(node), conn.to_string()).ignore();
             }
-            MembershipChange::Closed { conn } => {
+            MembershipChange::Closed { conn, .. } => {
                 pipe.del(&[k.conn(conn), k.conn_groups(conn), k.session(conn)])
                     .ignore();
                 pipe.srem(k.node_conns(node), conn.to_string()).ignore();

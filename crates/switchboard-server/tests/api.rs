@@ -361,6 +361,16 @@ async fn the_backend_hears_connects_messages_closes_and_presence_once() -> Resul
             .contains("the backend said so"),
         "{closed}"
     );
+    // A connection unbound by the backend, then closed, closes as nobody's.
+    let carol = Client::ws(n1.ws.unwrap(), "carol", None).await?;
+    call(n1, "unbind", json!({"conn": carol.conn})).await?;
+    call(n1, "close", json!({"conns": [carol.conn]})).await?;
+    let closed = backend
+        .wait_for("close", |e| {
+            e["type"] == "close" && e["conn"] == carol.conn.as_str()
+        })
+        .await?;
+    assert_eq!(closed["uid"], Value::Null, "{closed}");
     // Bob's only connection is on a node that dies: he goes offline when
     // the survivor stops counting that node alive.
     let _bob = Client::ws(n2.ws.unwrap(), "bob", None).await?;

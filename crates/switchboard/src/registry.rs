@@ -217,6 +217,7 @@ impl Registry {
         if !self.conns.contains_key(&seq) {
             return None;
         }
+        let user = self.conns.get(&seq).and_then(|s| s.user.clone());
         self.unbind(seq, bp);
         let groups = self
             .conns
@@ -230,7 +231,10 @@ impl Registry {
         shrink(self.conns.len(), self.conns.capacity(), |n| {
             self.conns.shrink_to(n)
         });
-        bp.membership(&MembershipChange::Closed { conn: self.id(seq) });
+        bp.membership(&MembershipChange::Closed {
+            conn: self.id(seq),
+            user,
+        });
         slot
     }
 
@@ -671,7 +675,10 @@ mod tests {
                     last: false,
                     count: 1
                 },
-                MembershipChange::Closed { conn: n(1) },
+                MembershipChange::Closed {
+                    conn: n(1),
+                    user: Some("a".into())
+                },
             ]
         );
         assert_eq!(

@@ -343,7 +343,7 @@ fn describe(c: &MembershipChange) -> String {
     let seq = |c: &ConnId| c.seq() % 1000;
     match c {
         MembershipChange::Opened { conn } => format!("open {}", seq(conn)),
-        MembershipChange::Closed { conn } => format!("close {}", seq(conn)),
+        MembershipChange::Closed { conn, .. } => format!("close {}", seq(conn)),
         MembershipChange::Bound {
             conn,
             user,

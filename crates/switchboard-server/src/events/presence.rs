@@ -70,15 +70,9 @@ struct Shared {
     tx: mpsc::Sender<Input>,
     /// Inputs were dropped: rebuild, and ask the peers for their lists.
     lost: AtomicBool,
-    /// The user a closing connection was unbound from, between the
+    /// The user each closing connection was bound to, between the
     /// registry's report and the application's close handler.
-    closing: Mutex<Closing>,
-}
-
-#[derive(Default)]
-struct Closing {
-    unbound: Option<(ConnId, UserId)>,
-    closed: HashMap<ConnId, UserId>,
+    closing: Mutex<HashMap<ConnId, UserId>>,
 }
 
 /// The presence tracker's handle, for the application.
@@ -119,7 +113,7 @@ impl Presence {
         let shared = Arc::new(Shared {
             tx,
             lost: AtomicBool::new(false),
-            closing: Mutex::new(Closing::default()),
+            closing: Mutex::new(HashMap::new()),
         });
         let tap = Arc::new(Tap {
             inner: backplane,
@@ -141,7 +135,7 @@ impl Presence {
 
     /// The user `conn` was bound to when it closed, once.
     pub fn closed_user(&self, conn: &ConnId) -> Option<UserId> {
-        lock(&self.shared.closing).closed.remove(conn)
+        lock(&self.shared.closing).remove(conn)
     }
 }
 
@@ -178,20 +172,13 @@ impl Backplane for Tap {
                 user, first: true, ..
             } => self.shared.send(Input::Local(user.clone(), true)),
             MembershipChange::Unbound {
-                conn, user, last, ..
+                user, last: true, ..
+            } => self.shared.send(Input::Local(user.clone(), false)),
+            MembershipChange::Closed {
+                conn,
+                user: Some(user),
             } => {
-                if *last {
-                    self.shared.send(Input::Local(user.clone(), false));
-                }
-                lock(&self.shared.closing).unbound = Some((conn.clone(), user.clone()));
-            }
-            MembershipChange::Closed { conn } => {
-                let mut c = lock(&self.shared.closing);
-                if let Some((was, user)) = c.unbound.take()
-                    && was == *conn
-                {
-                    c.closed.insert(was, user);
-                }
+                lock(&self.shared.closing).insert(conn.clone(), user.clone());
             }
             _ => {}
         }
