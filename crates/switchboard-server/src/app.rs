@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -42,8 +42,10 @@ pub struct ReferenceApp {
 struct Inner {
     security: Security,
     /// What each authenticated connection may do, cached from its session
-    /// at its first message, dropped when it closes.
-    grants: Mutex<HashMap<ConnId, Arc<Grant>>>,
+    /// at its first message, dropped when it closes. Read on every request,
+    /// written once per connection: a read lock lets every worker thread
+    /// look up at once.
+    grants: RwLock<HashMap<ConnId, Arc<Grant>>>,
     /// Token deadlines: (when, in milliseconds since the Unix epoch;
     /// connection) to the expiry (seconds) the deadline is for.
     deadlines: Mutex<BTreeMap<(u64, ConnId), Deadline>>,
@@ -84,6 +86,14 @@ fn now_ms() -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ReferenceApp {
@@ -319,7 +329,7 @@ impl ReferenceApp {
     /// The grant of an authenticated connection: cached, or read back from
     /// its session (its first message here).
     async fn grant(&self, hub: &Hub, conn: &ConnId) -> Option<Arc<Grant>> {
-        if let Some(g) = lock(&self.inner.grants).get(conn) {
+        if let Some(g) = read(&self.inner.grants).get(conn) {
             return Some(g.clone());
         }
         let session = hub.session(conn).await.ok()?;
@@ -329,7 +339,7 @@ impl ReferenceApp {
             can: Permissions::parse(can).ok()?,
             exp: session.get(SESSION_EXP).and_then(|e| e.parse().ok()),
         });
-        lock(&self.inner.grants).insert(conn.clone(), grant.clone());
+        write(&self.inner.grants).insert(conn.clone(), grant.clone());
         Some(grant)
     }
 
@@ -393,7 +403,7 @@ impl ReferenceApp {
 
     /// The expiry a connection's token has now, if it is open.
     async fn current_exp(&self, hub: &Hub, conn: &ConnId) -> Option<u64> {
-        let cached = lock(&self.inner.grants).get(conn).map(|g| g.exp);
+        let cached = read(&self.inner.grants).get(conn).map(|g| g.exp);
         match cached {
             Some(exp) => return exp,
             None if !hub.conn_exists(conn).await.value => return None,
@@ -423,7 +433,7 @@ impl ReferenceApp {
         if let Err(e) = hub.update_session(conn, changes).await {
             return error_frame(&format!("refresh: {e}"));
         }
-        lock(&self.inner.grants).insert(
+        write(&self.inner.grants).insert(
             conn.clone(),
             Arc::new(Grant {
                 uid: grant.uid.clone(),
@@ -622,7 +632,7 @@ impl Handler for ReferenceApp {
 
     async fn on_close(&self, _hub: &Hub, conn: &ConnId, reason: &CloseReason) {
         if self.inner.security.authenticates() {
-            lock(&self.inner.grants).remove(conn);
+            write(&self.inner.grants).remove(conn);
         }
         if let Some((events, presence)) = &self.inner.events {
             let uid = presence.closed_user(conn);
