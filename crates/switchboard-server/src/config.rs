@@ -495,13 +495,7 @@ pub fn jwt_verifier(
 fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
     let auth = |e: String| ConfigError::Auth(e);
     let jwt = jwt_verifier(o.jwt_secret.as_ref(), o.jwt_public_key.as_deref())?;
-    let list = |s: &str| -> Vec<String> {
-        s.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect()
-    };
+    let list = split_list;
     let proxy = match &o.connect_proxy {
         None => None,
         Some(_) if jwt.is_some() => {
@@ -561,6 +555,16 @@ fn secure(cfg: &mut ServeConfig, o: &Options) -> Result<(), ConfigError> {
     });
     cfg.security = sec;
     Ok(())
+}
+
+/// A comma-separated option (`--can`, `--allowed-origins`, header names):
+/// its items, trimmed, empty ones left out.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A listen address, or `None` for `off`.

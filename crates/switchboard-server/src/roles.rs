@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::ReferenceApp;
-use crate::config::{ApiListen, Secret, ServeConfig, jwt_verifier};
+use crate::config::{ApiListen, Secret, ServeConfig, jwt_verifier, split_list};
 use crate::node;
 use crate::security::Security;
 
@@ -351,15 +351,9 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
     let mut security = Security::open();
     if let Some(jwt) = jwt_verifier(args.jwt_secret.as_ref(), args.jwt_public_key.as_deref())? {
         security.jwt = Some(Arc::new(jwt));
-        security.can = switchboard::auth::Permissions::parse(
-            args.can
-                .as_deref()
-                .unwrap_or("")
-                .split(',')
-                .map(str::trim)
-                .filter(|r| !r.is_empty()),
-        )
-        .map_err(|e| anyhow::anyhow!("--can: {e}"))?;
+        security.can =
+            switchboard::auth::Permissions::parse(split_list(args.can.as_deref().unwrap_or("")))
+                .map_err(|e| anyhow::anyhow!("--can: {e}"))?;
     } else if args.can.is_some() {
         anyhow::bail!(
             "--can is set but clients are not authenticated (set --jwt-secret or --jwt-public-key)"
