@@ -125,6 +125,22 @@ pub enum Event {
     Closed(Option<u16>),
 }
 
+/// The upgrade request for `/ws?{query}` with extra headers.
+fn ws_request(
+    addr: SocketAddr,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Result<http::Request<()>> {
+    let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes())?,
+            http::HeaderValue::from_str(v)?,
+        );
+    }
+    Ok(req)
+}
+
 impl Client {
     /// Connects over WebSocket as `uid` (optionally in `group`) and reads the welcome.
     pub async fn ws(addr: SocketAddr, uid: &str, group: Option<&str>) -> Result<Client> {
@@ -151,13 +167,7 @@ impl Client {
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<Client> {
-        let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
-        for (k, v) in headers {
-            req.headers_mut().insert(
-                http::HeaderName::from_bytes(k.as_bytes())?,
-                http::HeaderValue::from_str(v)?,
-            );
-        }
+        let req = ws_request(addr, query, headers)?;
         let ws = ws_open(addr, req, None).await?;
         Self::welcomed(Io::Ws(Box::new(ws)), "").await
     }
@@ -169,13 +179,7 @@ impl Client {
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<(u16, String)> {
-        let mut req = format!("ws://{addr}/ws?{query}").into_client_request()?;
-        for (k, v) in headers {
-            req.headers_mut().insert(
-                http::HeaderName::from_bytes(k.as_bytes())?,
-                http::HeaderValue::from_str(v)?,
-            );
-        }
+        let req = ws_request(addr, query, headers)?;
         match ws_open(addr, req, None).await {
             Ok(_) => bail!("the WebSocket was accepted"),
             Err(e) => match e.downcast::<tokio_tungstenite::tungstenite::Error>()? {
