@@ -137,18 +137,18 @@ impl Events {
 
     fn emit(&self, mut body: Value, from: Option<ConnId>) {
         body["time_ms"] = json!(now_ms());
-        let kind = body["type"].as_str().unwrap_or("").to_owned();
         match self.tx.try_send(Event { body, from }) {
             Ok(()) => {
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
+            Err(e) => {
                 let n = self
                     .counters
                     .dropped_queue_full
                     .fetch_add(1, Ordering::Relaxed);
                 // Once per thousand: a dead backend must not flood the log.
                 if n.is_multiple_of(1000) {
+                    let kind = e.into_inner().body["type"].clone();
                     tracing::warn!(event = %kind, dropped = n + 1, "events queue full: event dropped");
                 }
             }
