@@ -146,9 +146,12 @@ impl ReferenceApp {
         let Some((events, _)) = &self.inner.events else {
             return false;
         };
-        let uid = match self.grant(hub, conn).await {
-            Some(g) => Some(g.uid.clone()),
-            None => hub.conn_user(conn).await.value.map(|u| u.to_string()),
+        // An authenticated connection's uid is in its grant; without
+        // authentication there is no grant to look up, only the binding.
+        let uid = if self.inner.security.authenticates() {
+            self.grant(hub, conn).await.map(|g| g.uid.clone())
+        } else {
+            hub.conn_user(conn).await.value.map(|u| u.to_string())
         };
         events.message(conn, uid.as_deref(), frame);
         true
