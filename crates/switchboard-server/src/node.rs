@@ -126,8 +126,12 @@ impl AppSpec {
 }
 
 /// `/ready`, `/stats` and `/metrics`, served on the WebSocket listener and
-/// on the API's.
-fn ops_router(hub: &Hub, probe: Option<&Arc<dyn Probe>>, metrics: &Metrics) -> axum::Router {
+/// on the API's (a worker's too).
+pub(crate) fn ops_router(
+    hub: &Hub,
+    probe: Option<&Arc<dyn Probe>>,
+    metrics: &Metrics,
+) -> axum::Router {
     let (h, p) = (hub.clone(), probe.cloned());
     let ready_route = axum::routing::get(move || ready(h.clone(), p.clone()));
     let (h, p) = (hub.clone(), probe.cloned());
@@ -184,7 +188,7 @@ fn stats(
 }
 
 /// `GET /metrics`: the node's metrics, with the role's counters.
-pub(crate) fn metrics(
+fn metrics(
     metrics: &Metrics,
     hub: &Hub,
     probe: Option<&dyn Probe>,

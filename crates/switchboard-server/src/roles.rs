@@ -373,13 +373,7 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
         Some(listen) => {
             // The worker's own counters: its hub's, and what the API observes.
             let metrics = crate::metrics::Metrics::new();
-            let extra = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get({
-                    let (m, hub) = (metrics.clone(), worker.hub().clone());
-                    move || std::future::ready(node::metrics(&m, &hub, None))
-                }),
-            );
+            let extra = node::ops_router(worker.hub(), None, &metrics);
             let (a, t) = crate::api::serve(
                 listen,
                 worker.hub(),
