@@ -210,6 +210,20 @@ fn params<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_json::from_value(v).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// The `uid` of a `{"uid"}` body, checked as a name.
+fn uid_param(body: Value) -> Result<String, ApiError> {
+    let p: Uid = params(body)?;
+    name("uid", &p.uid)?;
+    Ok(p.uid)
+}
+
+/// The `group` of a `{"group"}` body, checked as a name.
+fn group_param(body: Value) -> Result<String, ApiError> {
+    let p: Group = params(body)?;
+    name("group", &p.group)?;
+    Ok(p.group)
+}
+
 fn name(what: &str, value: &str) -> Result<(), ApiError> {
     check_name(what, value).map_err(ApiError::bad_request)
 }
@@ -356,15 +370,11 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
             op(hub, hub.update_session(&conn(&p.conn)?, changes).await)
         }
         "online" => {
-            let p: Uid = params(body)?;
-            name("uid", &p.uid)?;
-            let a = hub.is_online(p.uid).await;
+            let a = hub.is_online(uid_param(body)?).await;
             Ok(Reply::answer(a, |v| json!({ "online": v })))
         }
         "user_conns" => {
-            let p: Uid = params(body)?;
-            name("uid", &p.uid)?;
-            let a = hub.user_conns(p.uid).await;
+            let a = hub.user_conns(uid_param(body)?).await;
             Ok(Reply::answer(a, |v| json!({ "conns": ids(&v) })))
         }
         "conn_user" => {
@@ -376,15 +386,11 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
             ))
         }
         "group_members" => {
-            let p: Group = params(body)?;
-            name("group", &p.group)?;
-            let a = hub.group_members(p.group).await;
+            let a = hub.group_members(group_param(body)?).await;
             Ok(Reply::answer(a, |v| json!({ "conns": ids(&v) })))
         }
         "group_count" => {
-            let p: Group = params(body)?;
-            name("group", &p.group)?;
-            let a = hub.group_count(p.group).await;
+            let a = hub.group_count(group_param(body)?).await;
             Ok(Reply::answer(a, |v| json!({ "count": v })))
         }
         "totals" => {
