@@ -160,10 +160,8 @@ pub(crate) fn run<W: Wire>(
                 },
             }
             // Here, where nothing of the select is alive, so that the yield
-            // adds no state to an idle connection's future. TCP only for
-            // now: on WebSocket this yield made Autobahn's latency cases
-            // (9.7.x) stall now and then, a lost wake-up not yet found.
-            if in_a_row >= FAIR_SHARE && transport == Transport::Tcp {
+            // adds no state to an idle connection's future.
+            if in_a_row >= FAIR_SHARE {
                 in_a_row = 0;
                 tokio::task::yield_now().await;
             }
