@@ -264,7 +264,17 @@ impl Directory {
                     link.failed(generation, &e);
                     continue;
                 }
-                match self.rebuild(&mut conn, &node, &*local).await {
+                let rebuilt = match self.rebuild(&mut conn, &node, &*local).await {
+                    // Routes other nodes kept may predate the rebuild.
+                    Ok(covered) => redis::cmd("PUBLISH")
+                        .arg(self.keys.routes())
+                        .arg(crate::routes::encode_reset(node.as_str()))
+                        .query_async::<()>(&mut conn)
+                        .await
+                        .map(|()| covered),
+                    Err(e) => Err(e),
+                };
+                match rebuilt {
                     Ok(covered) => {
                         skip_until = covered;
                         self.synced.store(generation, Ordering::Release);
@@ -301,10 +311,17 @@ impl Directory {
             // other, which is what a rebuild's pruning reads them by.
             let mut pipe = redis::pipe();
             pipe.atomic();
+            // In the same transaction: a node that hears a change reads
+            // the directory with it applied (see `routes`).
+            let mut changed_routes = Vec::new();
             for (seq, change) in batch.drain(..) {
                 if seq > skip_until {
                     self.add(&mut pipe, &node, &change);
+                    route_change(&mut changed_routes, node.as_str(), &change);
                 }
+            }
+            if !changed_routes.is_empty() {
+                pipe.publish(self.keys.routes(), changed_routes).ignore();
             }
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => {
@@ -319,6 +336,27 @@ impl Directory {
                 }
             }
         }
+    }
+}
+
+/// The routes change `change` makes, if any: the node became a holder of a
+/// user or group (its first connection of it) or stopped being one.
+fn route_change(out: &mut Vec<u8>, node: &str, change: &MembershipChange) {
+    use crate::routes::{Kind, encode_change};
+    match change {
+        MembershipChange::Bound { user, count, .. } if *count == 1 => {
+            encode_change(out, Kind::User, true, node, user.as_str());
+        }
+        MembershipChange::Unbound { user, count, .. } if *count == 0 => {
+            encode_change(out, Kind::User, false, node, user.as_str());
+        }
+        MembershipChange::Joined { group, count, .. } if *count == 1 => {
+            encode_change(out, Kind::Group, true, node, group.as_str());
+        }
+        MembershipChange::Left { group, count, .. } if *count == 0 => {
+            encode_change(out, Kind::Group, false, node, group.as_str());
+        }
+        _ => {}
     }
 }
 

@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | `P:nodes` | zset | node → liveness deadline (ms, Redis clock) |
 //! | `P:ch:NODE`, `P:bc` | channels | pub/sub mode: envelopes for one node, for all |
+//! | `P:routes` | channel | changes of which nodes hold a user or group (see `routes`) |
 //! | `P:q:NODE` | stream | queue mode: envelopes for one node |
 //! | `P:nc:NODE` | set | connections held by the node |
 //! | `P:conn:CONN` | hash | `node`, `user` |
@@ -40,6 +41,9 @@ impl Keys {
     }
     pub(crate) fn broadcast(&self) -> String {
         format!("{}:bc", self.prefix)
+    }
+    pub(crate) fn routes(&self) -> String {
+        format!("{}:routes", self.prefix)
     }
     pub(crate) fn channel(&self, node: impl Display) -> String {
         self.k("ch", node)

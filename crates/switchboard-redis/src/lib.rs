@@ -4,7 +4,8 @@
 //!
 //! - **pub/sub** ([`Mode::PubSub`]): every node subscribes to its own channel
 //!   and a broadcast channel. A push to users or groups is published once to
-//!   each node that holds them (looked up in the directory), a push to one
+//!   each node that holds them (a route the node keeps, learned from the
+//!   directory and kept current by the holders' changes), a push to one
 //!   connection only to its node, a push to everyone once on the broadcast
 //!   channel. At-most-once: while a node is disconnected it misses what is
 //!   published; publishes that fail are counted as dropped, and receivers
@@ -41,6 +42,7 @@ mod link;
 mod liveness;
 mod publish;
 mod receive;
+mod routes;
 mod scripts;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,6 +78,8 @@ pub(crate) struct Shared {
     out: mpsc::Sender<Outgoing>,
     out_rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     live: RwLock<Liveness>,
+    /// Which nodes hold which users and groups, as far as this node knows.
+    routes: routes::Routes,
     stats: StatCounters,
     /// The subscription (pub/sub) or the stream consumer (queue) is up.
     receiving: AtomicBool,
@@ -144,6 +148,7 @@ impl RedisBackplane {
                 out,
                 out_rx: Mutex::new(Some(out_rx)),
                 live: RwLock::new(Liveness::default()),
+                routes: routes::Routes::default(),
                 stats: StatCounters::default(),
                 receiving: AtomicBool::new(false),
                 last_probe: AtomicU64::new(0),
@@ -194,6 +199,9 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             }
         }
         let mut pipe = redis::pipe();
+        // Proof of life for every node's routes listener (see `routes`).
+        pipe.publish(shared.keys.routes(), [routes::wire::PROBE].as_slice())
+            .ignore();
         match cfg.mode {
             Mode::PubSub => {
                 pipe.publish(shared.keys.channel(&me), [receive::PROBE].as_slice())
@@ -265,6 +273,7 @@ impl Backplane for RedisBackplane {
                     .await
             }
         });
+        s.tasks.spawn(routes::listen(s.clone(), stop.clone()));
         if let Some(rx) = s.out_rx.lock().unwrap_or_else(|p| p.into_inner()).take() {
             s.tasks.spawn(publish::run(s.clone(), rx, stop.clone()));
         }

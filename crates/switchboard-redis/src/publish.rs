@@ -23,6 +23,7 @@ use switchboard_core::bundle::Bundle;
 
 use crate::Shared;
 use crate::config::Mode;
+use crate::routes::{Holders, Kind};
 
 /// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
 pub(crate) const QUEUE: usize = 64 * 1024;
@@ -79,9 +80,9 @@ pub(crate) async fn run(
 
 /// Sends one batch; returns the number of messages sent, or on failure the
 /// number that were to be sent.
-async fn send(
+async fn send<'a>(
     shared: &Shared,
-    batch: &[Outgoing],
+    batch: &'a [Outgoing],
     seqs: &mut Sequences,
     stop: &CancellationToken,
 ) -> Result<u64, u64> {
@@ -113,33 +114,57 @@ async fn send(
     // its node still holds.
     let unsure = shared.link.recently_reconnected(shared.cfg.node_ttl);
 
-    // Round trip 1: which nodes hold the users and groups of the batch; for
-    // a broadcast in queue mode, which nodes exist right now (a node that
-    // joined since the last heartbeat must not miss it); in the window
-    // above, in pub/sub mode, which nodes are subscribed.
-    let mut lookups: Vec<String> = Vec::new();
+    // Which nodes hold the users and groups of the batch: what this node
+    // knows (see `routes`), unless unsure; the rest is asked in round trip 1.
+    // Round trip 1 also gives, for a broadcast in queue mode, which nodes
+    // exist right now (a node that joined since the last heartbeat must not
+    // miss it), and in the window above, in pub/sub mode, which nodes are
+    // subscribed.
+    let mut holders: HashMap<(Kind, &str), Holders> = HashMap::new();
+    let mut lookups: Vec<(Kind, &str)> = Vec::new();
     let mut broadcast = false;
-    for o in batch {
-        match &o.route {
-            Route::Interested(t) if !t.is_all() => {
-                lookups.extend(t.included_users().iter().map(|u| keys.user_nodes(u)));
-                lookups.extend(t.included_groups().iter().map(|g| keys.group_nodes(g)));
+    let version = {
+        let known = shared.routes.known();
+        let mut wanted = |kind: Kind, name: &'a str| {
+            if holders.contains_key(&(kind, name)) {
+                return;
             }
-            Route::Node(_) => {}
-            _ => broadcast = true,
+            match known.get(kind, name).filter(|_| !unsure) {
+                Some(h) => {
+                    holders.insert((kind, name), h.clone());
+                }
+                None => lookups.push((kind, name)),
+            }
+        };
+        for o in batch {
+            match &o.route {
+                Route::Interested(t) if !t.is_all() => {
+                    for u in t.included_users() {
+                        wanted(Kind::User, u.as_str());
+                    }
+                    for g in t.included_groups() {
+                        wanted(Kind::Group, g.as_str());
+                    }
+                }
+                Route::Node(_) => {}
+                _ => broadcast = true,
+            }
         }
-    }
-    lookups.sort();
+        known.version().filter(|_| !unsure)
+    };
+    lookups.sort_unstable();
     lookups.dedup();
     let fresh_nodes = broadcast && shared.cfg.mode == Mode::Queue;
     let discover = unsure && shared.cfg.mode == Mode::PubSub && !lookups.is_empty();
-    let mut holders: HashMap<&str, Vec<String>> = HashMap::new();
     let mut fresh: Option<crate::liveness::Liveness> = None;
     let mut subscribed: Vec<String> = Vec::new();
     if !lookups.is_empty() || fresh_nodes {
         let mut call = crate::scripts::ROUTE_LOOKUP.prepare_invoke();
-        for k in &lookups {
-            call.key(k);
+        for &(kind, name) in &lookups {
+            call.key(match kind {
+                Kind::User => keys.user_nodes(name),
+                Kind::Group => keys.group_nodes(name),
+            });
         }
         call.arg(if fresh_nodes { "1" } else { "0" })
             .arg(keys.nodes())
@@ -176,13 +201,21 @@ async fn send(
                 .map(str::to_owned)
                 .collect();
         }
-        for (k, nodes) in lookups.iter().zip(found.split(' ')) {
-            let nodes = nodes
+        for (&(kind, name), nodes) in lookups.iter().zip(found.split(' ')) {
+            let nodes: Holders = nodes
                 .split(',')
                 .filter(|n| !n.is_empty())
-                .map(str::to_owned)
+                .map(Box::<str>::from)
                 .collect();
-            holders.insert(k.as_str(), nodes);
+            holders.insert((kind, name), nodes);
+        }
+        if let Some(version) = version {
+            shared.routes.fill(
+                version,
+                lookups.iter().filter_map(|&(kind, name)| {
+                    Some((kind, name, holders.get(&(kind, name))?.clone()))
+                }),
+            );
         }
         if let (Some((secs, micros)), Some(list)) = (time, list) {
             fresh = Some(crate::liveness::Liveness::from_read(
@@ -226,22 +259,22 @@ async fn send(
                     {
                         nodes.extend(maybe_holders.iter().cloned());
                     }
-                    for u in t.included_users() {
-                        nodes.extend(
-                            holders
-                                .get(keys.user_nodes(u).as_str())
-                                .into_iter()
-                                .flatten()
-                                .cloned(),
+                    let held = t
+                        .included_users()
+                        .iter()
+                        .map(|u| (Kind::User, u.as_str()))
+                        .chain(
+                            t.included_groups()
+                                .iter()
+                                .map(|g| (Kind::Group, g.as_str())),
                         );
-                    }
-                    for g in t.included_groups() {
+                    for key in held {
                         nodes.extend(
                             holders
-                                .get(keys.group_nodes(g).as_str())
+                                .get(&key)
                                 .into_iter()
-                                .flatten()
-                                .cloned(),
+                                .flat_map(|h| h.iter())
+                                .map(|n| n.to_string()),
                         );
                     }
                     Dests::Nodes(nodes)

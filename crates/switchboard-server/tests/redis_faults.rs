@@ -271,12 +271,12 @@ async fn pubsub_receiver_counts_what_was_published_while_it_was_unsubscribed() {
         .unwrap();
     assert_eq!(r.recv().await.unwrap(), "before");
 
-    // n1 may no longer subscribe, and its subscription is closed.
+    // n1 may no longer subscribe, and its subscriptions are closed.
     acl_n1(&mut redis, &["-subscribe"]).await;
     assert_eq!(
         kill_n1(&mut redis, &["TYPE", "pubsub"]).await,
-        1,
-        "n1's subscription"
+        2,
+        "n1's subscriptions: its channels, and the routes"
     );
     // Published to n1's channel, which nobody hears.
     push_published(&mut s, n0, "r", &["lost0", "lost1", "lost2"]).await;
@@ -1010,4 +1010,107 @@ async fn a_directory_rebuild_never_drops_what_the_node_holds() {
 
 async fn answer(c: &mut Client, q: Value) -> Value {
     c.ask(q).await.unwrap()
+}
+
+/// How many keys the routing lookups of a private Redis have read so far
+/// (the lookup script reads each with `HKEYS`; nothing else in these tests
+/// does).
+async fn route_lookups(redis: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(redis)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hkeys:calls="))
+        .and_then(|l| l.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// A node keeps the routes it learned: pushes to a user it has routed to
+/// before cost no lookup, and the route stays right as the user comes and
+/// goes on other nodes, "offline" included.
+async fn known_routes_need_no_lookup(mode: &str) {
+    let rs = RedisServer::start(false).unwrap();
+    let mut redis = redis::Client::open(rs.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let prefix = unique_prefix("known");
+    let query = format!("mode={mode}");
+    let p = Process {
+        nodes: vec![
+            node_on(&rs, "n0", &query, &prefix).await,
+            node_on(&rs, "n2", &query, &prefix).await,
+        ],
+    };
+    let (n0, n1) = (&p.nodes[0], &p.nodes[1]);
+    let mut s = Client::tcp(n0.tcp.unwrap(), "s", None).await.unwrap();
+    let mut bob = Client::ws(n1.ws.unwrap(), "bob", None).await.unwrap();
+
+    let before = route_lookups(&mut redis).await;
+    // One at a time: each push is a batch of its own, which without known
+    // routes would be a lookup each.
+    for i in 0..20 {
+        s.send(json!({"op":"to_user","uid":"bob","data":format!("m{i}")}))
+            .await
+            .unwrap();
+        assert_eq!(bob.recv().await.unwrap(), format!("m{i}"));
+    }
+    // Once, or twice when the first lookup crossed the change that bob's
+    // arrival published (such a lookup is used, not kept); never per push.
+    let lookups = route_lookups(&mut redis).await - before;
+    assert!(
+        (1..=2).contains(&lookups),
+        "bob's route was looked up {lookups} times for 20 pushes"
+    );
+
+    // Carol is offline: that is looked up once, and kept.
+    let before = route_lookups(&mut redis).await;
+    s.send(json!({"op":"to_user","uid":"carol","data":"nobody"}))
+        .await
+        .unwrap();
+    faults::poll(STEP, async || {
+        Ok(if route_lookups(&mut redis).await > before {
+            Ok(())
+        } else {
+            Err("carol's route not looked up")
+        })
+    })
+    .await
+    .unwrap();
+    // She connects on n1: n0 hears of it, and its "offline" becomes n1.
+    let mut carol = Client::ws(n1.ws.unwrap(), "carol", None).await.unwrap();
+    // (Well past the time n0 takes to read the change on an idle machine.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.send(json!({"op":"to_user","uid":"carol","data":"hello"}))
+        .await
+        .unwrap();
+    assert_eq!(carol.recv().await.unwrap(), "hello");
+
+    // Bob moves to n0 and leaves n1: the route follows.
+    let mut bob0 = Client::ws(n0.ws.unwrap(), "bob", None).await.unwrap();
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.send(json!({"op":"to_user","uid":"bob","data":"moved"}))
+        .await
+        .unwrap();
+    assert_eq!(bob0.recv().await.unwrap(), "moved");
+    assert_eq!(
+        route_lookups(&mut redis).await - before,
+        1,
+        "only carol's first route was looked up"
+    );
+    Box::new(p).shutdown_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_known_routes_need_no_lookup() {
+    known_routes_need_no_lookup("pubsub").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_known_routes_need_no_lookup() {
+    known_routes_need_no_lookup("queue").await;
 }
