@@ -5,6 +5,7 @@
 #   scripts/bench.sh                      # every mode, every scenario, 3 runs
 #   RUNS=1 scripts/bench.sh local-multi   # one mode
 #   SCENARIOS="fanout2k_r0 idle10k" scripts/bench.sh
+#   SWITCHBOARD_BIN=/path/to/other/switchboard RUNS=3 scripts/bench.sh redis-pubsub
 #
 # Every invocation first measures the floor (mode "floor": what the kernel
 # alone charges for the writes, and what waking an event loop for each sparse
@@ -22,64 +23,22 @@ MODES=("$@")
 SCENARIOS="${SCENARIOS:-fanout2k_r0 fanout2k_r25 fanout10k_r0 fanout10k_r5 p2p1k_r0 p2p1k_r5000 idle10k idle19k connect10k}"
 OUT=artifacts/bench
 mkdir -p "$OUT"
-RESULTS="$OUT/results.jsonl"
+# One file per invocation: BENCHMARKS.md shows one day's figures side by
+# side, never a mix of days.
+RESULTS="${RESULTS:-$OUT/results-$(date -u +%Y%m%d-%H%M%S).jsonl}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --locked --bin switchboard
-BIN=./target/release/switchboard
+# SWITCHBOARD_BIN: measure that binary (another build, to compare), and
+# leave BENCHMARKS.md alone.
+if [ -n "${SWITCHBOARD_BIN:-}" ]; then
+  BIN=$SWITCHBOARD_BIN
+else
+  cargo build --release --locked --bin switchboard
+  BIN=./target/release/switchboard
+fi
 
-PIDS=()
-two_nodes() { # cluster URL: nodes n0 and n1 on ports 9301 and 9302
-  for i in 0 1; do
-    "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off \
-      --cluster "$1" >/dev/null 2>>"$OUT/server.log" &
-    PIDS+=($!)
-  done
-}
-start_nodes() { # mode
-  local mode=$1 prefix="bench-$RANDOM$RANDOM"
-  PIDS=()
-  case "$mode" in
-    local-multi)
-      "$BIN" serve --cluster memory:2 --ws 127.0.0.1:9301 --tcp off >/dev/null 2>"$OUT/server.log" &
-      PIDS+=($!) ;;
-    redis-pubsub|redis-queue)
-      two_nodes "redis://127.0.0.1:6379?mode=${mode#redis-}&prefix=$prefix" ;;
-    amqp-fanout|amqp-routing)
-      two_nodes "amqp://guest:guest@127.0.0.1:5672/%2f?mode=${mode#amqp-}&prefix=$prefix" ;;
-    gateway)
-      # As docs/BENCHMARK-TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
-      "$BIN" register --listen 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
-      PIDS+=($!)
-      for i in 1 2; do
-        "$BIN" gateway --register 127.0.0.1:9310 --ws "127.0.0.1:930$i" \
-          --start-port "931$i" >/dev/null 2>>"$OUT/server.log" &
-        PIDS+=($!)
-      done
-      "$BIN" worker --register 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
-      PIDS+=($!) ;;
-    *) echo "unknown mode $mode" >&2; exit 2 ;;
-  esac
-  for port in 9301 9302; do
-    for _ in $(seq 100); do
-      curl -sf "127.0.0.1:$port/ready" >/dev/null 2>&1 && break
-      sleep 0.05
-    done
-  done
-}
-stop_nodes() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-}
+. scripts/bench-lib.sh
 trap stop_nodes EXIT
-
-broker_pids() { # mode
-  case "$1" in
-    redis-*) redis-cli info server | awk -F: '/^process_id/{print $2}' | tr -d '\r' ;;
-    amqp-*) rabbitmqctl -q status 2>/dev/null | awk '/^OS PID/{print $3}' ;;
-    *) echo "" ;;
-  esac
-}
 
 args_for() { # scenario
   case "$1" in
@@ -101,7 +60,7 @@ args_for() { # scenario
   esac
 }
 
-for scenario in floor_paced floor_burst floor_batch16 floor_relay5000 floor_accept; do
+for scenario in ${FLOORS-floor_paced floor_burst floor_batch16 floor_relay5000 floor_accept}; do
   for run in $(seq "$RUNS"); do
     # shellcheck disable=SC2046
     line=$("$BIN" bench $(args_for "$scenario") --label floor 2>/dev/null | tail -1)
@@ -126,4 +85,5 @@ for mode in "${MODES[@]}"; do
     done
   done
 done
-python3 scripts/bench_report.py "$RESULTS" BENCHMARKS.md
+echo "results in $RESULTS"
+[ -n "${SWITCHBOARD_BIN:-}" ] || python3 scripts/bench_report.py "$RESULTS" BENCHMARKS.md

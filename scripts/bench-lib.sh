@@ -1,0 +1,56 @@
+# Starting and stopping the nodes of each benchmarked mode; sourced by
+# scripts/bench.sh and scripts/bench-syscalls.sh, which set BIN and OUT.
+# Every mode listens for clients on 127.0.0.1:9301 and :9302.
+
+PIDS=()
+two_nodes() { # cluster URL: nodes n0 and n1 on ports 9301 and 9302
+  for i in 0 1; do
+    "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off ${THREADS:+--threads "$THREADS"} \
+      --cluster "$1" >/dev/null 2>>"$OUT/server.log" &
+    PIDS+=($!)
+  done
+}
+start_nodes() { # mode
+  local mode=$1 prefix="bench-$RANDOM$RANDOM"
+  PIDS=()
+  case "$mode" in
+    local-multi)
+      "$BIN" serve --cluster memory:2 --ws 127.0.0.1:9301 --tcp off ${THREADS:+--threads "$THREADS"} >/dev/null 2>"$OUT/server.log" &
+      PIDS+=($!) ;;
+    redis-pubsub|redis-queue)
+      two_nodes "redis://127.0.0.1:6379?mode=${mode#redis-}&prefix=$prefix" ;;
+    amqp-fanout|amqp-routing)
+      two_nodes "amqp://guest:guest@127.0.0.1:5672/%2f?mode=${mode#amqp-}&prefix=$prefix" ;;
+    gateway)
+      # As docs/BENCHMARK-TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
+      "$BIN" register --listen 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
+      PIDS+=($!)
+      for i in 1 2; do
+        "$BIN" gateway --register 127.0.0.1:9310 --ws "127.0.0.1:930$i" \
+          --start-port "931$i" >/dev/null 2>>"$OUT/server.log" &
+        PIDS+=($!)
+      done
+      "$BIN" worker --register 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
+      PIDS+=($!) ;;
+    *) echo "unknown mode $mode" >&2; exit 2 ;;
+  esac
+  for port in 9301 9302; do
+    for _ in $(seq 100); do
+      curl -sf "127.0.0.1:$port/ready" >/dev/null 2>&1 && break
+      sleep 0.05
+    done
+  done
+}
+stop_nodes() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+
+broker_pids() { # mode
+  case "$1" in
+    redis-*) redis-cli info server | awk -F: '/^process_id/{print $2}' | tr -d '\r' ;;
+    amqp-*) rabbitmqctl -q status 2>/dev/null | awk '/^OS PID/{print $3}' ;;
+    *) echo "" ;;
+  esac
+}
+
