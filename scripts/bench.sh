@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the docs/BENCHMARK-TARGETS.md matrix against every mode this build has, RUNS times
-# each, and rewrites the results tables in BENCHMARKS.md.
+# each, and replaces the results of BENCHMARKS.md with this run's (and docs/bench-p2p.svg).
 #
 #   scripts/bench.sh                      # every mode, every scenario, 3 runs
 #   RUNS=1 scripts/bench.sh local-multi   # one mode
@@ -64,7 +64,7 @@ for scenario in ${FLOORS-floor_paced floor_burst floor_batch16 floor_relay5000 f
   for run in $(seq "$RUNS"); do
     # shellcheck disable=SC2046
     line=$("$BIN" bench $(args_for "$scenario") --label floor 2>/dev/null | tail -1)
-    echo "{\"mode\":\"floor\",\"name\":\"$scenario\",\"run\":$run,\"result\":$line}" >> "$RESULTS"
+    echo "{\"mode\":\"floor\",\"name\":\"$scenario\",\"run\":$run,\"date\":\"$(date -u +%F)\",\"result\":$line}" >> "$RESULTS"
     echo "floor $scenario run $run: $(echo "$line" | cut -c1-160)"
   done
 done
@@ -80,7 +80,7 @@ for mode in "${MODES[@]}"; do
         --server-pids "$(IFS=,; echo "${PIDS[*]}")" ${broker:+--broker-pids "$broker"} \
         --label "$mode" 2>/dev/null | tail -1)
       stop_nodes
-      echo "{\"mode\":\"$mode\",\"name\":\"$scenario\",\"run\":$run,\"result\":$line}" >> "$RESULTS"
+      echo "{\"mode\":\"$mode\",\"name\":\"$scenario\",\"run\":$run,\"date\":\"$(date -u +%F)\",\"result\":$line}" >> "$RESULTS"
       echo "$mode $scenario run $run: $(echo "$line" | cut -c1-160)"
     done
   done
