@@ -80,7 +80,16 @@ impl Io for TcpStream {
         TcpStream::readable(self)
     }
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        TcpStream::try_read_buf(self, buf)
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        let n = super::read_once(self, room, |s| s.recv(spare))?;
+        #[allow(unsafe_code)]
+        // SAFETY: `recv` initialised the first `n` bytes of the spare
+        // capacity (as `TcpStream::try_read_buf` relies on too).
+        unsafe {
+            buf.set_len(buf.len() + n);
+        }
+        Ok(n)
     }
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, buf)

@@ -494,7 +494,10 @@ impl Sock {
 
 impl io::Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.stream.try_read(buf)
+        super::read_once(&self.stream, buf.len(), |s| {
+            let mut s: &socket2::Socket = s;
+            io::Read::read(&mut s, buf)
+        })
     }
 }
 
