@@ -25,8 +25,13 @@ impl Bundle {
     /// An empty bundle whose first `header` bytes the caller fills in later,
     /// that stops growing at `max` bytes (header included).
     pub fn new(header: usize, max: usize) -> Self {
+        // Room for one typical envelope too: when messages are sparse most
+        // bundles carry one, and then it costs one allocation, not a
+        // reallocation per envelope.
+        let mut buf = Vec::with_capacity(header + 4 + 252);
+        buf.resize(header, 0);
         Self {
-            buf: vec![0; header],
+            buf,
             header,
             max,
             count: 0,

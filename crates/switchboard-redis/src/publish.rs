@@ -33,9 +33,10 @@ const BATCH: usize = 256;
 const MAX_BUNDLE: usize = 256 * 1024;
 
 /// Destinations of one envelope.
-enum Dests {
+enum Dests<'a> {
     Broadcast,
-    Nodes(BTreeSet<String>),
+    /// Sorted, without repeats.
+    Nodes(&'a [&'a str]),
 }
 
 /// Per-channel sequence numbers of this process's pub/sub messages.
@@ -247,17 +248,23 @@ async fn send<'a>(
                     .map(str::to_owned),
             );
         }
+        // One list, reused: a push costs no allocation for its destinations.
+        let mut nodes: Vec<&str> = Vec::new();
         for o in batch {
-            let dests = match &o.route {
-                Route::Node(n) => Dests::Nodes(BTreeSet::from([n.to_string()])),
-                Route::All => Dests::Broadcast,
-                Route::Interested(t) if t.is_all() => Dests::Broadcast,
+            let broadcast = match &o.route {
+                Route::Node(n) => {
+                    nodes.clear();
+                    nodes.push(n.as_str());
+                    false
+                }
+                Route::All => true,
+                Route::Interested(t) if t.is_all() => true,
                 Route::Interested(t) => {
-                    let mut nodes: BTreeSet<String> =
-                        t.conns().iter().map(|c| c.node().to_string()).collect();
+                    nodes.clear();
+                    nodes.extend(t.conns().iter().map(|c| c.node().as_str()));
                     if unsure && (!t.included_users().is_empty() || !t.included_groups().is_empty())
                     {
-                        nodes.extend(maybe_holders.iter().cloned());
+                        nodes.extend(maybe_holders.iter().map(String::as_str));
                     }
                     let held = t
                         .included_users()
@@ -274,11 +281,18 @@ async fn send<'a>(
                                 .get(&key)
                                 .into_iter()
                                 .flat_map(|h| h.iter())
-                                .map(|n| n.to_string()),
+                                .map(|n| &**n),
                         );
                     }
-                    Dests::Nodes(nodes)
+                    nodes.sort_unstable();
+                    nodes.dedup();
+                    false
                 }
+            };
+            let dests = if broadcast {
+                Dests::Broadcast
+            } else {
+                Dests::Nodes(&nodes)
             };
             out.add(shared, seqs, live, keep, me, dests, &o.envelope);
         }
@@ -320,7 +334,7 @@ impl Out {
         live: &crate::liveness::Liveness,
         keep: std::time::Duration,
         me: &str,
-        dests: Dests,
+        dests: Dests<'_>,
         env: &Bytes,
     ) {
         match (shared.cfg.mode, dests) {
@@ -333,10 +347,7 @@ impl Out {
                 }
             }
             (mode, Dests::Nodes(nodes)) => {
-                for node in nodes
-                    .iter()
-                    .filter(|n| n.as_str() != me && live.routable(n, keep))
-                {
+                for &node in nodes.iter().filter(|n| **n != me && live.routable(n, keep)) {
                     match mode {
                         Mode::PubSub => self.publish(shared, seqs, Some(node), env),
                         Mode::Queue => self.xadd(shared, node, env),

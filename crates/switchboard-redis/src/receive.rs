@@ -37,17 +37,24 @@ pub(crate) const HEADER: usize = 17;
 /// Counts what a subscriber missed, per sender and channel.
 #[derive(Default)]
 struct Gaps {
-    last: std::collections::HashMap<(String, bool), (u64, u64)>,
+    /// (epoch, last number) per sender, on the node's channel and on the
+    /// broadcast channel.
+    last: [std::collections::HashMap<String, (u64, u64)>; 2],
 }
 
 impl Gaps {
     /// Records numbers `first..=last` of `epoch` from `origin`; returns how
     /// many were skipped before them.
     fn record(&mut self, origin: &str, broadcast: bool, epoch: u64, first: u64, last: u64) -> u64 {
-        let entry = self
-            .last
-            .entry((origin.to_owned(), broadcast))
-            .or_insert((epoch, first.saturating_sub(1)));
+        let senders = &mut self.last[usize::from(broadcast)];
+        // Looked up by reference: a sender's name is allocated once, not
+        // per message.
+        if !senders.contains_key(origin) {
+            senders.insert(origin.to_owned(), (epoch, first.saturating_sub(1)));
+        }
+        let Some(entry) = senders.get_mut(origin) else {
+            return 0;
+        };
         let missed = if entry.0 == epoch && first > entry.1 {
             first - entry.1 - 1
         } else {
