@@ -1,6 +1,18 @@
-# Starting and stopping the nodes of each benchmarked mode; sourced by
-# scripts/bench.sh and scripts/bench-syscalls.sh, which set BIN and OUT.
-# Every mode listens for clients on 127.0.0.1:9301 and :9302.
+# Starting and stopping the nodes of each benchmarked mode; sourced by the
+# scripts/bench*.sh scripts, which set BIN (see release_bin) and OUT. Every
+# mode listens for clients on 127.0.0.1:9301 and :9302. READY_WAIT: seconds
+# to wait for them to be ready (5).
+
+# The binary to measure: $SWITCHBOARD_BIN (another build, to compare), or this
+# workspace's release build, built now.
+release_bin() {
+  if [ -n "${SWITCHBOARD_BIN:-}" ]; then
+    echo "$SWITCHBOARD_BIN"
+  else
+    cargo build --release --locked --bin switchboard >&2
+    echo ./target/release/switchboard
+  fi
+}
 
 PIDS=()
 two_nodes() { # cluster URL: nodes n0 and n1 on ports 9301 and 9302
@@ -35,7 +47,7 @@ start_nodes() { # mode
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac
   for port in 9301 9302; do
-    for _ in $(seq 100); do
+    for _ in $(seq $((${READY_WAIT:-5} * 20))); do
       curl -sf "127.0.0.1:$port/ready" >/dev/null 2>&1 && break
       sleep 0.05
     done

@@ -16,14 +16,9 @@ MODES=("$@")
 [ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-queue amqp-fanout amqp-routing gateway)
 OUT=artifacts/bench
 mkdir -p "$OUT"
-if [ -n "${SWITCHBOARD_BIN:-}" ]; then
-  BIN=$SWITCHBOARD_BIN
-else
-  cargo build --release --locked --bin switchboard
-  BIN=./target/release/switchboard
-fi
 command -v strace >/dev/null || { echo "needs strace" >&2; exit 1; }
 . scripts/bench-lib.sh
+BIN=$(release_bin)
 trap stop_nodes EXIT
 
 for mode in "${MODES[@]}"; do

@@ -30,14 +30,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # SWITCHBOARD_BIN: measure that binary (another build, to compare), and
 # leave BENCHMARKS.md alone.
-if [ -n "${SWITCHBOARD_BIN:-}" ]; then
-  BIN=$SWITCHBOARD_BIN
-else
-  cargo build --release --locked --bin switchboard
-  BIN=./target/release/switchboard
-fi
-
 . scripts/bench-lib.sh
+BIN=$(release_bin)
+
 trap stop_nodes EXIT
 
 args_for() { # scenario
