@@ -71,6 +71,9 @@ fi
 if ! php -r 'exit(function_exists("curl_init") ? 0 : 1);' >/dev/null 2>&1; then
   absent+=("php|php with the curl extension|test(/php/)")
 fi
+if ! command -v valgrind >/dev/null; then
+  absent+=("valgrind|valgrind (for the instruction-count ceiling)|test(/instruction/)")
+fi
 filter=()
 if [ "${#absent[@]}" -gt 0 ]; then
   if [ "${CI:-}" = true ]; then
