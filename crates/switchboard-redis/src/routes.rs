@@ -43,9 +43,10 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::link::backoff;
 
-/// Routes kept at most, users and groups each. Beyond it an arbitrary one
-/// is forgotten for each learned: it is looked up again when needed.
-const CAP: usize = 256 * 1024;
+/// Routes kept at most, users and groups each (about 100 bytes a route
+/// held by one node: 10 MB each at most). Beyond it an arbitrary one is
+/// forgotten for each learned: it is looked up again when needed.
+const CAP: usize = 100_000;
 
 /// A user's or a group's route: the nodes holding it.
 pub(crate) type Holders = Arc<[Box<str>]>;
