@@ -1114,3 +1114,59 @@ async fn pubsub_known_routes_need_no_lookup() {
 async fn queue_known_routes_need_no_lookup() {
     known_routes_need_no_lookup("queue").await;
 }
+
+/// A node that cannot hear route changes must not route by what it kept:
+/// the sender's subscriptions are cut (and may not come back) while the
+/// receiver moves to another node; the next push still finds him, by asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_deaf_to_route_changes_asks_instead_of_misrouting() {
+    let rs = RedisServer::start(false).unwrap();
+    let mut redis = create_user_n1(&rs.url()).await;
+    let prefix = unique_prefix("deaf");
+    let p = Process {
+        nodes: vec![
+            // n1, the sender, connects as the ACL user whose rights change.
+            node_on(&rs, "n1", "mode=pubsub", &prefix).await,
+            node_on(&rs, "n0", "mode=pubsub", &prefix).await,
+            node_on(&rs, "n2", "mode=pubsub", &prefix).await,
+        ],
+    };
+    let (sender, n0, n2) = (&p.nodes[0], &p.nodes[1], &p.nodes[2]);
+    let mut s = Client::tcp(sender.tcp.unwrap(), "s", None).await.unwrap();
+    let mut bob = Client::ws(n2.ws.unwrap(), "bob", None).await.unwrap();
+    s.send(json!({"op":"to_user","uid":"bob","data":"on n2"}))
+        .await
+        .unwrap();
+    assert_eq!(bob.recv().await.unwrap(), "on n2");
+
+    // The sender knows bob is on n2. Now it hears no route change: its
+    // routes subscription (one channel; its envelopes' holds two) is cut,
+    // and may not come back. Its other connections stay, so it has no
+    // reconnect window in which it would ask anyway.
+    acl_n1(&mut redis, &["-subscribe"]).await;
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let routes = clients
+        .lines()
+        .find(|l| l.contains(" user=n1 ") && l.contains(" sub=1 "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .expect("the sender's routes subscription")
+        .to_owned();
+    assert_eq!(
+        kill_n1(&mut redis, &["ID", &routes]).await,
+        1,
+        "the sender's routes subscription"
+    );
+    // Bob moves to n0, and leaves n2.
+    let mut bob0 = Client::ws(n0.ws.unwrap(), "bob", None).await.unwrap();
+    bob.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.send(json!({"op":"to_user","uid":"bob","data":"on n0"}))
+        .await
+        .unwrap();
+    assert_eq!(bob0.recv().await.unwrap(), "on n0");
+    Box::new(p).shutdown_all().await;
+}
