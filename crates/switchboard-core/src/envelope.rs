@@ -10,6 +10,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::Frame;
+use crate::history::Position;
 use crate::id::{ConnId, GroupId, NodeId, UserId};
 use crate::query::{LocalAnswer, Query};
 use crate::target::Target;
@@ -65,6 +66,19 @@ pub enum Body {
     App {
         /// What the application sent.
         data: Bytes,
+    },
+    /// Deliver a recorded push: like [`Body::Push`], with the stream and
+    /// position the frame carries, so that a connection recovering that
+    /// stream gets each entry once.
+    Recorded {
+        /// Recipients.
+        target: Target,
+        /// The stream the push was appended to.
+        stream: String,
+        /// Its position there.
+        pos: Position,
+        /// The frame (the `{"op":"push",...}` text), shared by every recipient.
+        frame: Frame,
     },
 }
 
@@ -247,6 +261,14 @@ mod tests {
     fn body() -> impl Strategy<Value = Body> {
         prop_oneof![
             (target(), frame()).prop_map(|(target, frame)| Body::Push { target, frame }),
+            (target(), "[a-z:]{1,8}", any::<u64>(), any::<u64>(), frame()).prop_map(
+                |(target, stream, offset, epoch, frame)| Body::Recorded {
+                    target,
+                    stream,
+                    pos: Position { offset, epoch },
+                    frame,
+                }
+            ),
             (target(), ".{0,10}").prop_map(|(target, reason)| Body::Close { target, reason }),
             (conn(), "[a-z]{1,5}").prop_map(|(conn, u)| Body::Request {
                 op: Op::Bind {

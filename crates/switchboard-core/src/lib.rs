@@ -5,6 +5,7 @@
 //! - [`target`]: who a push reaches.
 //! - [`query`]: cluster-wide questions and how per-node answers combine.
 //! - [`envelope`]: the compact binary messages between nodes.
+//! - [`history`]: recorded pushes, their positions, and where they are kept.
 //! - [`framing`]: line and length-prefixed framing for raw TCP.
 //! - [`backplane`]: the cluster seam every mode implements; [`memory`] is the
 //!   in-process implementation.
@@ -14,6 +15,7 @@ pub mod bundle;
 pub mod envelope;
 pub mod frame;
 pub mod framing;
+pub mod history;
 pub mod id;
 pub mod memory;
 pub mod query;
@@ -25,6 +27,7 @@ pub use backplane::{
 pub use envelope::{Body, Envelope, Op, OpResult, Session};
 pub use frame::{Frame, FrameKind, Payload};
 pub use framing::Framing;
+pub use history::{Entry, History, HistoryError, MemoryHistory, Position, Retention, Since};
 pub use id::{ConnId, GroupId, NodeId, UserId};
 pub use memory::MemoryBus;
 pub use query::{Answer, LocalAnswer, Query, Totals};
