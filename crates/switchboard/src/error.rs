@@ -1,7 +1,7 @@
 //! Errors of hub operations.
 
 use switchboard_core::frame::NotUtf8;
-use switchboard_core::{ConnId, NodeId};
+use switchboard_core::{ConnId, HistoryError, NodeId};
 
 /// A push could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +10,16 @@ pub enum PushError {
     /// The payload is not UTF-8 but the frame kind is text.
     #[error(transparent)]
     NotUtf8(#[from] NotUtf8),
+    /// A recorded push must name users or groups: their streams are what is
+    /// recorded. Connections and "everyone" have no stream.
+    #[error("only pushes to users or groups can be recorded")]
+    NotRecordable,
+    /// A recorded push on a hub with no history store.
+    #[error("this node keeps no history")]
+    NoHistory,
+    /// The history store failed: the push was not made.
+    #[error(transparent)]
+    History(#[from] HistoryError),
 }
 
 /// An operation on a connection (membership, session) failed.

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use switchboard_core::{ConnId, Frame, GroupId, NodeId, Session, UserId};
+use switchboard_core::{ConnId, Frame, GroupId, NodeId, Position, Session, UserId};
 
 use crate::hub::Hub;
 
@@ -66,6 +66,14 @@ impl ConnectInfo {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v)
     }
+
+    /// Every value of a repeated query-string parameter, percent-decoded, in
+    /// order.
+    pub fn query_params<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Cow<'a, str>> + 'a {
+        form_urlencoded::parse(self.query.as_bytes())
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
 }
 
 /// Accepting a connection, with what to do as it opens. The bindings and the
@@ -78,6 +86,8 @@ pub struct Accept {
     pub(crate) groups: Vec<GroupId>,
     pub(crate) session: Session,
     pub(crate) greeting: Vec<Frame>,
+    /// Streams to recover, and the position the client has of each.
+    pub(crate) recover: Vec<(String, Position)>,
 }
 
 impl Accept {
@@ -107,6 +117,19 @@ impl Accept {
     /// Send this frame first.
     pub fn greet(mut self, frame: Frame) -> Self {
         self.greeting.push(frame);
+        self
+    }
+
+    /// Recover `stream` from `pos`: after its greeting the connection gets
+    /// every entry of the stream after `pos`, then
+    /// `{"op":"recovered","stream":...,"recovered":true}` (or `false`, with no
+    /// entry, when the history no longer covers `pos`), then its live frames,
+    /// with nothing missed or repeated in between. The application decides
+    /// whether the client may read the stream; a connection should be bound
+    /// to the user, or a member of the group, whose stream it recovers, or it
+    /// gets no live entries after the replay.
+    pub fn recover(mut self, stream: impl Into<String>, pos: Position) -> Self {
+        self.recover.push((stream.into(), pos));
         self
     }
 

@@ -52,6 +52,7 @@ pub mod handler;
 pub mod hub;
 mod outbox;
 mod registry;
+mod sequencer;
 pub mod server;
 mod stats;
 #[cfg(feature = "tls")]
@@ -62,7 +63,8 @@ pub use async_trait::async_trait;
 pub use http;
 pub use switchboard_core as core;
 pub use switchboard_core::{
-    Answer, ConnId, Frame, FrameKind, GroupId, NodeId, Session, Standalone, Target, Totals, UserId,
+    Answer, ConnId, Frame, FrameKind, GroupId, History, MemoryHistory, NodeId, Position, Retention,
+    Session, Standalone, Target, Totals, UserId,
 };
 
 pub use config::{Limits, MAX_NAME_LEN, RateLimit, SlowConsumer, check_name};
@@ -70,7 +72,7 @@ pub use error::{BuildError, OpError, PushError};
 pub use handler::{
     Accept, CloseReason, ConnectInfo, Decision, Handler, NoopHandler, Reject, Transport,
 };
-pub use hub::{CloseReport, Hub, HubBuilder, PushReport};
+pub use hub::{CloseReport, Hub, HubBuilder, PushReport, RecordedPush};
 pub use server::Server;
 pub use stats::{CloseKinds, DropKinds, HubStats, PerTransport, PushKinds};
 pub use transport::TcpOptions;

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 
 use futures_util::task::AtomicWaker;
-use switchboard_core::Frame;
+use switchboard_core::{Frame, Position};
 
 use crate::config::SlowConsumer;
 use crate::handler::CloseReason;
@@ -39,6 +39,8 @@ pub(crate) enum Queued {
     Overflowed,
     /// The connection is closing; the frame was not queued.
     Closing,
+    /// A recorded frame the connection already got from its replay.
+    Repeat,
 }
 
 /// Frames a writer takes at a time: as many as one `writev` carries.
@@ -144,7 +146,27 @@ struct State {
     offset: usize,
     /// Boxed: rare, and it keeps every outbox smaller.
     closing: Option<Box<CloseReason>>,
+    /// Set for a connection that recovers streams. Boxed, as `closing`.
+    recovery: Option<Box<Recovery>>,
 }
+
+/// A connection recovering streams on connect: until its replay is queued,
+/// every frame for it is held, and afterwards a recorded frame of one of
+/// those streams at or before what the client got is dropped. This is what
+/// makes the seam exact: pushes keep flowing while the history is read, and
+/// a recorded push may arrive from another node after its entry was
+/// replayed.
+#[derive(Debug, Default)]
+struct Recovery {
+    /// The recovered streams, and the latest position the client got of each.
+    last: Vec<(Box<str>, Option<Position>)>,
+    /// While the replay is read: what arrived meanwhile, in order, with the
+    /// recovered stream and position of a recorded frame.
+    held: Option<Vec<(Option<Mark>, Frame)>>,
+}
+
+/// A held recorded frame: which recovered stream (its index) and where.
+type Mark = (usize, Position);
 
 /// Capacity limits of one outbox, and how long its connection may stay silent.
 #[derive(Debug, Clone, Copy)]
@@ -229,22 +251,44 @@ impl Outbox {
 
     /// Queues a frame for writing.
     pub(crate) fn push(&self, frame: &Frame) -> Queued {
+        self.push_marked(frame, None)
+    }
+
+    /// Queues a recorded frame: the entry at `pos` of `stream`.
+    pub(crate) fn push_recorded(&self, frame: &Frame, stream: &str, pos: Position) -> Queued {
+        self.push_marked(frame, Some((stream, pos)))
+    }
+
+    fn push_marked(&self, frame: &Frame, mark: Option<(&str, Position)>) -> Queued {
         let mut s = self.lock();
         if s.closing.is_some() {
             return Queued::Closing;
         }
+        if let Some(r) = s.recovery.as_deref_mut() {
+            let mark = mark.and_then(|(stream, pos)| {
+                let i = r.last.iter().position(|(s, _)| &**s == stream)?;
+                Some((i, pos))
+            });
+            if let Some((i, pos)) = mark
+                && r.last[i].1.is_some_and(|last| pos.covered_by(&last))
+            {
+                return Queued::Repeat;
+            }
+            if let Some(held) = r.held.as_mut() {
+                if held.len() < self.caps.frames {
+                    held.push((mark, frame.clone()));
+                    return Queued::Yes;
+                }
+                return self.full(s);
+            }
+            if let Some((i, pos)) = mark {
+                r.last[i].1 = Some(pos);
+            }
+        }
         let full = s.queue.len() >= self.caps.frames
             || (s.bytes + frame.len() > self.caps.bytes && !s.queue.is_empty());
         if full {
-            return match self.caps.policy {
-                SlowConsumer::DropNewest => Queued::Dropped,
-                SlowConsumer::Close => {
-                    s.closing = Some(Box::new(CloseReason::SlowConsumer));
-                    drop(s);
-                    self.wake();
-                    Queued::Overflowed
-                }
-            };
+            return self.full(s);
         }
         let was_empty = s.queue.is_empty();
         s.bytes += frame.len();
@@ -256,6 +300,76 @@ impl Outbox {
             self.wake();
         }
         Queued::Yes
+    }
+
+    /// A frame that does not fit: the slow-consumer policy.
+    fn full(&self, mut s: std::sync::MutexGuard<'_, State>) -> Queued {
+        match self.caps.policy {
+            SlowConsumer::DropNewest => Queued::Dropped,
+            SlowConsumer::Close => {
+                s.closing = Some(Box::new(CloseReason::SlowConsumer));
+                drop(s);
+                self.wake();
+                Queued::Overflowed
+            }
+        }
+    }
+
+    /// Starts holding every frame for this connection until
+    /// [`Outbox::finish_recovery`]: called before the connection is visible
+    /// to any push.
+    pub(crate) fn begin_recovery(&self, streams: impl IntoIterator<Item = Box<str>>) {
+        self.lock().recovery = Some(Box::new(Recovery {
+            last: streams.into_iter().map(|s| (s, None)).collect(),
+            held: Some(Vec::new()),
+        }));
+    }
+
+    /// Queues the replay (`frames`, already in order: each stream's missed
+    /// entries then its `recovered` frame), then what was held meanwhile,
+    /// without the recorded frames the replay covered. `last[i]` is the latest
+    /// position the client has of the i-th stream given to
+    /// [`Outbox::begin_recovery`] (`None` when it could not recover it).
+    ///
+    /// The replay is not held to the frame cap: the history's read limit
+    /// bounds it.
+    pub(crate) fn finish_recovery(&self, frames: Vec<Frame>, last: Vec<Option<Position>>) {
+        let mut s = self.lock();
+        if s.closing.is_some() {
+            return;
+        }
+        let State {
+            queue,
+            bytes,
+            recovery,
+            ..
+        } = &mut *s;
+        let Some(r) = recovery.as_deref_mut() else {
+            return;
+        };
+        let was_empty = queue.is_empty();
+        for f in frames {
+            *bytes += f.len();
+            queue.push_back(f);
+        }
+        for (slot, l) in r.last.iter_mut().zip(last) {
+            slot.1 = l;
+        }
+        for (mark, frame) in r.held.take().unwrap_or_default() {
+            if let Some((i, pos)) = mark {
+                if r.last[i].1.is_some_and(|last| pos.covered_by(&last)) {
+                    continue;
+                }
+                r.last[i].1 = Some(pos);
+            }
+            *bytes += frame.len();
+            queue.push_back(frame);
+        }
+        let wake = was_empty && !queue.is_empty();
+        drop(s);
+        if wake {
+            self.wake();
+        }
     }
 
     /// Asks the connection to close. The first reason wins. Returns whether this
@@ -609,5 +723,61 @@ mod tests {
         // A queue of one frame never needs it.
         o.push(&Frame::text("y"));
         assert_eq!(o.lock().queue.more.capacity(), 0);
+    }
+
+    fn texts(o: &Outbox) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            let mut b = Batch::default();
+            o.take(&mut b);
+            if b.is_empty() {
+                return out;
+            }
+            out.extend(b.map(|f| f.as_text().unwrap().to_owned()));
+        }
+    }
+
+    fn at(offset: u64) -> Position {
+        Position { offset, epoch: 1 }
+    }
+
+    #[test]
+    fn a_recovering_outbox_holds_live_frames_behind_its_replay_and_drops_repeats() {
+        let o = Outbox::new(Caps {
+            frames: 10,
+            bytes: 1000,
+            ..caps(SlowConsumer::Close)
+        });
+        o.push(&Frame::text("welcome"));
+        o.begin_recovery(["user:u".into()]);
+        assert_eq!(o.push_recorded(&Frame::text("e3"), "user:u", at(3)), Queued::Yes);
+        assert_eq!(o.push(&Frame::text("plain")), Queued::Yes);
+        assert_eq!(o.push_recorded(&Frame::text("e4"), "user:u", at(4)), Queued::Yes);
+        // Another stream's entries are held too, never dropped.
+        assert_eq!(o.push_recorded(&Frame::text("g1"), "group:g", at(1)), Queued::Yes);
+        assert_eq!(texts(&o), ["welcome"], "held until the replay is queued");
+        o.finish_recovery(
+            vec![Frame::text("e2"), Frame::text("e3"), Frame::text("recovered")],
+            vec![Some(at(3))],
+        );
+        assert_eq!(texts(&o), ["e2", "e3", "recovered", "plain", "e4", "g1"]);
+        // Later: a repeat is dropped, a new entry passes.
+        assert_eq!(o.push_recorded(&Frame::text("e4"), "user:u", at(4)), Queued::Repeat);
+        assert_eq!(o.push_recorded(&Frame::text("e5"), "user:u", at(5)), Queued::Yes);
+        // A new epoch is not a repeat.
+        let new = Position { offset: 1, epoch: 2 };
+        assert_eq!(o.push_recorded(&Frame::text("n1"), "user:u", new), Queued::Yes);
+        assert_eq!(texts(&o), ["e5", "n1"]);
+    }
+
+    #[test]
+    fn a_recovering_outbox_holds_no_more_than_its_cap() {
+        let o = Outbox::new(caps(SlowConsumer::Close));
+        o.begin_recovery(["user:u".into()]);
+        for _ in 0..3 {
+            assert_eq!(o.push(&Frame::text("x")), Queued::Yes);
+        }
+        assert_eq!(o.push(&Frame::text("x")), Queued::Overflowed);
+        assert_eq!(o.closing(), Some(CloseReason::SlowConsumer));
     }
 }

@@ -6,16 +6,19 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use switchboard_core::history::{StreamOf, group_stream, user_stream};
 
 use switchboard_core::query::LocalTotals;
 use switchboard_core::{
-    Backplane, ConnId, Frame, GroupId, LocalAnswer, MembershipChange, NodeId, Query, Session,
-    Target, UserId,
+    Backplane, ConnId, Frame, GroupId, LocalAnswer, MembershipChange, NodeId, Position, Query,
+    Session, Target, UserId,
 };
 
 use crate::handler::CloseReason;
 use crate::outbox::{Outbox, Queued};
+use crate::sequencer::{Arrival, Gap, Held, Sequencer};
 
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -134,6 +137,18 @@ pub(crate) struct Delivery {
     pub(crate) overflowed: u32,
 }
 
+impl Delivery {
+    fn count(&mut self, q: Queued) {
+        match q {
+            Queued::Yes => self.queued += 1,
+            Queued::Dropped => self.dropped += 1,
+            Queued::Overflowed => self.overflowed += 1,
+            // A repeat reached the client already, from its replay.
+            Queued::Closing | Queued::Repeat => {}
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Registry {
     node: NodeId,
@@ -142,6 +157,9 @@ pub(crate) struct Registry {
     groups: HashMap<GroupId, HashMap<u64, Arc<Outbox>>>,
     /// Most groups one connection may be in.
     max_groups: usize,
+    /// The order of recorded pushes per stream with local members. A mutex
+    /// of its own: deliveries hold the registry's read lock.
+    order: Mutex<Sequencer>,
 }
 
 impl Registry {
@@ -152,6 +170,7 @@ impl Registry {
             conns: HashMap::new(),
             users: HashMap::new(),
             groups: HashMap::new(),
+            order: Mutex::new(Sequencer::default()),
         }
     }
 
@@ -279,6 +298,10 @@ impl Registry {
                 shrink(self.users.len(), self.users.capacity(), |n| {
                     self.users.shrink_to(n)
                 });
+                let order = self.order.get_mut().unwrap_or_else(|p| p.into_inner());
+                if !order.is_empty() {
+                    order.forget(&user_stream(user.as_str()));
+                }
             }
         }
         bp.membership(&MembershipChange::Unbound {
@@ -335,6 +358,10 @@ impl Registry {
                 shrink(self.groups.len(), self.groups.capacity(), |n| {
                     self.groups.shrink_to(n)
                 });
+                let order = self.order.get_mut().unwrap_or_else(|p| p.into_inner());
+                if !order.is_empty() {
+                    order.forget(&group_stream(group.as_str()));
+                }
             } else {
                 shrink(members.len(), members.capacity(), |n| members.shrink_to(n));
             }
@@ -460,12 +487,132 @@ impl Registry {
     /// Queues `frame` on every local connection `target` selects.
     pub(crate) fn deliver(&self, target: &Target, frame: &Frame) -> Delivery {
         let mut d = Delivery::default();
-        self.for_each(target, |outbox| match outbox.push(frame) {
-            Queued::Yes => d.queued += 1,
-            Queued::Dropped => d.dropped += 1,
-            Queued::Overflowed => d.overflowed += 1,
-            Queued::Closing => {}
+        self.for_each(target, |outbox| d.count(outbox.push(frame)));
+        d
+    }
+
+    /// Queues a recorded frame, the entry at `pos` of `stream`, to every
+    /// local connection `target` selects, in the stream's order (see
+    /// [`Sequencer`]). Returns what was delivered (the entry and any held
+    /// ones it released) and whether entries are held now.
+    pub(crate) fn deliver_recorded(
+        &self,
+        target: &Target,
+        stream: &str,
+        pos: Position,
+        frame: &Frame,
+        now: u64,
+    ) -> (Delivery, bool) {
+        let mut d = Delivery::default();
+        if !self.has_members(stream) {
+            // Nobody here reads it, and no order to keep.
+            return (d, false);
+        }
+        let mut order = self.order();
+        let held = || Held {
+            target: target.clone(),
+            frame: frame.clone(),
+        };
+        match order.arrive(stream, pos, now, held) {
+            Arrival::Held => {}
+            Arrival::Late => {
+                self.queue_recorded(&mut d, target, stream, pos, frame);
+            }
+            Arrival::Deliver => {
+                self.queue_recorded(&mut d, target, stream, pos, frame);
+                for (pos, h) in order.ready(stream) {
+                    self.queue_recorded(&mut d, &h.target, stream, pos, &h.frame);
+                }
+            }
+        }
+        (d, order.is_holding())
+    }
+
+    fn queue_recorded(
+        &self,
+        d: &mut Delivery,
+        target: &Target,
+        stream: &str,
+        pos: Position,
+        frame: &Frame,
+    ) {
+        self.for_each(target, |outbox| {
+            d.count(outbox.push_recorded(frame, stream, pos));
         });
+    }
+
+    /// Whether this node has members of `stream` (`user:U`, `group:G`).
+    fn has_members(&self, stream: &str) -> bool {
+        match StreamOf::parse(stream) {
+            Some(StreamOf::User(u)) => self.users.contains_key(u),
+            Some(StreamOf::Group(g)) => self.groups.contains_key(g),
+            None => false,
+        }
+    }
+
+    fn order(&self) -> std::sync::MutexGuard<'_, Sequencer> {
+        // Every mutation of the sequencer is complete before it can panic.
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gaps in recorded streams held past `timeout` ms.
+    pub(crate) fn overdue_gaps(&self, now: u64, timeout: u64) -> Vec<Gap> {
+        self.order().overdue(now, timeout)
+    }
+
+    /// Fills `gap` with `entries` read from the history (frames built by
+    /// `frame`), then delivers what it held back. Returns the delivery,
+    /// how many offsets of the gap nothing filled, and whether entries are
+    /// still held.
+    pub(crate) fn fill_gap(
+        &self,
+        gap: &Gap,
+        entries: &[(Position, Frame)],
+        now: u64,
+    ) -> (Delivery, u64, bool) {
+        let mut d = Delivery::default();
+        let mut order = self.order();
+        if !order.close_gap(gap, now) {
+            return (d, 0, order.is_holding());
+        }
+        let target = match StreamOf::parse(&gap.stream) {
+            Some(StreamOf::User(u)) => Target::user(u),
+            Some(StreamOf::Group(g)) => Target::group(g),
+            None => Target::none(),
+        };
+        let mut filled = 0;
+        for (pos, frame) in entries {
+            if (gap.from..gap.until).contains(&pos.offset) && pos.epoch == gap.epoch {
+                self.queue_recorded(&mut d, &target, &gap.stream, *pos, frame);
+                filled += 1;
+            }
+        }
+        for (pos, h) in order.ready(&gap.stream) {
+            self.queue_recorded(&mut d, &h.target, &gap.stream, pos, &h.frame);
+        }
+        let lost = (gap.until - gap.from).saturating_sub(filled);
+        (d, lost, order.is_holding())
+    }
+
+    /// Whether recorded entries are held waiting for earlier ones.
+    pub(crate) fn holding(&self) -> bool {
+        self.order().is_holding()
+    }
+
+    /// A local connection starts recovering `stream` from `pos`.
+    pub(crate) fn recovering(&self, stream: &str, pos: Position) {
+        self.order().recovering(stream, pos);
+    }
+
+    /// A local connection's replay of `stream` ended at `last`; delivers
+    /// what the stream's order can release now.
+    pub(crate) fn recovered(&self, stream: &str, last: Option<Position>) -> Delivery {
+        let mut d = Delivery::default();
+        let mut order = self.order();
+        order.recovered(stream, last);
+        for (pos, h) in order.ready(stream) {
+            self.queue_recorded(&mut d, &h.target, stream, pos, &h.frame);
+        }
         d
     }
 

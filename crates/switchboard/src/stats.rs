@@ -32,6 +32,13 @@ pub(crate) struct Counters {
     pub(crate) inbound_dropped: AtomicU64,
     pub(crate) ops_refused: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
+    pub(crate) recorded: AtomicU64,
+    pub(crate) record_failed: AtomicU64,
+    pub(crate) recovered: AtomicU64,
+    pub(crate) not_recovered: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) gap_filled: AtomicU64,
+    pub(crate) gap_lost: AtomicU64,
 }
 
 /// Why frames were lost: see [`DropKinds`], in whose order these are.
@@ -269,6 +276,25 @@ pub struct HubStats {
     /// Operations on this node's connections refused by a limit (a join past
     /// the cap of groups per connection).
     pub ops_refused: u64,
+    /// Recorded pushes appended to a stream's history (one per stream).
+    pub history_recorded: u64,
+    /// Recorded pushes that failed because the history store did (not
+    /// delivered: the caller got the error).
+    pub history_record_failed: u64,
+    /// Streams a connecting client recovered (`recovered:true`).
+    pub history_recovered: u64,
+    /// Streams a connecting client asked for and could not recover
+    /// (`recovered:false`: outside the window, another epoch, the store down).
+    pub history_not_recovered: u64,
+    /// Entries replayed to recovering clients.
+    pub history_replayed: u64,
+    /// Recorded entries that did not reach this node in time (lost by the
+    /// broker, or still on their way) and were read from the history to
+    /// keep their streams in order.
+    pub history_gaps_filled: u64,
+    /// Recorded entries that never reached this node and were no longer in
+    /// the history either: their streams went on without them.
+    pub history_gaps_lost: u64,
     /// Client messages not handled because they came over the rate limit.
     pub messages_rate_limited: u64,
     /// Connections closed for a policy violation: kept sending over the rate
@@ -307,6 +333,13 @@ impl Counters {
             bad_envelopes: g(&self.bad_envelopes),
             inbound_dropped: g(&self.inbound_dropped),
             ops_refused: g(&self.ops_refused),
+            history_recorded: g(&self.recorded),
+            history_record_failed: g(&self.record_failed),
+            history_recovered: g(&self.recovered),
+            history_not_recovered: g(&self.not_recovered),
+            history_replayed: g(&self.replayed),
+            history_gaps_filled: g(&self.gap_filled),
+            history_gaps_lost: g(&self.gap_lost),
             messages_rate_limited: g(&self.rate_limited),
             policy_closed: closes.policy,
             backplane,

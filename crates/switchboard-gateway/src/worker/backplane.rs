@@ -138,7 +138,11 @@ impl Backplane for Links {
         // what follows is never later than the caller's.
         let deadline = Instant::now() + shared.cfg.query_timeout;
         let h = match env.body {
-            Body::Push { target, frame } => push(&shared, &target, &frame, deadline),
+            // Gateways hold the connections and know nothing of recovery:
+            // a recorded push reaches them as its frame.
+            Body::Push { target, frame } | Body::Recorded { target, frame, .. } => {
+                push(&shared, &target, &frame, deadline)
+            }
             Body::Close { target, .. } => close(&shared, &target, deadline),
             Body::Request { op } => {
                 let nodes = match dest {

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use switchboard_core::{Backplane, FrameKind, JoinContext, NodeId, Standalone};
+use switchboard_core::{Backplane, FrameKind, History, JoinContext, NodeId, Standalone};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,6 +35,8 @@ pub struct HubBuilder {
     backplane: Arc<dyn Backplane>,
     handler: Arc<dyn Handler>,
     first_conn_seq: Option<u64>,
+    history: Option<Arc<dyn History>>,
+    record: Vec<String>,
 }
 
 impl std::fmt::Debug for HubBuilder {
@@ -56,6 +58,8 @@ impl HubBuilder {
             backplane: Arc::new(Standalone),
             handler: Arc::new(NoopHandler),
             first_conn_seq: None,
+            history: None,
+            record: Vec::new(),
         }
     }
 
@@ -122,6 +126,23 @@ impl HubBuilder {
         self
     }
 
+    /// Where recorded pushes are kept (default: nowhere, and
+    /// [`Hub::push_recorded`] fails). Nodes of one cluster must share one
+    /// store: a [`switchboard_core::MemoryHistory`] for the nodes of one
+    /// process, Redis for the others.
+    pub fn history(mut self, history: Arc<dyn History>) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// Streams whose pushes the application records without being asked
+    /// (see [`Hub::records`]): patterns such as `user:*` or `group:news-*`,
+    /// where `*` matches any run of characters and `\*` a star.
+    pub fn record<S: Into<String>>(mut self, patterns: impl IntoIterator<Item = S>) -> Self {
+        self.record = patterns.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Joins the cluster and starts the hub's background tasks. Must be called
     /// inside a tokio runtime.
     pub async fn start(self) -> Result<Hub, BuildError> {
@@ -154,6 +175,12 @@ impl HubBuilder {
                 closing: CancellationToken::new(),
                 stop: CancellationToken::new(),
                 epoch: tokio::time::Instant::now(),
+                history: self.history,
+                record: self.record,
+                gaps: Arc::new(tokio::sync::Notify::new()),
+                record_order: (0..super::history::ORDER_LOCKS)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
             }),
         };
         let ctx = JoinContext::new(
@@ -172,6 +199,11 @@ impl HubBuilder {
             Arc::downgrade(&hub.inner),
             hub.inner.stop.clone(),
             hub.inner.limits.heartbeat,
+        ));
+        hub.inner.tasks.spawn(super::history::fill_gaps(
+            Arc::downgrade(&hub.inner),
+            hub.inner.stop.clone(),
+            hub.inner.gaps.clone(),
         ));
         tracing::info!(node = %hub.inner.node, "hub started");
         Ok(hub)

@@ -8,6 +8,7 @@
 //! and otherwise by asking every live peer and folding the replies.
 
 mod builder;
+mod history;
 mod ops;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use builder::HubBuilder;
+pub use history::{RecordedPush, recorded_frame, recovered_frame};
 
 use crate::config::Limits;
 use crate::error::PushError;
@@ -105,6 +107,14 @@ pub(crate) struct Inner {
     handled: tokio::sync::watch::Sender<u64>,
     /// This node's connections, for backplane replays.
     view: Arc<View>,
+    /// Where recorded pushes are kept, if anywhere.
+    history: Option<Arc<dyn switchboard_core::History>>,
+    /// Keeps one node's recorded pushes to a stream in position order.
+    record_order: Box<[tokio::sync::Mutex<()>]>,
+    /// Patterns of the streams recorded by configuration.
+    record: Vec<String>,
+    /// Wakes the task that fills gaps in recorded streams.
+    gaps: Arc<tokio::sync::Notify>,
 }
 
 /// The node's connections as a backplane sees them, for replays.
@@ -324,12 +334,28 @@ impl Hub {
 
     /// Registers an accepted connection. Its greeting is queued before it is
     /// visible to any push, so it is always the connection's first frame.
-    pub(crate) fn open(&self, conn: &ConnId, accept: Accept, transport: Transport) -> Arc<Outbox> {
+    pub(crate) fn open(
+        &self,
+        conn: &ConnId,
+        mut accept: Accept,
+        transport: Transport,
+    ) -> Arc<Outbox> {
         let caps = &self.inner.caps[usize::from(transport == Transport::Tcp)];
         let outbox = Arc::new(Outbox::new(caps.clone()));
         outbox.heard(self.clock_ms());
         for f in &accept.greeting {
             outbox.push(f);
+        }
+        let recover = std::mem::take(&mut accept.recover);
+        if !recover.is_empty() {
+            // Before the connection is visible: its first live frame must
+            // wait behind the replay, and the stream's entries after the
+            // client's position reach it in order.
+            outbox.begin_recovery(recover.iter().map(|(s, _)| s.as_str().into()));
+            let reg = self.registry();
+            for (stream, pos) in &recover {
+                reg.recovering(stream, *pos);
+            }
         }
         self.registry_mut().insert(
             conn.seq(),
@@ -343,6 +369,9 @@ impl Hub {
         if self.inner.closing.is_cancelled() {
             // Shutdown began while this connection was being accepted.
             outbox.close(CloseReason::Shutdown);
+        }
+        if !recover.is_empty() {
+            self.spawn_recovery(outbox.clone(), recover);
         }
         outbox
     }
@@ -528,6 +557,14 @@ impl Hub {
                 // node it was made on counted that).
                 let d = self.registry().deliver(&target, &frame);
                 self.inner.counters.delivered(&d);
+            }
+            Body::Recorded {
+                target,
+                stream,
+                pos,
+                frame,
+            } => {
+                self.deliver_recorded(&target, &stream, pos, &frame);
             }
             Body::Close { target, reason } => {
                 self.registry().close(&target, &CloseReason::Kicked(reason));
