@@ -55,7 +55,7 @@ absent=()
 redis_addr=${SWITCHBOARD_TEST_REDIS:-127.0.0.1:6379}
 amqp_addr=${SWITCHBOARD_TEST_AMQP:-127.0.0.1:5672}
 if ! probe "$redis_addr" 'PING\r\n' '+PONG' || ! command -v redis-server >/dev/null; then
-  absent+=("redis|Redis at $redis_addr and the redis-server binary|(package(switchboard-server) | package(switchboard-test)) & (binary(/redis/) | test(/redis/))")
+  absent+=("redis|Redis at $redis_addr and the redis-server binary|(package(switchboard-server) | package(switchboard-test) | package(switchboard-redis)) & (binary(/redis|history/) | test(/redis/))")
 fi
 if ! probe "$amqp_addr" 'AMQP\x00\x00\x09\x01' $'\x01' ||
    ! command -v rabbitmq-server >/dev/null || ! command -v rabbitmqctl >/dev/null; then

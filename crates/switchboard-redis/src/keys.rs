@@ -15,8 +15,12 @@
 //! | `P:uc:USER` | hash | node → local connections of the user |
 //! | `P:group:GROUP` | set | members of the group |
 //! | `P:gc:GROUP` | hash | node → local members of the group |
+//! | `P:hist:STREAM` | stream | history: recorded pushes of `user:U` / `group:G`, id `<offset>-0`, fields `d` (data), `b` (1 if binary), `t` (append time, ms, Redis clock) |
+//! | `P:histm:STREAM` | hash | history: `epoch` (hex), `top` (latest offset handed out) |
 //!
 //! Each node writes only its own entries; survivors remove a dead node's.
+//! History keys are written by whichever node records a push, and expire on
+//! their own (see `history`).
 
 use std::fmt::Display;
 
@@ -93,6 +97,14 @@ impl Keys {
     }
     pub(crate) fn group_nodes(&self, group: impl Display) -> String {
         self.k("gc", group)
+    }
+    /// The entries of a history stream (`user:U`, `group:G`).
+    pub(crate) fn history(&self, stream: &str) -> String {
+        self.k("hist", stream)
+    }
+    /// The epoch and latest offset of a history stream.
+    pub(crate) fn history_meta(&self, stream: &str) -> String {
+        self.k("histm", stream)
     }
 }
 

@@ -26,6 +26,10 @@
 //! node that dies disappears from every answer within `node_ttl`; its entries
 //! are collected one TTL later (pub/sub) or after `queue_age` (queue).
 //!
+//! **History** ([`RedisHistory`]): recorded pushes per user and group stream,
+//! kept in Redis Streams so that a client reconnecting to any node can
+//! recover what it missed.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use switchboard_redis::{RedisBackplane, RedisConfig};
@@ -37,6 +41,7 @@
 
 mod config;
 mod directory;
+mod history;
 mod keys;
 mod link;
 mod liveness;
@@ -62,6 +67,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{ConfigError, Mode, RedisConfig};
+pub use history::RedisHistory;
 
 use directory::Directory;
 use keys::Keys;
