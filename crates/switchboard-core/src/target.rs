@@ -97,6 +97,14 @@ impl Target {
         self
     }
 
+    /// But not the connections and users `other` excludes: a part of
+    /// `other` keeps its exclusions.
+    pub fn excluding_as(mut self, other: &Target) -> Self {
+        self.except_conns.extend(other.except_conns.iter().cloned());
+        self.except_users.extend(other.except_users.iter().cloned());
+        self
+    }
+
     /// Whether every connection is included (before exclusions).
     pub fn is_all(&self) -> bool {
         self.all

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 use switchboard::auth::{Action, Identity, Permissions};
 use switchboard::core::ConnId;
+use switchboard::core::history::StreamOf;
 use switchboard::{
     Accept, CloseReason, ConnectInfo, Decision, Frame, Handler, Hub, Reject, Target, Transport,
     async_trait, check_name,
@@ -165,7 +166,20 @@ struct Hello {
     uid: Option<String>,
     #[serde(default)]
     group: Option<String>,
+    /// `"STREAM@POS"`, or a list of them.
+    #[serde(default)]
+    recover: Option<OneOrMany>,
 }
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Most streams one connection may recover at once.
+const MAX_RECOVER: usize = 16;
 
 #[derive(Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -297,7 +311,11 @@ fn wants(req: &Request) -> (Action, &'static str, Vec<&str>) {
 impl ReferenceApp {
     /// Accepts a client that proved who it is: by a token, or by the
     /// connect proxy's answer.
-    async fn admit_token(&self, hub: &Hub, info: &ConnectInfo) -> Result<Accept, Decision> {
+    async fn admit_token(
+        &self,
+        hub: &Hub,
+        info: &ConnectInfo,
+    ) -> Result<(Accept, Permissions), Decision> {
         let sec = &self.inner.security;
         let mut id: Identity = match (&sec.jwt, &sec.proxy) {
             (Some(jwt), _) => jwt.verify_connect(info).map_err(|e| {
@@ -326,7 +344,8 @@ impl ReferenceApp {
         if let Some(exp) = id.expires {
             session.insert(SESSION_EXP.into(), exp.to_string());
         }
-        Ok(id.accept().session(session))
+        let can = id.can.clone();
+        Ok((id.accept().session(session), can))
     }
 
     /// The grant of an authenticated connection: cached, or read back from
@@ -484,7 +503,7 @@ impl Handler for ReferenceApp {
             );
             return refused(refuse(switchboard::http::StatusCode::FORBIDDEN, &reason));
         }
-        let accept = if sec.authenticates() {
+        let (accept, can) = if sec.authenticates() {
             match self.admit_token(hub, info).await {
                 Ok(a) => a,
                 Err(d) => return refused(d),
@@ -493,10 +512,11 @@ impl Handler for ReferenceApp {
             match named_identity(info) {
                 Ok((uid, group)) => {
                     let a = Accept::new().bind(uid);
-                    match group {
+                    let a = match group {
                         Some(g) => a.join(g),
                         None => a,
-                    }
+                    };
+                    (a, Permissions::everything())
                 }
                 Err(reason) => {
                     return refuse(switchboard::http::StatusCode::BAD_REQUEST, &reason);
@@ -533,7 +553,34 @@ impl Handler for ReferenceApp {
             };
             events.connect(&info.conn, accept.user().map(|u| u.as_str()), transport);
         }
-        accept.greet(Frame::text(welcome.to_string())).into()
+        let mut accept = accept.greet(Frame::text(welcome.to_string()));
+        match recover_requests(info) {
+            Ok(asked) => {
+                for (stream, pos) in asked {
+                    let allowed = match StreamOf::parse(&stream) {
+                        Some(StreamOf::User(u)) => u == uid,
+                        Some(StreamOf::Group(g)) => can.allows(Action::Join, g),
+                        None => false,
+                    };
+                    if !allowed {
+                        self.inner.counters.denied.fetch_add(1, Ordering::Relaxed);
+                        accept = accept
+                            .greet(error_frame(&format!("not permitted: recover {stream:?}")));
+                        continue;
+                    }
+                    // A group's live entries reach members only.
+                    if let Some(StreamOf::Group(g)) = StreamOf::parse(&stream)
+                        && !accept.groups().iter().any(|m| m.as_str() == g)
+                    {
+                        let g = g.to_owned();
+                        accept = accept.join(g);
+                    }
+                    accept = accept.recover(stream, pos);
+                }
+            }
+            Err(reason) => accept = accept.greet(error_frame(&reason)),
+        }
+        accept.into()
     }
 
     async fn on_message(&self, hub: &Hub, conn: &ConnId, frame: Frame) {
@@ -573,12 +620,12 @@ impl Handler for ReferenceApp {
             }
         }
         let reply = match req {
-            Request::ToUser { uid, data } => push(hub, &Target::user(uid), data),
-            Request::ToUsers { uids, data } => push(hub, &Target::users(uids), data),
-            Request::ToGroup { group, data } => push(hub, &Target::group(group), data),
-            Request::ToAll { data } => push(hub, &Target::all(), data),
+            Request::ToUser { uid, data } => push(hub, &Target::user(uid), data).await,
+            Request::ToUsers { uids, data } => push(hub, &Target::users(uids), data).await,
+            Request::ToGroup { group, data } => push(hub, &Target::group(group), data).await,
+            Request::ToAll { data } => push(hub, &Target::all(), data).await,
             Request::ToConn { conn: to, data } => match to.parse::<ConnId>() {
-                Ok(to) => push(hub, &Target::conn(to), data),
+                Ok(to) => push(hub, &Target::conn(to), data).await,
                 Err(e) => Some(error_frame(&e.to_string())),
             },
             Request::Join { group } => hub
@@ -650,12 +697,49 @@ impl Handler for ReferenceApp {
     }
 }
 
-/// Pushes `data` verbatim as one text frame.
-fn push(hub: &Hub, target: &Target, data: String) -> Option<Frame> {
-    match hub.push(target, Frame::text(data)) {
+/// Pushes `data` verbatim as one text frame, or recorded when
+/// `--history-record` names its streams.
+async fn push(hub: &Hub, target: &Target, data: String) -> Option<Frame> {
+    match crate::history::push(hub, target, Frame::text(data), false).await {
         Ok(_) => None,
         Err(e) => Some(error_frame(&e.to_string())),
     }
+}
+
+/// The streams a connecting client asks to recover: `?recover=STREAM@POS`
+/// (repeatable) on WebSocket, the hello's `recover` on TCP.
+fn recover_requests(info: &ConnectInfo) -> Result<Vec<(String, switchboard::Position)>, String> {
+    let asked: Vec<String> = match info.transport {
+        Transport::Tcp => match hello(info)?.recover {
+            None => Vec::new(),
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(v)) => v,
+        },
+        _ => info
+            .query_params("recover")
+            .map(|s| s.into_owned())
+            .collect(),
+    };
+    if asked.len() > MAX_RECOVER {
+        return Err(format!(
+            "recover: at most {MAX_RECOVER} streams at once; none recovered"
+        ));
+    }
+    asked
+        .into_iter()
+        .map(|r| {
+            let (stream, pos) = r
+                .rsplit_once('@')
+                .ok_or_else(|| format!("recover {r:?}: expected STREAM@POSITION"))?;
+            if StreamOf::parse(stream).is_none() {
+                return Err(format!(
+                    "recover {r:?}: a stream is user:UID or group:GROUP"
+                ));
+            }
+            let pos = pos.parse().map_err(|e| format!("recover {r:?}: {e}"))?;
+            Ok((stream.to_owned(), pos))
+        })
+        .collect()
 }
 
 /// Marks an answer that some nodes did not contribute to, rather than passing a

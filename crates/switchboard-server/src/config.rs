@@ -184,6 +184,14 @@ options! {
         "Events waiting for the backend, at most; more are dropped and counted";
     events_timeout: u64 = "5", "SWITCHBOARD_EVENTS_TIMEOUT",
         "Seconds the backend has to answer one batch of events before it is retried";
+    history: String, "SWITCHBOARD_HISTORY",
+        "Where recorded pushes are kept for clients that reconnect: memory, off, or redis://HOST:PORT[?prefix=P] (default: memory for local and memory:N, the cluster's Redis for redis://, off for amqp://)";
+    history_size: usize = "100", "SWITCHBOARD_HISTORY_SIZE",
+        "Entries kept per stream; older ones are trimmed";
+    history_ttl: u64 = "300", "SWITCHBOARD_HISTORY_TTL",
+        "Seconds an entry is kept; a stream not written for this long is forgotten, and its positions with it";
+    history_record: String, "SWITCHBOARD_HISTORY_RECORD",
+        "Record every push to the streams these comma-separated patterns name (user:*, group:news-*), without the push asking";
 }
 
 /// A secret option: never shown by `Debug`, so never in a log.
@@ -337,6 +345,9 @@ pub enum ConfigError {
     /// TLS settings or files that cannot be used.
     #[error("{0}")]
     Tls(String),
+    /// History settings that cannot be used.
+    #[error("{0}")]
+    History(String),
 }
 
 /// The listeners' TLS: the certificate and key files, and what was last
@@ -418,6 +429,8 @@ pub struct ServeConfig {
     pub api: Option<ApiListen>,
     /// Where client events go, when anywhere.
     pub events: Option<crate::events::EventsConfig>,
+    /// Where recorded pushes are kept, and which are recorded.
+    pub history: crate::history::HistoryConfig,
 }
 
 /// Where the server API listens, and the key its requests carry.
@@ -620,6 +633,8 @@ impl ServeConfig {
         limits.tcp_idle_timeout = secs_opt(o.tcp_idle_timeout);
         limits.handshake_timeout = Duration::from_secs(o.handshake_timeout.max(1));
         let mut cfg = ServeConfig {
+            // Set below, once the cluster's own options are applied.
+            history: crate::history::HistoryConfig::off(),
             node_id: o.node_id.clone().map(NodeId::new).transpose()?,
             ws: listener(o.ws.clone()),
             ws_path: o.ws_path.clone(),
@@ -706,6 +721,13 @@ impl ServeConfig {
             },
         )
         .map_err(|e| e.unwrap_or_else(ConfigError::AmqpOptionWithoutAmqp))?;
+        cfg.history = crate::history::HistoryConfig::from_options(
+            o.history.as_deref(),
+            o.history_size,
+            o.history_ttl,
+            o.history_record.as_deref(),
+            &cfg.cluster,
+        )?;
         if cfg.ws.is_none() && cfg.tcp.is_none() {
             return Err(ConfigError::NoListener);
         }

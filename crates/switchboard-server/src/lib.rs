@@ -9,6 +9,7 @@ pub mod config;
 pub mod console;
 pub mod demo;
 pub mod events;
+pub mod history;
 pub mod metrics;
 pub mod node;
 pub mod roles;

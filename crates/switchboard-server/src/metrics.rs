@@ -324,6 +324,31 @@ impl Collector for HubCollector {
         family(
             e,
             Counter,
+            "history_entries",
+            "Recorded pushes: appended to a stream (recorded), not made because the history failed (record_failed), replayed to recovering clients (replayed), read back to fill a stream's gap (gap_filled), and missing from a stream for good (gap_lost)",
+            "outcome",
+            &[
+                ("recorded", s.history_recorded),
+                ("record_failed", s.history_record_failed),
+                ("replayed", s.history_replayed),
+                ("gap_filled", s.history_gaps_filled),
+                ("gap_lost", s.history_gaps_lost),
+            ],
+        )?;
+        family(
+            e,
+            Counter,
+            "history_recoveries",
+            "Streams connecting clients asked to recover, by outcome",
+            "outcome",
+            &[
+                ("recovered", s.history_recovered),
+                ("not_recovered", s.history_not_recovered),
+            ],
+        )?;
+        family(
+            e,
+            Counter,
             "backplane_envelopes",
             "Envelopes handed to the cluster (published) and delivered to this node (received)",
             "direction",

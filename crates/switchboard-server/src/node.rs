@@ -166,6 +166,15 @@ fn stats(
         "messages_rate_limited": s.messages_rate_limited,
         "policy_closed": s.policy_closed,
         "bad_envelopes": s.bad_envelopes,
+        "history": {
+            "recorded": s.history_recorded,
+            "record_failed": s.history_record_failed,
+            "recovered": s.history_recovered,
+            "not_recovered": s.history_not_recovered,
+            "replayed": s.history_replayed,
+            "gaps_filled": s.history_gaps_filled,
+            "gaps_lost": s.history_gaps_lost,
+        },
         "runtime_tasks": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
         "backplane": {
             "published": b.published,
@@ -238,6 +247,9 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
         return Ok(vec![launch(cfg, backplane(&cfg.cluster).await?).await?]);
     };
     let bus = switchboard::core::MemoryBus::new();
+    // One history for the process's nodes: a stream's positions are the
+    // cluster's.
+    let history = cfg.history.open().await?;
     let base = cfg
         .node_id
         .as_ref()
@@ -263,6 +275,10 @@ pub async fn launch_all(cfg: &ServeConfig) -> anyhow::Result<Vec<Running>> {
     let mut nodes = Vec::with_capacity(n);
     for i in 0..n {
         let mut c = cfg.clone();
+        c.history.store = match &history {
+            Some(h) => crate::history::Store::Shared(h.clone()),
+            None => crate::history::Store::Off,
+        };
         c.node_id = Some(switchboard::NodeId::new(format!("{base}{i}"))?);
         c.ws = shift(&cfg.ws, i)?;
         c.tcp = shift(&cfg.tcp, i)?;
@@ -313,7 +329,11 @@ pub async fn launch_app(
         .limits(cfg.limits.clone())
         .shutdown_timeout(cfg.shutdown_timeout)
         .backplane_arc(backplane)
-        .handler_arc(handler);
+        .handler_arc(handler)
+        .record(cfg.history.record.iter().cloned());
+    if let Some(history) = cfg.history.open().await? {
+        builder = builder.history(history);
+    }
     if let Some(id) = &cfg.node_id {
         builder = builder.node_id(id.clone());
     }

@@ -296,6 +296,8 @@ pub async fn gateway(args: GatewayArgs, stop: impl Future<Output = ()>) -> anyho
         tcp: args.tcp,
         tcp_framing: args.framing,
         limits,
+        // A gateway only relays: what is recorded is recorded by the worker.
+        history: crate::history::HistoryConfig::off(),
         ..ServeConfig::default()
     };
     let app = node::AppSpec {

@@ -21,20 +21,14 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_switchboard")
 }
 
-/// Two nodes on Redis pub/sub, each started with `extra`.
+/// Two nodes on Redis pub/sub, each serving the API with [`KEY`] and
+/// started with `extra`.
 async fn two_nodes(tag: &str, extra: &[&str]) -> Result<Process> {
-    let url = services::redis_url()?;
-    let cluster = format!(
-        "{url}?mode=pubsub&prefix={}&ttl=2",
-        services::unique_prefix(tag)
-    );
-    let mut args = vec!["--api", "127.0.0.1:0", "--api-key", KEY];
-    args.extend_from_slice(extra);
-    Process::start_cluster_with(bin(), 2, &cluster, &args).await
+    Process::redis_with_api(bin(), tag, KEY, extra).await
 }
 
 fn api_addr(n: &ProcessNode) -> SocketAddr {
-    n.api.expect("the node printed its API address")
+    n.api_addr()
 }
 
 /// A sample of node `n`'s `/metrics` on its API listener (0 when absent).
@@ -49,9 +43,7 @@ async fn metric(n: &ProcessNode, sample: &str) -> Result<f64> {
 }
 
 async fn call(n: &ProcessNode, method: &str, body: Value) -> Result<Value> {
-    let (status, v) = api(api_addr(n), Some(KEY), method, &body).await?;
-    anyhow::ensure!(status == StatusCode::OK, "{method} {body}: {status} {v}");
-    Ok(v)
+    n.call(KEY, method, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

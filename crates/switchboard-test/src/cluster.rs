@@ -144,6 +144,27 @@ pub struct ProcessNode {
 }
 
 impl ProcessNode {
+    /// The server API's address (the node must have been started with `--api`).
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.expect("the node printed its API address")
+    }
+
+    /// Calls `method` on the node's API with `key`; the answer's `result`,
+    /// or an error naming the status and body of any other answer.
+    pub async fn call(
+        &self,
+        key: &str,
+        method: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        let (status, v) = crate::http::api(self.api_addr(), Some(key), method, &body).await?;
+        anyhow::ensure!(
+            status == switchboard::http::StatusCode::OK,
+            "{method} {body}: {status} {v}"
+        );
+        Ok(v)
+    }
+
     /// Starts `bin serve` with `args` (ports default to ephemeral) and reads
     /// the addresses it prints.
     pub async fn spawn(bin: &Path, args: &[&str]) -> Result<Self> {
@@ -400,6 +421,25 @@ impl Process {
     /// `n` processes with `--cluster URL`, named n0, n1, ...
     pub async fn start_cluster(bin: &str, n: usize, cluster: &str) -> Result<Process> {
         Self::start_cluster_with(bin, n, cluster, &[]).await
+    }
+
+    /// Two nodes on the shared Redis in pub/sub mode (node TTL 2 s), under a
+    /// prefix of their own, each serving the server API with `key` on an
+    /// ephemeral port, and started with `extra`.
+    pub async fn redis_with_api(
+        bin: &str,
+        tag: &str,
+        key: &str,
+        extra: &[&str],
+    ) -> Result<Process> {
+        let url = crate::services::redis_url()?;
+        let cluster = format!(
+            "{url}?mode=pubsub&prefix={}&ttl=2",
+            crate::services::unique_prefix(tag)
+        );
+        let mut args = vec!["--api", "127.0.0.1:0", "--api-key", key];
+        args.extend_from_slice(extra);
+        Self::start_cluster_with(bin, 2, &cluster, &args).await
     }
 
     /// Like [`Process::start_cluster`], with more flags for every node.

@@ -750,23 +750,48 @@ mod tests {
         });
         o.push(&Frame::text("welcome"));
         o.begin_recovery(["user:u".into()]);
-        assert_eq!(o.push_recorded(&Frame::text("e3"), "user:u", at(3)), Queued::Yes);
+        assert_eq!(
+            o.push_recorded(&Frame::text("e3"), "user:u", at(3)),
+            Queued::Yes
+        );
         assert_eq!(o.push(&Frame::text("plain")), Queued::Yes);
-        assert_eq!(o.push_recorded(&Frame::text("e4"), "user:u", at(4)), Queued::Yes);
+        assert_eq!(
+            o.push_recorded(&Frame::text("e4"), "user:u", at(4)),
+            Queued::Yes
+        );
         // Another stream's entries are held too, never dropped.
-        assert_eq!(o.push_recorded(&Frame::text("g1"), "group:g", at(1)), Queued::Yes);
+        assert_eq!(
+            o.push_recorded(&Frame::text("g1"), "group:g", at(1)),
+            Queued::Yes
+        );
         assert_eq!(texts(&o), ["welcome"], "held until the replay is queued");
         o.finish_recovery(
-            vec![Frame::text("e2"), Frame::text("e3"), Frame::text("recovered")],
+            vec![
+                Frame::text("e2"),
+                Frame::text("e3"),
+                Frame::text("recovered"),
+            ],
             vec![Some(at(3))],
         );
         assert_eq!(texts(&o), ["e2", "e3", "recovered", "plain", "e4", "g1"]);
         // Later: a repeat is dropped, a new entry passes.
-        assert_eq!(o.push_recorded(&Frame::text("e4"), "user:u", at(4)), Queued::Repeat);
-        assert_eq!(o.push_recorded(&Frame::text("e5"), "user:u", at(5)), Queued::Yes);
+        assert_eq!(
+            o.push_recorded(&Frame::text("e4"), "user:u", at(4)),
+            Queued::Repeat
+        );
+        assert_eq!(
+            o.push_recorded(&Frame::text("e5"), "user:u", at(5)),
+            Queued::Yes
+        );
         // A new epoch is not a repeat.
-        let new = Position { offset: 1, epoch: 2 };
-        assert_eq!(o.push_recorded(&Frame::text("n1"), "user:u", new), Queued::Yes);
+        let new = Position {
+            offset: 1,
+            epoch: 2,
+        };
+        assert_eq!(
+            o.push_recorded(&Frame::text("n1"), "user:u", new),
+            Queued::Yes
+        );
         assert_eq!(texts(&o), ["e5", "n1"]);
     }
 

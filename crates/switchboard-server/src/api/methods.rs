@@ -6,8 +6,9 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use switchboard::core::{Answer, ConnId};
-use switchboard::{Frame, Hub, NodeId, OpError, Target, check_name};
+use switchboard::core::history::StreamOf;
+use switchboard::core::{Answer, ConnId, Since};
+use switchboard::{Frame, Hub, NodeId, OpError, Position, PushError, Target, check_name};
 
 use super::ApiError;
 
@@ -28,6 +29,7 @@ pub const METHODS: &[&str] = &[
     "group_members",
     "group_count",
     "totals",
+    "history",
     "batch",
 ];
 
@@ -130,7 +132,23 @@ struct Push {
     data: String,
     #[serde(default)]
     binary: bool,
+    /// Record the push in its users' and groups' streams.
+    #[serde(default)]
+    history: bool,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryParams {
+    stream: String,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Most entries one `history` call returns.
+pub const MAX_HISTORY: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -303,15 +321,14 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
             } else {
                 Frame::text(p.data)
             };
-            let r = hub
-                .push(&p.target.target()?, frame)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            Ok(Reply::done(json!({
-                "local": r.local,
-                "local_dropped": r.local_dropped,
-                "remote_sent": r.remote.sent,
-                "remote_dropped": r.remote.dropped,
-            })))
+            let r = crate::history::push(hub, &p.target.target()?, frame, p.history)
+                .await
+                .map_err(push_error)?;
+            Ok(Reply::done(r))
+        }
+        "history" => {
+            let p: HistoryParams = params(body)?;
+            history(hub, p).await
         }
         "close" => {
             let c: Close = params(body)?;
@@ -403,6 +420,74 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
         }
         other => Err(ApiError::unknown_method(other)),
     }
+}
+
+fn push_error(e: PushError) -> ApiError {
+    match e {
+        PushError::History(e) => ApiError::unavailable(e.to_string()),
+        PushError::NoHistory => ApiError::no_history(
+            "this node keeps no history: start it with --history redis://HOST:PORT",
+        ),
+        e => ApiError::bad_request(e.to_string()),
+    }
+}
+
+/// A stream's entries after `since`, or its latest `limit` (default 100).
+async fn history(hub: &Hub, p: HistoryParams) -> Result<Reply, ApiError> {
+    if StreamOf::parse(&p.stream).is_none() {
+        return Err(ApiError::bad_request(format!(
+            "stream {:?}: a stream is user:UID or group:GROUP",
+            p.stream
+        )));
+    }
+    let name_part = p.stream.split_once(':').map_or("", |(_, n)| n);
+    name("stream name", name_part)?;
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_HISTORY {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_HISTORY}"
+        )));
+    }
+    if hub.history().is_none() {
+        return Err(push_error(PushError::NoHistory));
+    }
+    let entry = |e: &switchboard::core::Entry| match e.kind {
+        switchboard::FrameKind::Binary => json!({
+            "pos": e.pos.to_string(),
+            "data": base64::engine::general_purpose::STANDARD.encode(&e.data),
+            "binary": true,
+        }),
+        _ => json!({"pos": e.pos.to_string(), "data": String::from_utf8_lossy(&e.data)}),
+    };
+    let unavailable = |e: switchboard::core::HistoryError| ApiError::unavailable(e.to_string());
+    let (entries, top, covered) = match p.since {
+        Some(since) => {
+            let after: Position = since
+                .parse()
+                .map_err(|e| ApiError::bad_request(format!("since {since:?}: {e}")))?;
+            match hub
+                .history_since(&p.stream, after, limit)
+                .await
+                .map_err(unavailable)?
+            {
+                Since::Entries { entries, top } => (entries, Some(top), true),
+                Since::Gone { top } => (Vec::new(), top, false),
+            }
+        }
+        None => {
+            let (entries, top) = hub
+                .history_latest(&p.stream, limit)
+                .await
+                .map_err(unavailable)?;
+            (entries, top, true)
+        }
+    };
+    Ok(Reply::done(json!({
+        "stream": p.stream,
+        "entries": entries.iter().map(entry).collect::<Vec<_>>(),
+        "top": top.map(|t| t.to_string()),
+        "covered": covered,
+    })))
 }
 
 fn ids(conns: &[ConnId]) -> Vec<String> {

@@ -85,6 +85,17 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// The node cannot do it now (its history store is down); the backend
+    /// may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// The node keeps no history.
+    pub fn no_history(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "no_history", message)
+    }
+
     fn unauthorized(message: &str) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }

@@ -115,16 +115,7 @@ impl Hub {
         }
         let history = self.inner.history.clone().ok_or(PushError::NoHistory)?;
         let frame = payload.into().into_frame(self.inner.default_kind)?;
-        let narrow = |t: Target| {
-            let t = target
-                .excluded_users()
-                .iter()
-                .fold(t, |t, u| t.except_user(u.clone()));
-            target
-                .excluded_conns()
-                .iter()
-                .fold(t, |t, c| t.except_conn(c.clone()))
-        };
+        let narrow = |t: Target| t.excluding_as(target);
         let mut out = RecordedPush::default();
         for user in target.included_users() {
             let stream = user_stream(user.as_str());
