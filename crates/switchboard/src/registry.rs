@@ -518,7 +518,10 @@ impl Registry {
             Arrival::Late => {
                 self.queue_recorded(&mut d, target, stream, pos, frame);
             }
-            Arrival::Deliver => {
+            arrival @ (Arrival::Deliver | Arrival::NewEpoch) => {
+                if arrival == Arrival::NewEpoch {
+                    self.lost_entries(&mut d, stream);
+                }
                 self.queue_recorded(&mut d, target, stream, pos, frame);
                 for (pos, h) in order.ready(stream) {
                     self.queue_recorded(&mut d, &h.target, stream, pos, &h.frame);
@@ -587,11 +590,29 @@ impl Registry {
                 filled += 1;
             }
         }
+        let lost = (gap.until - gap.from).saturating_sub(filled);
+        if lost > 0 {
+            self.lost_entries(&mut d, &gap.stream);
+        }
         for (pos, h) in order.ready(&gap.stream) {
             self.queue_recorded(&mut d, &h.target, &gap.stream, pos, &h.frame);
         }
-        let lost = (gap.until - gap.from).saturating_sub(filled);
         (d, lost, order.is_holding())
+    }
+
+    /// Tells every local member of `stream` that entries of it will never
+    /// reach them (lost with the history, or by the broker and no longer in
+    /// the history): `{"op":"recovered","stream":...,"recovered":false}`,
+    /// the answer a recovery gets when it cannot give the client everything,
+    /// so that the client resyncs rather than miss them silently.
+    fn lost_entries(&self, d: &mut Delivery, stream: &str) {
+        let target = match StreamOf::parse(stream) {
+            Some(StreamOf::User(u)) => Target::user(u),
+            Some(StreamOf::Group(g)) => Target::group(g),
+            None => return,
+        };
+        let notice = crate::hub::recovered_frame(stream, false);
+        self.for_each(&target, |outbox| d.count(outbox.push(&notice)));
     }
 
     /// Whether recorded entries are held waiting for earlier ones.

@@ -48,6 +48,10 @@ struct Order {
 pub(crate) enum Arrival {
     /// The next in order: deliver it, then [`Sequencer::ready`].
     Deliver,
+    /// The first of a new epoch: the stream's history was lost, and with
+    /// it whatever this node had not received yet. Tell the members they
+    /// may have missed entries, then deliver it.
+    NewEpoch,
     /// Early: held.
     Held,
     /// Earlier than what was delivered already (a gap was filled from the
@@ -104,7 +108,7 @@ impl Sequencer {
                 self.holding -= 1;
             }
             *o = Order::at(pos.epoch, pos.offset + 1);
-            return Arrival::Deliver;
+            return Arrival::NewEpoch;
         }
         if pos.offset < o.next {
             return Arrival::Late;
@@ -318,7 +322,7 @@ mod tests {
             offset: 1,
             epoch: 8,
         };
-        assert_eq!(s.arrive("user:u", q, 0, held("1")), Arrival::Deliver);
+        assert_eq!(s.arrive("user:u", q, 0, held("1")), Arrival::NewEpoch);
         assert!(!s.is_holding());
         assert_eq!(
             s.arrive(

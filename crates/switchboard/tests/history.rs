@@ -43,7 +43,25 @@ impl Handler for App {
 
 /// A memory history whose reads take 20 ms, as a broker's might under load:
 /// pushes keep coming while a recovering client's replay is read.
-struct Slow(MemoryHistory);
+struct Slow(std::sync::Mutex<Arc<MemoryHistory>>, Retention);
+
+impl Slow {
+    fn new(retention: Retention) -> Self {
+        Slow(
+            std::sync::Mutex::new(Arc::new(MemoryHistory::new(retention))),
+            retention,
+        )
+    }
+
+    fn store(&self) -> Arc<MemoryHistory> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Loses every stream, as a Redis restarted without persistence does.
+    fn lose_everything(&self) {
+        *self.0.lock().unwrap() = Arc::new(MemoryHistory::new(self.1));
+    }
+}
 
 #[async_trait]
 impl History for Slow {
@@ -53,7 +71,7 @@ impl History for Slow {
         data: Bytes,
         kind: FrameKind,
     ) -> Result<Position, HistoryError> {
-        self.0.append(stream, data, kind).await
+        self.store().append(stream, data, kind).await
     }
     async fn since(
         &self,
@@ -62,14 +80,14 @@ impl History for Slow {
         limit: usize,
     ) -> Result<Since, HistoryError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        self.0.since(stream, after, limit).await
+        self.store().since(stream, after, limit).await
     }
     async fn latest(
         &self,
         stream: &str,
         n: usize,
     ) -> Result<(Vec<Entry>, Option<Position>), HistoryError> {
-        self.0.latest(stream, n).await
+        self.store().latest(stream, n).await
     }
 }
 
@@ -82,7 +100,7 @@ struct Node {
 
 async fn nodes(retention: Retention) -> (Node, Node) {
     let bus = MemoryBus::new();
-    let history = Arc::new(Slow(MemoryHistory::new(retention)));
+    let history = Arc::new(Slow::new(retention));
     let mut out = Vec::new();
     for id in ["hist-a", "hist-b"] {
         let hub = Hub::builder()
@@ -346,4 +364,28 @@ async fn an_entry_that_never_arrives_is_read_from_the_history_in_order() {
     assert_eq!((d.as_str(), pos), ("d2", lost.to_string()));
     assert_eq!(entry(&next(&mut dave).await).0, "d3");
     assert_eq!(b.hub.stats().history_gaps_filled, 1);
+}
+
+/// When the history is lost (a new epoch), the members of a stream are told
+/// they may have missed entries, before the first entry of the new epoch.
+#[tokio::test]
+async fn a_lost_history_is_told_to_the_streams_members() {
+    let (a, b) = nodes(Retention::default()).await;
+    let mut erin = client(&b, "uid=erin").await;
+    a.hub
+        .push_recorded(&Target::user("erin"), "e1")
+        .await
+        .unwrap();
+    assert_eq!(entry(&next(&mut erin).await).0, "e1");
+    a.history.lose_everything();
+    a.hub
+        .push_recorded(&Target::user("erin"), "e2")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut erin).await,
+        serde_json::json!({"op":"recovered","stream":"user:erin","recovered":false})
+    );
+    let (d, pos) = entry(&next(&mut erin).await);
+    assert_eq!((d.as_str(), pos.split('-').next()), ("e2", Some("1")));
 }
