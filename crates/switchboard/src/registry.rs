@@ -518,6 +518,12 @@ impl Registry {
             Arrival::Late => {
                 self.queue_recorded(&mut d, target, stream, pos, frame);
             }
+            Arrival::GaveUp => {
+                self.lost_entries(&mut d, stream);
+                for (pos, h) in order.ready(stream) {
+                    self.queue_recorded(&mut d, &h.target, stream, pos, &h.frame);
+                }
+            }
             arrival @ (Arrival::Deliver | Arrival::NewEpoch) => {
                 if arrival == Arrival::NewEpoch {
                     self.lost_entries(&mut d, stream);

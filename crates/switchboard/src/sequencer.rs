@@ -20,8 +20,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use switchboard_core::{Frame, Position, Target};
 
-/// Most entries held per stream. Past it, the earliest gap is given up on at
-/// once (counted), as if its timeout had passed with nothing to fill it.
+/// Entries held per stream past which its gap is overdue at once, without
+/// waiting out the timeout. Four times as many and the gap is given up
+/// (the members are told), should the history not answer in time.
 pub(crate) const MAX_HELD: usize = 1024;
 
 #[derive(Debug)]
@@ -38,6 +39,8 @@ struct Order {
     held: BTreeMap<u64, Held>,
     /// When the earliest held entry was held (hub clock, ms).
     held_since: u64,
+    /// Too many held: overdue whatever the time.
+    urgent: bool,
     /// Made by a connection's recovery rather than by an arrival: its `next`
     /// is the client's position, to be moved past the replay when it ends.
     provisional: bool,
@@ -54,6 +57,9 @@ pub(crate) enum Arrival {
     NewEpoch,
     /// Early: held.
     Held,
+    /// Early, and too many are held: the earliest gap was given up. Tell the
+    /// members they missed entries, then [`Sequencer::ready`].
+    GaveUp,
     /// Earlier than what was delivered already (a gap was filled from the
     /// history, or it was made before this node first heard of the
     /// stream): delivered late, out of order. Connections that recovered
@@ -123,10 +129,14 @@ impl Sequencer {
         }
         o.held.entry(pos.offset).or_insert_with(entry);
         if o.held.len() > MAX_HELD {
-            // Give up the earliest gap now.
-            if let Some((&first, _)) = o.held.first_key_value() {
-                o.next = first;
-            }
+            // Overdue now: the gap task reads the gap at its next look.
+            o.urgent = true;
+        }
+        if o.held.len() > 4 * MAX_HELD
+            && let Some((&first, _)) = o.held.first_key_value()
+        {
+            o.next = first;
+            return Arrival::GaveUp;
         }
         Arrival::Held
     }
@@ -160,7 +170,9 @@ impl Sequencer {
         }
         self.streams
             .iter()
-            .filter(|(_, o)| !o.held.is_empty() && now.saturating_sub(o.held_since) >= timeout)
+            .filter(|(_, o)| {
+                !o.held.is_empty() && (o.urgent || now.saturating_sub(o.held_since) >= timeout)
+            })
             .filter_map(|(s, o)| {
                 let (&until, _) = o.held.first_key_value()?;
                 Some(Gap {
@@ -186,6 +198,7 @@ impl Sequencer {
         o.next = gap.until;
         // What is held past the next gap waits its own timeout from now.
         o.held_since = now;
+        o.urgent = false;
         true
     }
 
@@ -248,6 +261,7 @@ impl Order {
             held: BTreeMap::new(),
             held_since: 0,
             provisional: false,
+            urgent: false,
         }
     }
 }
@@ -355,13 +369,19 @@ mod tests {
     }
 
     #[test]
-    fn too_many_held_gives_up_the_gap() {
+    fn too_many_held_make_the_gap_overdue_then_give_it_up() {
         let mut s = Sequencer::default();
         s.arrive("group:g", p(1), 0, held("1"));
         for i in 0..=MAX_HELD as u64 {
-            s.arrive("group:g", p(3 + i), 0, held("x"));
+            assert_eq!(s.arrive("group:g", p(3 + i), 100, held("x")), Arrival::Held);
         }
-        assert_eq!(s.ready("group:g").len(), MAX_HELD + 1);
+        assert_eq!(s.overdue(100, 250).len(), 1, "overdue before its timeout");
+        let mut last = Arrival::Held;
+        for i in MAX_HELD as u64 + 1..=4 * MAX_HELD as u64 {
+            last = s.arrive("group:g", p(3 + i), 100, held("x"));
+        }
+        assert_eq!(last, Arrival::GaveUp);
+        assert_eq!(s.ready("group:g").len(), 4 * MAX_HELD + 1);
         assert!(!s.is_holding());
     }
 
