@@ -1,7 +1,8 @@
 # Starting and stopping the nodes of each benchmarked mode; sourced by the
 # scripts/bench*.sh scripts, which set BIN (see release_bin) and OUT. Every
 # mode listens for clients on 127.0.0.1:9301 and :9302. READY_WAIT: seconds
-# to wait for them to be ready (5).
+# to wait for them to be ready (5). SERVE_EXTRA: more flags for every
+# `serve` node (word-split), e.g. "--history-record user:*,group:*".
 
 # The binary to measure: $SWITCHBOARD_BIN (another build, to compare), or this
 # workspace's release build, built now.
@@ -18,7 +19,7 @@ PIDS=()
 two_nodes() { # cluster URL: nodes n0 and n1 on ports 9301 and 9302
   for i in 0 1; do
     "$BIN" serve --node-id "n$i" --ws "127.0.0.1:930$((i + 1))" --tcp off ${THREADS:+--threads "$THREADS"} \
-      --cluster "$1" >/dev/null 2>>"$OUT/server.log" &
+      --cluster "$1" ${SERVE_EXTRA:-} >/dev/null 2>>"$OUT/server.log" &
     PIDS+=($!)
   done
 }
@@ -27,7 +28,7 @@ start_nodes() { # mode
   PIDS=()
   case "$mode" in
     local-multi)
-      "$BIN" serve --cluster memory:2 --ws 127.0.0.1:9301 --tcp off ${THREADS:+--threads "$THREADS"} >/dev/null 2>"$OUT/server.log" &
+      "$BIN" serve --cluster memory:2 --ws 127.0.0.1:9301 --tcp off ${THREADS:+--threads "$THREADS"} ${SERVE_EXTRA:-} >/dev/null 2>"$OUT/server.log" &
       PIDS+=($!) ;;
     redis-pubsub|redis-queue)
       two_nodes "redis://127.0.0.1:6379?mode=${mode#redis-}&prefix=$prefix" ;;

@@ -254,8 +254,14 @@ pub fn payload(seq: u64, size: usize) -> String {
     s
 }
 
-/// Reads `SEQ NANOS` from a timed message.
+/// Reads `SEQ NANOS` from a timed message, as pushed (verbatim) or as
+/// recorded (`{"op":"push","stream":...,"pos":...,"data":"SEQ NANOS ..."}`,
+/// when the nodes run with `--history-record`).
 pub fn parse_payload(s: &str) -> Option<(u64, u64)> {
+    if s.starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(s).ok()?;
+        return parse_payload(v.get("data")?.as_str()?);
+    }
     let mut it = s.splitn(3, ' ');
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
@@ -284,5 +290,8 @@ mod tests {
         assert_eq!(seq, 42);
         assert!(ns > 0);
         assert_eq!(parse_payload("x"), None);
+        let recorded = serde_json::json!({"op": "push", "stream": "user:u", "pos": "1-a", "data": p})
+            .to_string();
+        assert_eq!(parse_payload(&recorded), Some((seq, ns)));
     }
 }
