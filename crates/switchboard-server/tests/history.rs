@@ -225,3 +225,33 @@ async fn a_client_may_recover_only_streams_it_may_read() -> Result<()> {
     p.stop().await;
     Ok(())
 }
+
+/// RabbitMQ carries the pushes, a Redis named with `--history` keeps the
+/// streams: recovery works the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq_a_redis_named_with_history_keeps_the_streams() -> Result<()> {
+    let cluster = format!(
+        "{}?mode=routing&prefix={}",
+        switchboard_test::services::amqp_url()?,
+        switchboard_test::services::unique_prefix("hist-amqp")
+    );
+    let history = format!(
+        "{}?prefix={}",
+        switchboard_test::services::redis_url()?,
+        switchboard_test::services::unique_prefix("hist-amqp")
+    );
+    let args = ["--api", "127.0.0.1:0", "--api-key", KEY, "--history", &history];
+    let p = Process::start_cluster_with(bin(), 2, &cluster, &args).await?;
+    let (n1, n2) = (&p.nodes[0], &p.nodes[1]);
+    let mut alice = Client::ws(n2.ws.unwrap(), "alice", None).await?;
+    let p1 = record(n1, "r1").await?;
+    assert_eq!(entry(&mut alice).await?, ("r1".into(), p1.clone()));
+    alice.close().await;
+    let p2 = record(n2, "r2").await?;
+    let mut alice =
+        Client::ws_query(n1.ws.unwrap(), &format!("uid=alice&recover=user:alice@{p1}")).await?;
+    assert_eq!(entry(&mut alice).await?, ("r2".into(), p2));
+    assert_eq!(alice.recv_json().await?["recovered"], true);
+    p.stop().await;
+    Ok(())
+}
