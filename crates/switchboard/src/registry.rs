@@ -515,6 +515,7 @@ impl Registry {
         };
         match order.arrive(stream, pos, now, held) {
             Arrival::Held => {}
+            Arrival::NewEpochHeld => self.lost_entries(&mut d, stream),
             Arrival::Late => {
                 self.queue_recorded(&mut d, target, stream, pos, frame);
             }

@@ -51,10 +51,14 @@ struct Order {
 pub(crate) enum Arrival {
     /// The next in order: deliver it, then [`Sequencer::ready`].
     Deliver,
-    /// The first of a new epoch: the stream's history was lost, and with
-    /// it whatever this node had not received yet. Tell the members they
-    /// may have missed entries, then deliver it.
+    /// The first of a new epoch to arrive, and the epoch's first entry: the
+    /// stream's history was lost, and with it whatever of the old epoch this
+    /// node had not received yet. Tell the members they may have missed
+    /// entries, then deliver it.
     NewEpoch,
+    /// The first of a new epoch to arrive, after entries of the new epoch
+    /// that have not: tell the members, and hold it as any early entry.
+    NewEpochHeld,
     /// Early: held.
     Held,
     /// Early, and too many are held: the earliest gap was given up. Tell the
@@ -109,12 +113,19 @@ impl Sequencer {
         };
         if o.epoch != pos.epoch {
             // The history was lost and began again: what was held belongs to
-            // the old epoch and will not be filled.
+            // the old epoch and will not be filled. The new epoch starts at
+            // offset 1, and its entries before this one are still in the
+            // history if they did not reach this node: wait for them, or
+            // fill them, as any gap.
             if !o.held.is_empty() {
                 self.holding -= 1;
             }
-            *o = Order::at(pos.epoch, pos.offset + 1);
-            return Arrival::NewEpoch;
+            *o = Order::at(pos.epoch, 1);
+            return match self.arrive(stream, pos, now, entry) {
+                Arrival::Deliver => Arrival::NewEpoch,
+                Arrival::Held => Arrival::NewEpochHeld,
+                other => other,
+            };
         }
         if pos.offset < o.next {
             return Arrival::Late;
