@@ -25,8 +25,22 @@ pub enum Kind {
 }
 
 /// A socket, or TLS over one.
-trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
+trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The socket underneath.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Duplex for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Duplex for tokio_rustls::client::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
 
 type Ws = WebSocketStream<Box<dyn Duplex>>;
 
@@ -52,7 +66,33 @@ async fn ws_open(
 }
 
 type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+type Writer = Box<dyn WriteSide>;
+
+/// The writing half of a TCP client's connection.
+trait WriteSide: AsyncWrite + Unpin + Send {
+    /// Sets `SO_LINGER` to zero and lets go of the half without shutting
+    /// the socket's writing down (no FIN): the socket closes, with a reset,
+    /// when the reading half is dropped too. An error where the half does
+    /// not reach the socket.
+    fn reset(self: Box<Self>) -> Result<()>;
+}
+
+impl WriteSide for tokio::net::tcp::OwnedWriteHalf {
+    fn reset(self: Box<Self>) -> Result<()> {
+        let tcp: &TcpStream = (*self).as_ref();
+        tcp.set_zero_linger().context("setting SO_LINGER to zero")?;
+        // Dropped, the half would shut the writing down first: a FIN.
+        (*self).forget();
+        Ok(())
+    }
+}
+
+/// TLS split in halves: neither reaches the socket.
+impl WriteSide for tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>> {
+    fn reset(self: Box<Self>) -> Result<()> {
+        bail!("a TCP client over TLS cannot reach its socket to reset it")
+    }
+}
 
 enum Io {
     Ws(Box<Ws>),
@@ -445,5 +485,76 @@ impl Client {
     /// Drops the connection without any close handshake (abrupt disconnect).
     pub fn abort(self) {
         drop(self);
+    }
+
+    /// Resets the connection: with `SO_LINGER` at zero, closing the socket
+    /// sends the server a TCP RST (no FIN, no close frame), and whatever the
+    /// server sent that the client had not read yet is discarded, as when a
+    /// client's network fails under it. An error for a TCP client over TLS
+    /// (its halves do not reach the socket); the connection is dropped all
+    /// the same.
+    pub fn reset(self) -> Result<()> {
+        let who = format!("{self:?}");
+        match self.io {
+            Io::Ws(ws) => ws
+                .get_ref()
+                .tcp()
+                .set_zero_linger()
+                .context("setting SO_LINGER to zero"),
+            // The reading half goes last, and closes the socket.
+            Io::Tcp { write, .. } => write.reset(),
+        }
+        .with_context(|| format!("{who}: resetting"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    const WELCOME: &str = r#"{"op":"welcome","conn":"c1","node":"n0"}"#;
+
+    /// What a server reading from a client that resets gets: a reset, not an
+    /// end of stream.
+    #[tokio::test]
+    async fn a_reset_reaches_the_server_as_a_reset_over_tcp_and_websocket() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut hello = String::new();
+            let mut r = BufReader::new(&mut s);
+            r.read_line(&mut hello).await.unwrap();
+            s.write_all(format!("{WELCOME}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut buf = [0u8; 64];
+            s.read(&mut buf).await
+        });
+        let c = Client::tcp(addr, "u", None).await.unwrap();
+        c.reset().unwrap();
+        let read = server.await.unwrap();
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+            ws.send(Message::text(WELCOME)).await.unwrap();
+            ws.next().await
+        });
+        let c = Client::ws(addr, "u", None).await.unwrap();
+        c.reset().unwrap();
+        match server.await.unwrap() {
+            Some(Err(tokio_tungstenite::tungstenite::Error::Io(e))) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+            }
+            other => panic!("the server read {other:?}, not a reset"),
+        }
     }
 }

@@ -433,6 +433,18 @@ impl Process {
         extra: &[&str],
     ) -> Result<Process> {
         let url = crate::services::redis_url()?;
+        Self::redis_with_api_on(bin, &url, tag, key, extra).await
+    }
+
+    /// Like [`Process::redis_with_api`], on the Redis at `url` (a private
+    /// [`crate::services::RedisServer`], say).
+    pub async fn redis_with_api_on(
+        bin: &str,
+        url: &str,
+        tag: &str,
+        key: &str,
+        extra: &[&str],
+    ) -> Result<Process> {
         let cluster = format!(
             "{url}?mode=pubsub&prefix={}&ttl=2",
             crate::services::unique_prefix(tag)
