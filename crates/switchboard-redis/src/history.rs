@@ -205,6 +205,22 @@ impl RedisHistory {
         let mut conn = self.conn.clone();
         call.invoke_async(&mut conn).await.map_err(unavailable)
     }
+
+    /// [`RedisHistory::run`] for a read: tried once more when the first try
+    /// finds the connection broken (the manager reconnects only when a
+    /// command fails, so the first one after Redis came back does). Reads
+    /// only: an append whose connection broke may have been applied.
+    async fn read<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        stream: &str,
+        args: impl Fn(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<T, HistoryError> {
+        match self.run(script, stream, &args).await {
+            Err(HistoryError::Unavailable(_)) => self.run(script, stream, &args).await,
+            other => other,
+        }
+    }
 }
 
 #[async_trait]
@@ -240,7 +256,7 @@ impl History for RedisHistory {
         limit: usize,
     ) -> Result<Since, HistoryError> {
         let reply: Vec<Value> = self
-            .run(&SINCE, stream, |call| {
+            .read(&SINCE, stream, |call| {
                 call.arg(format!("{:x}", after.epoch))
                     .arg(after.offset)
                     .arg(redis_count(limit))
@@ -263,7 +279,7 @@ impl History for RedisHistory {
         n: usize,
     ) -> Result<(Vec<Entry>, Option<Position>), HistoryError> {
         let reply: Vec<Value> = self
-            .run(&LATEST, stream, |call| {
+            .read(&LATEST, stream, |call| {
                 call.arg(redis_count(n));
             })
             .await?;

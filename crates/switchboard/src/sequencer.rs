@@ -79,6 +79,8 @@ pub(crate) struct Gap {
     pub(crate) epoch: u64,
     pub(crate) from: u64,
     pub(crate) until: u64,
+    /// When its entries after it began to be held (hub clock, ms).
+    pub(crate) since: u64,
 }
 
 #[derive(Debug, Default)]
@@ -191,6 +193,7 @@ impl Sequencer {
                     epoch: o.epoch,
                     from: o.next,
                     until,
+                    since: o.held_since,
                 })
             })
             .collect()
@@ -329,7 +332,8 @@ mod tests {
                 stream: "user:u".into(),
                 epoch: 7,
                 from: 2,
-                until: 4
+                until: 4,
+                since: 100,
             }]
         );
         assert!(s.close_gap(&gaps[0], 300));

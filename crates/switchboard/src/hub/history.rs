@@ -289,6 +289,11 @@ impl Hub {
 /// that a lost one delays the stream's next entries little.
 pub(crate) const GAP_TIMEOUT_MS: u64 = 250;
 
+/// How long a gap waits for a history store that does not answer before it
+/// is given up (and the stream's members told): a Redis back from a restart
+/// answers well within it.
+const GAP_GIVE_UP_MS: u64 = 5_000;
+
 /// Fills the gaps of recorded streams that stay open past
 /// [`GAP_TIMEOUT_MS`] from the history, until the hub stops. Sleeps while no
 /// entry is held (woken by a delivery that held one). Holds the hub weakly,
@@ -329,6 +334,12 @@ pub(super) async fn fill_gaps(
                         .collect(),
                     Ok(Since::Gone { .. }) => Vec::new(),
                     Err(error) => {
+                        // The store is down: try again at the next look, until
+                        // the gap is older than the store is given to return.
+                        if hub.clock_ms().saturating_sub(gap.since) < GAP_GIVE_UP_MS {
+                            tracing::debug!(node = %hub.inner.node, stream = %gap.stream, %error, "cannot read the history to fill a gap yet");
+                            continue;
+                        }
                         tracing::warn!(node = %hub.inner.node, stream = %gap.stream, %error, "cannot read the history to fill a gap");
                         Vec::new()
                     }
