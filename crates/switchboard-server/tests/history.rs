@@ -240,7 +240,14 @@ async fn on_rabbitmq_a_redis_named_with_history_keeps_the_streams() -> Result<()
         switchboard_test::services::redis_url()?,
         switchboard_test::services::unique_prefix("hist-amqp")
     );
-    let args = ["--api", "127.0.0.1:0", "--api-key", KEY, "--history", &history];
+    let args = [
+        "--api",
+        "127.0.0.1:0",
+        "--api-key",
+        KEY,
+        "--history",
+        &history,
+    ];
     let p = Process::start_cluster_with(bin(), 2, &cluster, &args).await?;
     let (n1, n2) = (&p.nodes[0], &p.nodes[1]);
     let mut alice = Client::ws(n2.ws.unwrap(), "alice", None).await?;
@@ -248,8 +255,11 @@ async fn on_rabbitmq_a_redis_named_with_history_keeps_the_streams() -> Result<()
     assert_eq!(entry(&mut alice).await?, ("r1".into(), p1.clone()));
     alice.close().await;
     let p2 = record(n2, "r2").await?;
-    let mut alice =
-        Client::ws_query(n1.ws.unwrap(), &format!("uid=alice&recover=user:alice@{p1}")).await?;
+    let mut alice = Client::ws_query(
+        n1.ws.unwrap(),
+        &format!("uid=alice&recover=user:alice@{p1}"),
+    )
+    .await?;
     assert_eq!(entry(&mut alice).await?, ("r2".into(), p2));
     assert_eq!(alice.recv_json().await?["recovered"], true);
     p.stop().await;

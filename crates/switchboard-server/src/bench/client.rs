@@ -290,8 +290,9 @@ mod tests {
         assert_eq!(seq, 42);
         assert!(ns > 0);
         assert_eq!(parse_payload("x"), None);
-        let recorded = serde_json::json!({"op": "push", "stream": "user:u", "pos": "1-a", "data": p})
-            .to_string();
+        let recorded =
+            serde_json::json!({"op": "push", "stream": "user:u", "pos": "1-a", "data": p})
+                .to_string();
         assert_eq!(parse_payload(&recorded), Some((seq, ns)));
     }
 }
