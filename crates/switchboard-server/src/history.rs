@@ -65,8 +65,8 @@ impl HistoryConfig {
         }
     }
 
-    /// Reads the options: `history` is `memory`, `off` or a Redis URL; unset,
-    /// the cluster mode's own (memory for local and `memory:N`, the
+    /// Reads `serve`'s options: `history` is `memory`, `off` or a Redis URL;
+    /// unset, the cluster mode's own (memory for local and `memory:N`, the
     /// cluster's Redis for Redis modes, none for RabbitMQ).
     pub fn from_options(
         history: Option<&str>,
@@ -75,17 +75,31 @@ impl HistoryConfig {
         record: Option<&str>,
         cluster: &ClusterUrl,
     ) -> Result<Self, ConfigError> {
-        let bad = |m: String| ConfigError::History(m);
-        let in_process = matches!(cluster, ClusterUrl::Local | ClusterUrl::Memory(_));
-        let store = match history.map(str::trim) {
-            None | Some("") => match cluster {
-                ClusterUrl::Local | ClusterUrl::Memory(_) => Store::Memory,
-                ClusterUrl::Redis(c) => Store::Redis {
-                    url: c.url.clone(),
-                    prefix: c.prefix.clone(),
-                },
-                ClusterUrl::Amqp(_) => Store::Off,
+        let default = match cluster {
+            ClusterUrl::Local | ClusterUrl::Memory(_) => Store::Memory,
+            ClusterUrl::Redis(c) => Store::Redis {
+                url: c.url.clone(),
+                prefix: c.prefix.clone(),
             },
+            ClusterUrl::Amqp(_) => Store::Off,
+        };
+        let in_process = matches!(cluster, ClusterUrl::Local | ClusterUrl::Memory(_));
+        Self::parse(history, size, ttl, record, default, in_process)
+    }
+
+    /// Reads the options with `default` for an unset `history`; `memory`
+    /// only where every node is in this process (`in_process`).
+    pub fn parse(
+        history: Option<&str>,
+        size: usize,
+        ttl: u64,
+        record: Option<&str>,
+        default: Store,
+        in_process: bool,
+    ) -> Result<Self, ConfigError> {
+        let bad = |m: String| ConfigError::History(m);
+        let store = match history.map(str::trim) {
+            None | Some("") => default,
             Some("off") => Store::Off,
             Some("memory") if in_process => Store::Memory,
             Some("memory") => {

@@ -142,6 +142,21 @@ pub struct WorkerArgs {
     /// Serve the API on a non-loopback address without a key.
     #[arg(long, env = "SWITCHBOARD_INSECURE")]
     pub insecure: bool,
+    /// Keep recorded pushes in this Redis (redis://HOST:PORT[?prefix=P]),
+    /// shared by every worker of the topology; off when unset. Clients get
+    /// recorded pushes with their positions, and backends read streams with
+    /// the API's history method; gateways do not replay them on reconnect.
+    #[arg(long, env = "SWITCHBOARD_HISTORY")]
+    pub history: Option<String>,
+    /// Entries kept per stream, as `serve --history-size`.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: usize,
+    /// Seconds an entry is kept, as `serve --history-ttl`.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_TTL", default_value_t = 300)]
+    pub history_ttl: u64,
+    /// Streams recorded without asking, as `serve --history-record`.
+    #[arg(long, env = "SWITCHBOARD_HISTORY_RECORD")]
+    pub history_record: Option<String>,
 }
 
 /// `switchboard push`.
@@ -366,9 +381,26 @@ pub async fn worker(args: WorkerArgs, stop: impl Future<Output = ()>) -> anyhow:
         None if args.api_key.is_some() => anyhow::bail!("--api-key is set but --api is not"),
         None => None,
     };
-    let worker = Worker::start(cfg, Arc::new(ReferenceApp::new(security)))
-        .await
-        .context("starting the worker")?;
+    // Off unless named: workers share nothing but what they name, so memory
+    // (each worker's own positions) is refused.
+    let history = crate::history::HistoryConfig::parse(
+        args.history.as_deref(),
+        args.history_size,
+        args.history_ttl,
+        args.history_record.as_deref(),
+        crate::history::Store::Off,
+        false,
+    )?;
+    let store = history.open().await?;
+    let worker = Worker::start_with(cfg, Arc::new(ReferenceApp::new(security)), |b| {
+        let b = b.record(history.record.iter().cloned());
+        match store {
+            Some(s) => b.history(s),
+            None => b,
+        }
+    })
+    .await
+    .context("starting the worker")?;
     let stop_api = CancellationToken::new();
     let (api_addr, api_task) = match &api {
         None => (None, None),

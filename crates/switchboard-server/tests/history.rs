@@ -265,3 +265,57 @@ async fn on_rabbitmq_a_redis_named_with_history_keeps_the_streams() -> Result<()
     p.stop().await;
     Ok(())
 }
+
+/// In the gateway topology a worker named a Redis with `--history` records
+/// pushes: clients get them with their positions through the gateways, and
+/// backends read the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_history_records_pushes_through_the_gateways() -> Result<()> {
+    use switchboard_test::gateway::{GatewayCluster, Listeners, WorkerProc};
+    let history = format!(
+        "{}?prefix={}",
+        switchboard_test::services::redis_url()?,
+        switchboard_test::services::unique_prefix("hist-gw")
+    );
+    let mut c = GatewayCluster::start(bin(), &[Listeners::Ws], 0, "").await?;
+    let worker = WorkerProc::start(
+        c.bin.as_path(),
+        c.register.addr,
+        &[
+            "--api",
+            "127.0.0.1:0",
+            "--api-key",
+            KEY,
+            "--history",
+            &history,
+        ],
+    )
+    .await?;
+    let api_at = worker.api.expect("the worker printed its API address");
+    c.workers.push(worker);
+    c.wait_attached(1).await?;
+    let mut alice = Client::ws(c.gateways[0].ws.unwrap(), "alice", None).await?;
+    let (status, v) = api(
+        api_at,
+        Some(KEY),
+        "push",
+        &json!({"users": ["alice"], "data": "g1", "history": true}),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let pos = v["result"]["positions"]["user:alice"].clone();
+    assert_eq!(
+        alice.recv_json().await?,
+        json!({"op": "push", "stream": "user:alice", "pos": pos, "data": "g1"})
+    );
+    let (_, h) = api(
+        api_at,
+        Some(KEY),
+        "history",
+        &json!({"stream": "user:alice", "limit": 5}),
+    )
+    .await?;
+    assert_eq!(h["result"]["entries"][0]["data"], "g1", "{h}");
+    switchboard_test::Cluster::shutdown(Box::new(c)).await;
+    Ok(())
+}

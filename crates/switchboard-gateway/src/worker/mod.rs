@@ -163,6 +163,16 @@ impl Worker {
         cfg: WorkerConfig,
         handler: Arc<dyn Handler>,
     ) -> Result<Self, switchboard::BuildError> {
+        Self::start_with(cfg, handler, |b| b).await
+    }
+
+    /// [`Worker::start`], with `tweak` adjusting the worker's hub before it
+    /// starts (a history store, streams recorded by configuration).
+    pub async fn start_with(
+        cfg: WorkerConfig,
+        handler: Arc<dyn Handler>,
+        tweak: impl FnOnce(switchboard::HubBuilder) -> switchboard::HubBuilder,
+    ) -> Result<Self, switchboard::BuildError> {
         let (addr_tx, addr_rx) = watch::channel(Vec::new());
         let shared = Arc::new(Shared {
             cfg,
@@ -184,16 +194,18 @@ impl Worker {
             NodeId::random().as_str().trim_start_matches("n-")
         ))
         .unwrap_or_else(|_| NodeId::random());
-        let hub = Hub::builder()
-            .node_id(node)
-            .query_timeout(shared.cfg.query_timeout)
-            .backplane(backplane::Links::new(
-                Arc::downgrade(&shared),
-                shared.link_dropped.clone(),
-            ))
-            .handler_arc(handler)
-            .start()
-            .await?;
+        let hub = tweak(
+            Hub::builder()
+                .node_id(node)
+                .query_timeout(shared.cfg.query_timeout)
+                .backplane(backplane::Links::new(
+                    Arc::downgrade(&shared),
+                    shared.link_dropped.clone(),
+                ))
+                .handler_arc(handler),
+        )
+        .start()
+        .await?;
         let _ = shared.hub.set(hub);
         shared.tasks.spawn(crate::register_link::worker(
             shared.cfg.register.clone(),
