@@ -171,6 +171,39 @@ impl HistoryConfig {
     }
 }
 
+/// What [`push`] did: the delivery, and for a recorded push each stream's
+/// position.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// Queued here, dropped here, handed to the cluster.
+    pub report: switchboard::PushReport,
+    /// The streams appended to, with their positions (empty when nothing was
+    /// recorded).
+    pub positions: Vec<(String, switchboard::Position)>,
+}
+
+impl Pushed {
+    /// The API's answer: the report's counts, and `positions` when recorded.
+    pub fn to_json(&self) -> Value {
+        let r = &self.report;
+        let mut v = json!({
+            "local": r.local,
+            "local_dropped": r.local_dropped,
+            "remote_sent": r.remote.sent,
+            "remote_dropped": r.remote.dropped,
+        });
+        if !self.positions.is_empty() {
+            v["positions"] = self
+                .positions
+                .iter()
+                .map(|(s, pos)| (s.clone(), Value::String(pos.to_string())))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        v
+    }
+}
+
 /// Pushes `frame` to `target`, recording the streams that ask for it: every
 /// user and group of `target` when `record` is set (an error for
 /// connections or everyone, which have no stream), else those that
@@ -180,7 +213,15 @@ pub async fn push(
     target: &Target,
     frame: Frame,
     record: bool,
-) -> Result<Value, PushError> {
+) -> Result<Pushed, PushError> {
+    // The common case costs what a plain push does: no stream name is built
+    // unless something may be recorded.
+    if !record && !hub.records_any() {
+        return Ok(Pushed {
+            report: hub.push(target, frame)?,
+            positions: Vec::new(),
+        });
+    }
     let recorded = |s: &str| record || hub.records(s);
     let users: Vec<_> = target
         .included_users()
@@ -198,8 +239,10 @@ pub async fn push(
         if record {
             return Err(PushError::NotRecordable);
         }
-        let r = hub.push(target, frame)?;
-        return Ok(report(r, None));
+        return Ok(Pushed {
+            report: hub.push(target, frame)?,
+            positions: Vec::new(),
+        });
     }
     if record && (target.is_all() || !target.conns().is_empty()) {
         return Err(PushError::NotRecordable);
@@ -224,33 +267,16 @@ pub async fn push(
     }
     rest = except(rest.and_conns(target.conns().iter().cloned()));
     let r = hub.push_recorded(&rec_target, frame.clone()).await?;
-    let mut out = r.report;
+    let mut report = r.report;
     if !rest.is_empty() {
         let p = hub.push(&rest, frame)?;
-        out.local += p.local;
-        out.local_dropped += p.local_dropped;
-        out.remote.sent += p.remote.sent;
-        out.remote.dropped += p.remote.dropped;
+        report.local += p.local;
+        report.local_dropped += p.local_dropped;
+        report.remote.sent += p.remote.sent;
+        report.remote.dropped += p.remote.dropped;
     }
-    Ok(report(out, Some(&r.positions)))
-}
-
-fn report(
-    r: switchboard::PushReport,
-    positions: Option<&[(String, switchboard::Position)]>,
-) -> Value {
-    let mut v = json!({
-        "local": r.local,
-        "local_dropped": r.local_dropped,
-        "remote_sent": r.remote.sent,
-        "remote_dropped": r.remote.dropped,
-    });
-    if let Some(p) = positions {
-        v["positions"] = p
-            .iter()
-            .map(|(s, pos)| (s.clone(), Value::String(pos.to_string())))
-            .collect::<serde_json::Map<_, _>>()
-            .into();
-    }
-    v
+    Ok(Pushed {
+        report,
+        positions: r.positions,
+    })
 }

@@ -324,7 +324,7 @@ async fn single(hub: &Hub, method: &str, body: Value) -> Result<Reply, ApiError>
             let r = crate::history::push(hub, &p.target.target()?, frame, p.history)
                 .await
                 .map_err(push_error)?;
-            Ok(Reply::done(r))
+            Ok(Reply::done(r.to_json()))
         }
         "history" => {
             let p: HistoryParams = params(body)?;

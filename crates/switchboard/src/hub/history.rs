@@ -45,25 +45,31 @@ pub struct RecordedPush {
 }
 
 /// The frame a client gets for the entry at `pos` of `stream`: text, with a
-/// binary entry's data in base64 and `"binary":true`.
+/// binary entry's data in base64 and `"binary":true`. Written straight into
+/// one string (no JSON tree): it is built once per stream and push on the
+/// pushing node, and once per receiving node.
 pub fn recorded_frame(stream: &str, pos: Position, data: &[u8], kind: FrameKind) -> Frame {
-    let pos = pos.to_string();
-    let value = match kind {
-        FrameKind::Text => serde_json::json!({
-            "op": "push",
-            "stream": stream,
-            "pos": pos,
-            "data": String::from_utf8_lossy(data),
-        }),
-        FrameKind::Binary => serde_json::json!({
-            "op": "push",
-            "stream": stream,
-            "pos": pos,
-            "data": base64::engine::general_purpose::STANDARD.encode(data),
-            "binary": true,
-        }),
-    };
-    Frame::text(value.to_string())
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(64 + stream.len() + data.len() * 4 / 3);
+    s.push_str(r#"{"op":"push","stream":"#);
+    json_string(&mut s, stream);
+    let _ = write!(s, r#","pos":"{pos}","data":"#);
+    match kind {
+        FrameKind::Text => json_string(&mut s, &String::from_utf8_lossy(data)),
+        FrameKind::Binary => {
+            s.push('"');
+            base64::engine::general_purpose::STANDARD.encode_string(data, &mut s);
+            s.push_str(r#"","binary":true"#);
+        }
+    }
+    s.push('}');
+    Frame::text(s)
+}
+
+/// Appends `v` as a JSON string, quoted and escaped.
+fn json_string(out: &mut String, v: &str) {
+    // A string always serializes.
+    out.push_str(&serde_json::to_string(v).unwrap_or_default());
 }
 
 /// The frame that ends a stream's replay.
@@ -78,6 +84,13 @@ impl Hub {
     /// The history store, if this hub keeps history.
     pub fn history(&self) -> Option<&Arc<dyn History>> {
         self.inner.history.as_ref()
+    }
+
+    /// Whether the configuration may ask for any push to be recorded: a
+    /// history and at least one pattern. Checked first, so that a node that
+    /// records nothing by configuration pays nothing per push.
+    pub fn records_any(&self) -> bool {
+        self.inner.history.is_some() && !self.inner.record.is_empty()
     }
 
     /// Whether the configuration asks for pushes to `stream` to be recorded
@@ -361,4 +374,29 @@ pub(super) async fn fill_gaps(
 
 fn no_history() -> HistoryError {
     HistoryError::Unavailable("this node keeps no history".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_frame_is_one_json_object_whatever_the_data() {
+        let pos = Position {
+            offset: 7,
+            epoch: 0xab,
+        };
+        let f = recorded_frame("user:a\"b", pos, "say \"hi\"\n".as_bytes(), FrameKind::Text);
+        let v: serde_json::Value = serde_json::from_str(f.as_text().unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op": "push", "stream": "user:a\"b", "pos": "7-ab", "data": "say \"hi\"\n"})
+        );
+        let f = recorded_frame("group:g", pos, &[0, 255, 1], FrameKind::Binary);
+        let v: serde_json::Value = serde_json::from_str(f.as_text().unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"op": "push", "stream": "group:g", "pos": "7-ab", "data": "AP8B", "binary": true})
+        );
+    }
 }
