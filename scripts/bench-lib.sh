@@ -67,3 +67,19 @@ broker_pids() { # mode
   esac
 }
 
+
+# Starts MODE's nodes fresh, runs `switchboard bench ARGS...` against both
+# of its client listeners with the servers' (and the broker's) pids, and
+# stops the nodes; the result line is left in LINE (a variable, not output,
+# so that PIDS stays this shell's for the EXIT trap).
+bench_mode() { # mode args...
+  local mode=$1 broker
+  shift
+  start_nodes "$mode"
+  broker=$(broker_pids "$mode")
+  LINE=$("$BIN" bench "$@" \
+    --nodes ws://127.0.0.1:9301/ws,ws://127.0.0.1:9302/ws \
+    --server-pids "$(IFS=,; echo "${PIDS[*]}")" ${broker:+--broker-pids "$broker"} \
+    --label "$mode" 2>/dev/null | tail -1)
+  stop_nodes
+}

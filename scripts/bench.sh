@@ -67,14 +67,9 @@ done
 for mode in "${MODES[@]}"; do
   for scenario in $SCENARIOS; do
     for run in $(seq "$RUNS"); do
-      start_nodes "$mode"
-      broker=$(broker_pids "$mode")
       # shellcheck disable=SC2046
-      line=$("$BIN" bench $(args_for "$scenario") \
-        --nodes ws://127.0.0.1:9301/ws,ws://127.0.0.1:9302/ws \
-        --server-pids "$(IFS=,; echo "${PIDS[*]}")" ${broker:+--broker-pids "$broker"} \
-        --label "$mode" 2>/dev/null | tail -1)
-      stop_nodes
+      bench_mode "$mode" $(args_for "$scenario")
+      line=$LINE
       echo "{\"mode\":\"$mode\",\"name\":\"$scenario\",\"run\":$run,\"date\":\"$(date -u +%F)\",\"result\":$line}" >> "$RESULTS"
       echo "$mode $scenario run $run: $(echo "$line" | cut -c1-160)"
     done
