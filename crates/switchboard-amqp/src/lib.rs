@@ -40,7 +40,6 @@
 mod binder;
 mod config;
 mod link;
-mod peers;
 mod publish;
 mod receive;
 mod wire;
@@ -68,7 +67,7 @@ pub use config::{AmqpConfig, ConfigError, Mode};
 
 use binder::Binder;
 use link::{Link, Names, OpenError, Session};
-use peers::Peers;
+use switchboard_core::peers::Peers;
 use wire::{Control, Tracker};
 
 /// An AMQP operation, boxed so that operations of different kinds queue together.

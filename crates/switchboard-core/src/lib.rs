@@ -9,6 +9,8 @@
 //! - [`framing`]: line and length-prefixed framing for raw TCP.
 //! - [`backplane`]: the cluster seam every mode implements; [`memory`] is the
 //!   in-process implementation.
+//! - [`relay`] and [`peers`]: the message format and the liveness protocol of
+//!   the backplanes that relay through a message broker (RabbitMQ, NATS).
 
 pub mod backplane;
 pub mod bundle;
@@ -18,7 +20,9 @@ pub mod framing;
 pub mod history;
 pub mod id;
 pub mod memory;
+pub mod peers;
 pub mod query;
+pub mod relay;
 pub mod target;
 
 pub use backplane::{

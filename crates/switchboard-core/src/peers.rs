@@ -1,4 +1,5 @@
-//! Who is alive, learned from the broker alone.
+//! Who is alive, learned from the broker alone, for backplanes that keep no
+//! directory (RabbitMQ, NATS core).
 //!
 //! Every node broadcasts a heartbeat every third of the TTL and hears
 //! everyone's, its own included (its own proves that its queue still gets
@@ -12,12 +13,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use switchboard_core::NodeId;
+use crate::NodeId;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// The live nodes, as last heard.
-pub(crate) struct Peers {
+pub struct Peers {
     ttl: Duration,
     heard: Mutex<HashMap<NodeId, Instant>>,
     /// Welcomes received since the last hello: who answered, and whom they named.
@@ -32,7 +33,8 @@ struct Discovery {
 }
 
 impl Peers {
-    pub(crate) fn new(ttl: Duration) -> Self {
+    /// No node heard yet; a node silent for `ttl` is dead.
+    pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
             heard: Mutex::new(HashMap::new()),
@@ -46,7 +48,7 @@ impl Peers {
     }
 
     /// `node` is alive now.
-    pub(crate) fn alive(&self, node: &NodeId) {
+    pub fn alive(&self, node: &NodeId) {
         let now = Instant::now();
         let mut heard = self.heard();
         match heard.get_mut(node) {
@@ -59,14 +61,14 @@ impl Peers {
     }
 
     /// `node` said goodbye.
-    pub(crate) fn left(&self, node: &NodeId) {
+    pub fn left(&self, node: &NodeId) {
         if self.heard().remove(node).is_some() {
             tracing::info!(peer = %node, "node left");
         }
     }
 
     /// The nodes heard from within the TTL, `me` excluded.
-    pub(crate) fn live(&self, me: Option<&NodeId>) -> Vec<NodeId> {
+    pub fn live(&self, me: Option<&NodeId>) -> Vec<NodeId> {
         let ttl = self.ttl;
         self.heard()
             .iter()
@@ -76,7 +78,7 @@ impl Peers {
     }
 
     /// Forgets the nodes silent for a TTL; returns them.
-    pub(crate) fn expire(&self) -> Vec<NodeId> {
+    pub fn expire(&self) -> Vec<NodeId> {
         let ttl = self.ttl;
         let mut dead = Vec::new();
         self.heard().retain(|n, t| {
@@ -93,12 +95,12 @@ impl Peers {
     }
 
     /// Starts a discovery round (before sending a hello).
-    pub(crate) fn start_discovery(&self) {
+    pub fn start_discovery(&self) {
         *self.discovery.lock().unwrap_or_else(|p| p.into_inner()) = Discovery::default();
     }
 
     /// A welcome from `from`, naming the nodes it knows alive.
-    pub(crate) fn welcome(&self, from: &NodeId, live: &[NodeId], me: &NodeId) {
+    pub fn welcome(&self, from: &NodeId, live: &[NodeId], me: &NodeId) {
         self.alive(from);
         for n in live.iter().filter(|n| *n != me) {
             // Named by a live node: wait for it in answers until it is heard
@@ -115,7 +117,7 @@ impl Peers {
 
     /// Waits until every node named in the welcomes received has answered
     /// itself, or, if none has answered, for `alone`; never longer than `max`.
-    pub(crate) async fn discovered(&self, alone: Duration, max: Duration) {
+    pub async fn discovered(&self, alone: Duration, max: Duration) {
         let start = Instant::now();
         loop {
             let notified = self.welcomed.notified();
