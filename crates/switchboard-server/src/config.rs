@@ -97,7 +97,7 @@ options! {
     tls_key: PathBuf, "SWITCHBOARD_TLS_KEY",
         "The PEM private key of --tls-cert; read again on SIGHUP";
     cluster: String = "local", "SWITCHBOARD_CLUSTER",
-        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` or `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..`; `rediss://` and `amqps://` are over TLS, the broker checked against the system trust store (or SSL_CERT_FILE)";
+        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..` or `nats://[USER:PASS@]HOST:PORT[,HOST:PORT]?mode=core&prefix=..`; `rediss://`, `amqps://` and `tls://` (NATS) are over TLS, the broker checked against the system trust store (or SSL_CERT_FILE)";
     #[serde(deserialize_with = "text")]
     redis_prefix: String, "SWITCHBOARD_REDIS_PREFIX",
         "Redis: key and channel prefix (overrides the URL's `prefix`; default sb)";
@@ -185,7 +185,7 @@ options! {
     events_timeout: u64 = "5", "SWITCHBOARD_EVENTS_TIMEOUT",
         "Seconds the backend has to answer one batch of events before it is retried";
     history: String, "SWITCHBOARD_HISTORY",
-        "Where recorded pushes are kept for clients that reconnect: memory, off, or redis://HOST:PORT[?prefix=P] (default: memory for local and memory:N, the cluster's Redis for redis://, off for amqp://)";
+        "Where recorded pushes are kept for clients that reconnect: memory, off, or redis://HOST:PORT[?prefix=P] (default: memory for local and memory:N, the cluster's Redis for redis://, off for amqp:// and nats://)";
     history_size: usize = "100", "SWITCHBOARD_HISTORY_SIZE",
         "Entries kept per stream; older ones are trimmed";
     history_ttl: u64 = "300", "SWITCHBOARD_HISTORY_TTL",
@@ -242,6 +242,8 @@ pub enum ClusterUrl {
     Redis(switchboard_redis::RedisConfig),
     /// A RabbitMQ broker.
     Amqp(switchboard_amqp::AmqpConfig),
+    /// A NATS server or cluster.
+    Nats(switchboard_nats::NatsConfig),
 }
 
 impl std::fmt::Display for ClusterUrl {
@@ -257,6 +259,7 @@ impl std::fmt::Display for ClusterUrl {
                 c.exchange_name(),
                 c.prefix
             ),
+            ClusterUrl::Nats(c) => write!(f, "nats {}, prefix {:?}", c.mode, c.prefix),
         }
     }
 }
@@ -276,6 +279,9 @@ impl std::str::FromStr for ClusterUrl {
             url if url.starts_with("amqp://") || url.starts_with("amqps://") => Ok(
                 ClusterUrl::Amqp(switchboard_amqp::AmqpConfig::from_url(url)?),
             ),
+            url if url.starts_with("nats://") || url.starts_with("tls://") => Ok(ClusterUrl::Nats(
+                switchboard_nats::NatsConfig::from_url(url)?,
+            )),
             other => Err(ConfigError::Cluster(other.to_owned())),
         }
     }
@@ -308,7 +314,7 @@ pub enum ConfigError {
     NodeId(#[from] switchboard::core::id::IdError),
     /// Unknown cluster URL.
     #[error(
-        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process), `redis://...` or `amqp://...`"
+        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process), `redis://...`, `amqp://...` or `nats://...`"
     )]
     Cluster(String),
     /// Bad Redis options.
@@ -320,6 +326,9 @@ pub enum ConfigError {
     /// Bad RabbitMQ options.
     #[error(transparent)]
     Amqp(#[from] switchboard_amqp::ConfigError),
+    /// Bad NATS options.
+    #[error(transparent)]
+    Nats(#[from] switchboard_nats::ConfigError),
     /// A RabbitMQ option given without a RabbitMQ cluster.
     #[error("{0} is set but the cluster is not amqp://")]
     AmqpOptionWithoutAmqp(&'static str),

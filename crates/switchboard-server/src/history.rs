@@ -81,7 +81,7 @@ impl HistoryConfig {
                 url: c.url.clone(),
                 prefix: c.prefix.clone(),
             },
-            ClusterUrl::Amqp(_) => Store::Off,
+            ClusterUrl::Amqp(_) | ClusterUrl::Nats(_) => Store::Off,
         };
         let in_process = matches!(cluster, ClusterUrl::Local | ClusterUrl::Memory(_));
         Self::parse(history, size, ttl, record, default, in_process)

@@ -83,6 +83,7 @@ pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane
                 .with_context(|| format!("connecting to {}", cfg.url))?,
         ),
         ClusterUrl::Amqp(cfg) => Arc::new(switchboard_amqp::AmqpBackplane::new(cfg.clone())),
+        ClusterUrl::Nats(cfg) => Arc::new(switchboard_nats::NatsBackplane::new(cfg.clone())),
     })
 }
 
