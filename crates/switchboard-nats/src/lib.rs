@@ -28,6 +28,7 @@
 //! ```
 
 mod config;
+mod jetstream;
 mod publish;
 mod receive;
 mod subjects;
@@ -105,9 +106,14 @@ pub(crate) struct Shared {
     link: Arc<Link>,
     out: mpsc::Sender<Outgoing>,
     peers: Peers,
+    /// JetStream: the nodes heard from within `queue_age` that did not say
+    /// goodbye, which envelopes for users, groups and everyone go to.
+    recent: Peers,
     tracker: Mutex<Tracker>,
     interest: Interest,
     stats: StatCounters,
+    /// JetStream: the node's consumer is reading.
+    receiving: AtomicBool,
     /// The receiving task is waiting for room in the node's inbound queue.
     blocked: AtomicBool,
     /// When the node last heard itself (ms since `started`): its own
@@ -175,6 +181,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         // A silent node's numbering is kept: if it comes back (its link,
         // not its process, was lost) the gap counts.
         shared.peers.expire();
+        shared.recent.expire();
         if !shared.link.is_connected() {
             continue;
         }
@@ -274,11 +281,6 @@ async fn connect(
 impl Backplane for NatsBackplane {
     async fn join(&self, ctx: JoinContext) -> Result<(), JoinError> {
         let cfg = self.cfg.clone();
-        if cfg.mode == Mode::JetStream {
-            return Err(JoinError::Unreachable(
-                "nats jetstream mode is not available in this build".into(),
-            ));
-        }
         let link = Arc::new(Link::default());
         let client = connect(&cfg, &ctx.node, link.clone())
             .await
@@ -292,6 +294,7 @@ impl Backplane for NatsBackplane {
         let s = Arc::new(Shared {
             subjects: Subjects::new(&cfg.prefix),
             peers: Peers::new(cfg.node_ttl),
+            recent: Peers::new(cfg.queue_age.max(cfg.node_ttl)),
             cfg,
             node: ctx.node.clone(),
             client,
@@ -300,6 +303,7 @@ impl Backplane for NatsBackplane {
             tracker: Mutex::new(Tracker::default()),
             interest: Interest::default(),
             stats: StatCounters::default(),
+            receiving: AtomicBool::new(false),
             blocked: AtomicBool::new(false),
             last_heard: AtomicU64::new(0),
             heard_on: AtomicU64::new(0),
@@ -313,13 +317,31 @@ impl Backplane for NatsBackplane {
         }
         s.peers.start_discovery();
         let stop = s.stop.clone();
-        s.tasks
-            .spawn(receive::run(s.clone(), ctx.inbound, stop.clone()));
+        match s.cfg.mode {
+            Mode::Core => {
+                s.receiving.store(true, Ordering::Release);
+                s.tasks
+                    .spawn(receive::run(s.clone(), Some(ctx.inbound), stop.clone()));
+            }
+            Mode::JetStream => {
+                let consumer = jetstream::prepare(&s)
+                    .await
+                    .map_err(|e| JoinError::Unreachable(e.into()))?;
+                s.tasks.spawn(receive::run(s.clone(), None, stop.clone()));
+                s.tasks.spawn(jetstream::consume(
+                    s.clone(),
+                    consumer,
+                    ctx.inbound,
+                    ctx.handled,
+                    stop.clone(),
+                ));
+            }
+        }
         s.tasks.spawn(publish::run(s.clone(), out_rx, stop.clone()));
         // Subscribed (and the server has the subscriptions) before the hello,
         // so that every welcome reaches us.
+        s.interest.fence();
         s.interest.settle().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), s.client.flush()).await;
         let hello = Control::Hello(s.node.clone());
         s.send_control(&s.subjects.broadcast(), &hello).await;
         s.tasks.spawn(heartbeat(s.clone(), stop));
@@ -352,7 +374,9 @@ impl Backplane for NatsBackplane {
     }
 
     fn membership(&self, change: &MembershipChange) {
-        if let Some(s) = self.shared.get() {
+        if let Some(s) = self.shared.get()
+            && s.cfg.mode == Mode::Core
+        {
             s.interest.report(&s.subjects, change);
         }
     }
@@ -385,6 +409,8 @@ impl Backplane for NatsBackplane {
                 "nats delivered nothing to this node for {:?}",
                 s.deaf_for()
             ))
+        } else if !s.receiving.load(Ordering::Acquire) {
+            Some("nats jetstream consumer down".to_owned())
         } else if !s.interest.synced() {
             Some("nats subscriptions being made".to_owned())
         } else {
@@ -412,6 +438,12 @@ impl Backplane for NatsBackplane {
             };
             if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), said).await {
                 tracing::debug!(error = %e, "could not say goodbye");
+            }
+            if s.cfg.mode == Mode::JetStream {
+                let retired = tokio::time::timeout(Duration::from_secs(2), jetstream::retire(s));
+                if let Ok(Err(e)) = retired.await {
+                    tracing::warn!(error = %e, "could not remove this node's jetstream consumer");
+                }
             }
         }
         s.stop.cancel();

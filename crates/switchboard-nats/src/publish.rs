@@ -16,8 +16,8 @@ use switchboard_core::relay::{self, Copy, Sequences};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::Shared;
 use crate::subjects::Subjects;
+use crate::{Mode, Shared, jetstream};
 
 /// Envelopes waiting to be sent. Beyond this, publishing drops and counts.
 pub(crate) const QUEUE: usize = 64 * 1024;
@@ -80,7 +80,36 @@ pub(crate) async fn run(
         if n == 0 {
             return;
         }
-        out.batch(&mut batch).await;
+        match out.shared.cfg.mode {
+            Mode::Core => out.batch(&mut batch).await,
+            Mode::JetStream => out.batch_queued(&mut batch).await,
+        }
+    }
+}
+
+/// JetStream: the queue subjects of the nodes an envelope is for. Anything
+/// not for one node goes to every node heard from lately (`recent`).
+pub(crate) fn queue_subjects(shared: &Shared, route: &Route) -> Vec<String> {
+    let prefix = &shared.cfg.prefix;
+    let me = &shared.node;
+    let one = |n: &NodeId| jetstream::queue_subject(prefix, n.as_str());
+    match route {
+        Route::Node(n) => vec![one(n)],
+        Route::Interested(t) if t.conn_nodes().is_some() => {
+            let mut nodes: Vec<&NodeId> = t.conn_nodes().unwrap_or_default();
+            nodes.retain(|n| *n != me);
+            nodes.sort_unstable();
+            nodes.dedup();
+            nodes.into_iter().map(one).collect()
+        }
+        Route::All | Route::Interested(_) => {
+            // Live peers include those named in welcomes, not heard yet.
+            let mut nodes = shared.peers.live(Some(me));
+            nodes.extend(shared.recent.live(Some(me)));
+            nodes.sort_unstable();
+            nodes.dedup();
+            nodes.iter().map(one).collect()
+        }
     }
 }
 
@@ -126,6 +155,35 @@ impl Publisher {
         }
     }
 
+    /// JetStream: each node's envelopes of the batch, in order, bundled per
+    /// node; one node's subject never waits for another's.
+    async fn batch_queued(&mut self, batch: &mut Vec<Outgoing>) {
+        let mut open: Vec<Open> = Vec::new();
+        for o in batch.drain(..) {
+            for subject in queue_subjects(&self.shared, &o.route) {
+                let i = match open.iter().position(|b| b.subject == subject) {
+                    Some(i) if open[i].bundle.fits(o.envelope.len()) => i,
+                    found => {
+                        if let Some(i) = found {
+                            let full = open.swap_remove(i);
+                            self.flush(full).await;
+                        }
+                        open.push(Open {
+                            subject,
+                            bundle: relay::bundle(),
+                            first: o.envelope.clone(),
+                        });
+                        open.len() - 1
+                    }
+                };
+                open[i].bundle.push(&o.envelope);
+            }
+        }
+        for b in open {
+            self.flush(b).await;
+        }
+    }
+
     async fn flush(&mut self, open: Open) {
         let count = open.bundle.count();
         let stream = self.shared.subjects.stream(&open.subject);
@@ -149,6 +207,9 @@ impl Publisher {
     }
 
     async fn publish(&self, subject: String, body: Vec<u8>, count: u64) {
+        if self.shared.cfg.mode == Mode::JetStream {
+            return jetstream::publish(&self.shared, subject, Bytes::from(body), count).await;
+        }
         let stats = &self.shared.stats;
         if !self.shared.link.is_connected() {
             // Queued in the client until it reconnects, it would arrive late

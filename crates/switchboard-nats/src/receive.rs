@@ -5,9 +5,11 @@
 //!
 //! Membership changes arrive synchronously, with the node's registry lock
 //! held, so they only mark the subject wanted or not ([`Interest::report`]);
-//! the task applies them, then flushes the connection: once the server has
-//! answered the flush it has the subscriptions, which is when
-//! [`Interest::settle`] returns. The client resubscribes by itself after a
+//! the task applies them, then sends a fence to the node's own subject: the
+//! server reads a connection in order, so once the fence comes back the
+//! server has the subscriptions, which is when [`Interest::settle`] returns.
+//! (In a NATS cluster, the other servers learn of a subscription one route
+//! hop later.) The client resubscribes by itself after a
 //! reconnect.
 
 use std::collections::HashMap;
@@ -21,7 +23,7 @@ use std::time::Duration;
 use async_nats::{Message, Subscriber};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamFuture};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use switchboard_core::backplane::Inbound;
 use switchboard_core::relay::{self, Control, Copy, Seen};
 use switchboard_core::{MembershipChange, NodeId};
@@ -34,6 +36,12 @@ use crate::subjects::Subjects;
 /// How long a membership operation waits for its subscription before it
 /// returns anyway (the connection is down; the client subscribes on reconnect).
 const SETTLE: Duration = Duration::from_secs(5);
+/// A fence not back after this is sent again.
+const FENCE_RETRY: Duration = Duration::from_secs(1);
+
+/// Most messages taken from the subscriptions at once, to be put back in
+/// their senders' order.
+const DRAIN: usize = 1024;
 
 /// Which user and group subjects the node wants, as reported and not yet
 /// applied.
@@ -71,6 +79,13 @@ impl Interest {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(subject, want);
+        self.reported.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
+    /// Asks for a fence with no change: [`Interest::settle`] then also waits
+    /// for the subscriptions made before (the node's own, at join).
+    pub(crate) fn fence(&self) {
         self.reported.fetch_add(1, Ordering::AcqRel);
         self.wake.notify_one();
     }
@@ -143,7 +158,9 @@ impl Subscriptions {
     }
 }
 
-pub(crate) async fn run(shared: Arc<Shared>, inbound: Inbound, stop: CancellationToken) {
+/// Runs the subscriptions until `stop`. Without `inbound` (JetStream, where
+/// envelopes come through the consumer) only liveness messages are read.
+pub(crate) async fn run(shared: Arc<Shared>, inbound: Option<Inbound>, stop: CancellationToken) {
     let mut subs = Subscriptions {
         active: HashMap::new(),
         reading: FuturesUnordered::new(),
@@ -154,26 +171,21 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: Inbound, stop: Cancellatio
     subs.add(&shared, mine).await;
     subs.add(&shared, shared.subjects.broadcast()).await;
     let interest = &shared.interest;
-    let mut flushing: Option<(u64, Flush)> = None;
+    // The fence out: the reports it covers, and when it was sent.
+    let mut fence: Option<(u64, tokio::time::Instant)> = None;
     let mut dirty = false;
+    let mut ready: Vec<Message> = Vec::with_capacity(DRAIN);
     loop {
+        let retry_at = fence.map(|(_, at)| at + FENCE_RETRY);
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            done = async { flushing.as_mut().expect("guarded").1.as_mut().await }, if flushing.is_some() => {
-                let (covered, _) = flushing.take().expect("guarded");
-                if done {
-                    interest.applied.send_if_modified(|a| {
-                        let moved = covered > *a;
-                        *a = (*a).max(covered);
-                        moved
-                    });
-                } else {
-                    dirty = true;
-                }
+            () = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                // Lost with a broken link: sent again once the link is back.
+                fence = None;
+                dirty = true;
             }
             () = interest.wake.notified() => {
-                let covered = interest.reported.load(Ordering::Acquire);
                 let changes = std::mem::take(
                     &mut *interest.pending.lock().unwrap_or_else(|p| p.into_inner()),
                 );
@@ -189,24 +201,46 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: Inbound, stop: Cancellatio
                             .forget_stream(shared.subjects.stream(&subject));
                     }
                 }
-                if flushing.is_none() {
-                    flushing = Some((covered, flush(&shared)));
-                } else {
-                    dirty = true;
-                }
+                dirty = true;
             }
             Some((message, sub)) = subs.reading.next() => {
                 let Some(message) = message else {
                     continue; // unsubscribed, or the client closed
                 };
                 subs.reading.push(sub.into_future());
-                if !handle(&shared, message, &inbound).await {
-                    return;
+                // Everything that reached the socket before this message sits
+                // in its subscription's queue already: take it all, and put
+                // each sender's messages back in the order it published them.
+                ready.push(message);
+                while ready.len() < DRAIN {
+                    match subs.reading.next().now_or_never() {
+                        Some(Some((Some(m), sub))) => {
+                            subs.reading.push(sub.into_future());
+                            ready.push(m);
+                        }
+                        Some(Some((None, _))) => {}
+                        Some(None) | None => break,
+                    }
+                }
+                if ready.len() > 1 {
+                    ready.sort_by_key(|m| relay::first_envelope_id(&m.payload).map(|(_, id)| id));
+                }
+                for message in ready.drain(..) {
+                    if !handle(&shared, message, inbound.as_ref()).await {
+                        return;
+                    }
                 }
             }
         }
-        if dirty && flushing.is_none() {
-            // Changes applied while a flush was out (or after one failed).
+        if let Some((covered, _)) = fence
+            && *interest.applied.borrow() >= covered
+        {
+            fence = None;
+        }
+        if dirty && fence.is_none() {
+            // Subscriptions changed: a fence through our own subject proves
+            // the server has them when it comes back (the server reads a
+            // connection in order), which is when they count as applied.
             dirty = false;
             let covered = interest.reported.load(Ordering::Acquire);
             if interest
@@ -215,7 +249,11 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: Inbound, stop: Cancellatio
                 .unwrap_or_else(|p| p.into_inner())
                 .is_empty()
             {
-                flushing = Some((covered, flush(&shared)));
+                let mine = shared.subjects.node(shared.node.as_str());
+                shared
+                    .send_control(&mine, &Control::Fence(shared.node.clone(), covered))
+                    .await;
+                fence = Some((covered, tokio::time::Instant::now()));
             } else {
                 interest.wake.notify_one();
             }
@@ -223,32 +261,22 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: Inbound, stop: Cancellatio
     }
 }
 
-/// A flush under way: true once the server has processed everything sent
-/// before it.
-type Flush = Pin<Box<dyn Future<Output = bool> + Send>>;
-
-fn flush(shared: &Arc<Shared>) -> Flush {
-    let client = shared.client.clone();
-    Box::pin(async move {
-        match tokio::time::timeout(SETTLE, client.flush()).await {
-            Ok(Ok(())) => true,
-            _ => {
-                // Down: pause before the next try, the client resubscribes
-                // when it is back.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                false
-            }
-        }
-    })
-}
-
 /// Handles one message; false when the node is gone.
-async fn handle(shared: &Shared, m: Message, inbound: &Inbound) -> bool {
+async fn handle(shared: &Shared, m: Message, inbound: Option<&Inbound>) -> bool {
     let subject = m.subject.as_str();
     let Some(message) = relay::decode(m.payload) else {
         tracing::warn!(%subject, "malformed message dropped");
         return true;
     };
+    let inbound = match (message, inbound) {
+        (relay::Message::Control(c), _) => {
+            control(shared, c, subject).await;
+            return true;
+        }
+        (m, Some(inbound)) => (m, inbound),
+        (_, None) => return true,
+    };
+    let (message, inbound) = inbound;
     match message {
         relay::Message::Envelope {
             epoch,
@@ -267,10 +295,7 @@ async fn handle(shared: &Shared, m: Message, inbound: &Inbound) -> bool {
             let all = envelopes.into_iter();
             deliver(shared, subject, epoch, first, Copy::Only, all, inbound).await
         }
-        relay::Message::Control(c) => {
-            control(shared, c, subject).await;
-            true
-        }
+        relay::Message::Control(_) => true,
     }
 }
 
@@ -335,9 +360,13 @@ async fn control(shared: &Shared, c: Control, subject: &str) {
     let me = &shared.node;
     match c {
         Control::Heartbeat(n) | Control::Hello(n) if &n == me => shared.heard_self(),
-        Control::Heartbeat(n) => shared.peers.alive(&n),
+        Control::Heartbeat(n) => {
+            shared.peers.alive(&n);
+            shared.recent.alive(&n);
+        }
         Control::Hello(n) => {
             shared.peers.alive(&n);
+            shared.recent.alive(&n);
             let welcome = Control::Welcome(me.clone(), shared.peers.live(Some(me)));
             shared
                 .send_control(&shared.subjects.node(n.as_str()), &welcome)
@@ -349,7 +378,16 @@ async fn control(shared: &Shared, c: Control, subject: &str) {
         Control::Welcome(n, _) => shared.peers.alive(&n),
         Control::Bye(n) if &n != me => {
             shared.peers.left(&n);
+            shared.recent.left(&n);
             forget(shared, &n);
+        }
+        Control::Fence(n, covered) if &n == me => {
+            shared.heard_self();
+            shared.interest.applied.send_if_modified(|a| {
+                let moved = covered > *a;
+                *a = (*a).max(covered);
+                moved
+            });
         }
         Control::Bye(_) | Control::Fence(..) => {}
     }
