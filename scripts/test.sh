@@ -54,12 +54,20 @@ probe() { # probe HOST:PORT REQUEST EXPECTED-PREFIX
 absent=()
 redis_addr=${SWITCHBOARD_TEST_REDIS:-127.0.0.1:6379}
 amqp_addr=${SWITCHBOARD_TEST_AMQP:-127.0.0.1:5672}
-if ! probe "$redis_addr" 'PING\r\n' '+PONG' || ! command -v redis-server >/dev/null; then
-  absent+=("redis|Redis at $redis_addr and the redis-server binary|(package(switchboard-server) | package(switchboard-test) | package(switchboard-redis)) & (binary(/redis|history/) | test(/redis/))")
+nats_addr=${SWITCHBOARD_TEST_NATS:-127.0.0.1:4222}
+if ! probe "$redis_addr" 'PING\r\n' '+PONG' ||
+   ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  absent+=("redis|Redis at $redis_addr and redis-server, redis-cli|(package(switchboard-server) | package(switchboard-test) | package(switchboard-redis)) & (binary(/redis|history/) | test(/redis/))")
 fi
 if ! probe "$amqp_addr" 'AMQP\x00\x00\x09\x01' $'\x01' ||
    ! command -v rabbitmq-server >/dev/null || ! command -v rabbitmqctl >/dev/null; then
   absent+=("amqp|RabbitMQ at $amqp_addr and rabbitmq-server, rabbitmqctl|(package(switchboard-server) | package(switchboard-test)) & (binary(/amqp/) | test(/amqp|rabbitmq/))")
+fi
+# A NATS server greets first, with its INFO line. Debian's nats-server is in
+# /usr/sbin, not on every user's path.
+if ! probe "$nats_addr" '' 'INFO ' ||
+   ! { command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ]; }; then
+  absent+=("nats|NATS at $nats_addr and the nats-server binary|(package(switchboard-server) | package(switchboard-test)) & (binary(/nats/) | test(/nats/))")
 fi
 if [ ! -x "${SWITCHBOARD_CHROMIUM:-/usr/bin/chromium}" ] ||
    [ ! -x "${SWITCHBOARD_CHROMEDRIVER:-/usr/bin/chromedriver}" ]; then

@@ -11,9 +11,13 @@
 //! - [`programs`]: the example backends in `examples/` and their interpreters.
 //! - [`hub_api`]: the Hub API checks across two sides of a cluster, and the
 //!   [`hub_api_suite!`] macro that turns them into tests for one mode.
+//! - [`broker_clusters`]: private broker clusters whose members a test kills
+//!   and restarts: a Redis Cluster (three masters with a replica each) and
+//!   NATS servers with JetStream.
 
 #![allow(missing_docs, unreachable_pub, clippy::unwrap_used)]
 
+pub mod broker_clusters;
 pub mod browser;
 pub mod client;
 pub mod cluster;

@@ -1,6 +1,7 @@
-//! External services for tests: the shared Redis on 127.0.0.1:6379 and
-//! RabbitMQ on 127.0.0.1:5672, and private `redis-server` and
-//! `rabbitmq-server` processes for tests that restart or kill the broker.
+//! External services for tests: the shared Redis on 127.0.0.1:6379,
+//! RabbitMQ on 127.0.0.1:5672 and NATS on 127.0.0.1:4222, and private
+//! `redis-server` and `rabbitmq-server` processes for tests that restart or
+//! kill the broker (private clusters are in [`crate::broker_clusters`]).
 //!
 //! A test whose service is missing fails: it never passes silently. Outside
 //! CI, `scripts/test.sh` probes the services first and leaves out the tests of
@@ -30,7 +31,7 @@ fn answers(addr: &str, hello: &[u8], expect: &[u8]) -> bool {
 }
 
 /// Answers `PING` with `+PONG`?
-fn redis_answers(addr: &str) -> bool {
+pub(crate) fn redis_answers(addr: &str) -> bool {
     answers(addr, b"PING\r\n", b"+PONG\r\n")
 }
 
@@ -71,6 +72,20 @@ pub fn amqp_url() -> Result<String> {
     Ok(format!("amqp://guest:guest@{addr}/%2f"))
 }
 
+/// Greets a new connection with its `INFO` line, as a NATS server does
+/// before the client says anything?
+pub(crate) fn nats_answers(addr: &str) -> bool {
+    answers(addr, b"", b"INFO ")
+}
+
+/// The shared NATS (`SWITCHBOARD_TEST_NATS`, default 127.0.0.1:4222) as a
+/// URL, or an error naming it if it is unreachable.
+pub fn nats_url() -> Result<String> {
+    let addr = std::env::var("SWITCHBOARD_TEST_NATS").unwrap_or_else(|_| "127.0.0.1:4222".into());
+    require(&format!("NATS at {addr}"), nats_answers(&addr))?;
+    Ok(format!("nats://{addr}"))
+}
+
 /// A key prefix no other test uses, so tests share one Redis in parallel.
 pub fn unique_prefix(tag: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -94,7 +109,7 @@ pub fn free_port() -> Result<u16> {
 /// start that fails says its tail in the error, and so does the broker's drop
 /// when the test that owns it fails, so that no test has to remember to.
 #[derive(Debug)]
-struct BrokerLog {
+pub(crate) struct BrokerLog {
     path: PathBuf,
     starts: u32,
 }
@@ -103,7 +118,7 @@ struct BrokerLog {
 const LOG_TAIL: usize = 60;
 
 impl BrokerLog {
-    fn new(dir: &Path) -> Self {
+    pub(crate) fn new(dir: &Path) -> Self {
         Self {
             path: dir.join("server.out"),
             starts: 0,
@@ -112,7 +127,7 @@ impl BrokerLog {
 
     /// The file the next start writes its output to (stdout and stderr), after
     /// a line that marks the start.
-    fn next_start(&mut self) -> Result<std::fs::File> {
+    pub(crate) fn next_start(&mut self) -> Result<std::fs::File> {
         use std::io::Write;
         self.starts += 1;
         let mut f = std::fs::OpenOptions::new()
@@ -125,7 +140,7 @@ impl BrokerLog {
     }
 
     /// The last [`LOG_TAIL`] lines of the output.
-    fn tail(&self) -> String {
+    pub(crate) fn tail(&self) -> String {
         let text = std::fs::read(&self.path).unwrap_or_default();
         let text = String::from_utf8_lossy(&text);
         let lines: Vec<&str> = text.lines().collect();
@@ -133,7 +148,7 @@ impl BrokerLog {
     }
 
     /// The tail of the output under a heading that names the broker.
-    fn report(&self, broker: &str) -> String {
+    pub(crate) fn report(&self, broker: &str) -> String {
         format!(
             "--- {broker}: the last lines of its output ({}) ---\n{}\n--- end of the output of {broker} ---",
             self.path.display(),
@@ -145,7 +160,7 @@ impl BrokerLog {
 /// Removes a private broker's directory; but when the test that owns the
 /// broker fails (the thread unwinds from a panic), shows the tail of its
 /// output and keeps the directory, whose files say more. Quiet otherwise.
-fn clean_up(broker: &str, log: &BrokerLog, dir: &Path) {
+pub(crate) fn clean_up(broker: &str, log: &BrokerLog, dir: &Path) {
     if std::thread::panicking() {
         eprintln!(
             "{}\n(the directory {} is kept)",
@@ -159,7 +174,7 @@ fn clean_up(broker: &str, log: &BrokerLog, dir: &Path) {
 
 /// How a start that did not come up ended.
 #[derive(Debug)]
-enum NotUp {
+pub(crate) enum NotUp {
     /// The process exited: it will never answer.
     Exited(std::process::ExitStatus),
     /// Still running, but not ready within the ceiling.
@@ -179,7 +194,7 @@ impl std::fmt::Display for NotUp {
 /// once when `child` has exited. `ceiling` is only a last resort against a
 /// broker that hangs: a broker that starts returns as soon as it answers, and
 /// one that dies fails when it dies, however loaded the machine.
-fn wait_until_ready(
+pub(crate) fn wait_until_ready(
     child: &mut Child,
     ceiling: Duration,
     ready: impl Fn() -> bool,
@@ -206,7 +221,7 @@ fn wait_until_ready(
 /// longer, but this one is small); the ceiling only bounds a hang, and stays
 /// well below the time after which nextest ends a test (`.config/nextest.toml`),
 /// so that the test fails with the broker's output.
-const REDIS_CEILING: Duration = Duration::from_secs(30);
+pub(crate) const REDIS_CEILING: Duration = Duration::from_secs(30);
 
 /// A private `redis-server`, on its own port and directory, that a test may
 /// kill and restart. With `durable`, it writes an fsync'd append-only file, so
@@ -683,6 +698,7 @@ mod tests {
     fn a_missing_service_is_a_failure() {
         assert!(!redis_answers("127.0.0.1:1"));
         assert!(!amqp_answers("127.0.0.1:1"));
+        assert!(!nats_answers("127.0.0.1:1"));
         let r = require("nothing on port 1", false);
         assert!(
             r.as_ref()
