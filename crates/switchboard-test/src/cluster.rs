@@ -398,6 +398,13 @@ impl Process {
         Self::on(bin, n, &crate::services::amqp_url()?, mode, extra).await
     }
 
+    /// `n` processes on the shared NATS in `mode` (`core` or `jetstream`),
+    /// under a subject prefix of their own; an error if NATS is missing.
+    /// `extra` is appended to the cluster URL's query.
+    pub async fn nats(bin: &str, n: usize, mode: &str, extra: &str) -> Result<Box<dyn Cluster>> {
+        Self::on(bin, n, &crate::services::nats_url()?, mode, extra).await
+    }
+
     /// `n` processes on the broker at `url`, under a prefix of their own.
     async fn on(
         bin: &str,
