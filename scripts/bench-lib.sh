@@ -34,6 +34,8 @@ start_nodes() { # mode
       two_nodes "redis://127.0.0.1:6379?mode=${mode#redis-}&prefix=$prefix" ;;
     amqp-fanout|amqp-routing)
       two_nodes "amqp://guest:guest@127.0.0.1:5672/%2f?mode=${mode#amqp-}&prefix=$prefix" ;;
+    nats-core|nats-jetstream)
+      two_nodes "nats://127.0.0.1:4222?mode=${mode#nats-}&prefix=$prefix" ;;
     gateway)
       # As docs/BENCHMARK-TARGETS.md measures GatewayWorker: a register, two gateways, one worker.
       "$BIN" register --listen 127.0.0.1:9310 >/dev/null 2>>"$OUT/server.log" &
@@ -63,6 +65,8 @@ broker_pids() { # mode
   case "$1" in
     redis-*) redis-cli info server | awk -F: '/^process_id/{print $2}' | tr -d '\r' ;;
     amqp-*) rabbitmqctl -q status 2>/dev/null | awk '/^OS PID/{print $3}' ;;
+    # The NATS listening on 4222, not the private ones tests start.
+    nats-*) ss -Hltnp 'sport = :4222' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2 ;;
     *) echo "" ;;
   esac
 }

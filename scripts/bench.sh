@@ -12,8 +12,9 @@
 # message costs, at this moment), so that each table can be read against the
 # machine's state when it was measured.
 #
-# Needs Redis on 127.0.0.1:6379 for the redis modes and RabbitMQ on
-# 127.0.0.1:5672 (guest/guest) for the amqp modes. Everything runs on this
+# Needs Redis on 127.0.0.1:6379 for the redis modes, RabbitMQ on
+# 127.0.0.1:5672 (guest/guest) for the amqp modes and NATS with JetStream on
+# 127.0.0.1:4222 for the nats modes. Everything runs on this
 # machine over loopback; the load tool's own CPU shares it.
 set -euo pipefail
 cd "$(dirname "$0")/.."

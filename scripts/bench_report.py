@@ -18,7 +18,7 @@ Standard library only. Prints the block it wrote.
 """
 import html, json, os, statistics, sys
 
-MODES = ["local-multi", "redis-pubsub", "redis-queue", "amqp-fanout", "amqp-routing", "gateway"]
+MODES = ["local-multi", "redis-pubsub", "redis-queue", "amqp-fanout", "amqp-routing", "nats-core", "nats-jetstream", "gateway"]
 BASE = "local-multi"
 # Each floor: the figure of its result that bounds a scenario, and how to read it.
 FLOORS = {
