@@ -288,20 +288,6 @@ pub fn decode(body: Bytes) -> Option<Message> {
     }
 }
 
-/// The sender and id of a message's first envelope, read without decoding
-/// it; `None` for control messages and malformed bodies. Envelope ids grow in
-/// the order a node publishes, so they restore that order among messages
-/// that reached a receiver by different ways (one subscription per subject).
-pub fn first_envelope_id(body: &[u8]) -> Option<(&str, u64)> {
-    let envelope = match *body.first()? {
-        ENVELOPE => body.get(HEADER..)?,
-        // The first entry's length, then the entry.
-        BUNDLE => body.get(BUNDLE_HEADER + 4..)?,
-        _ => return None,
-    };
-    crate::envelope::peek_id(envelope)
-}
-
 /// A sender's numbering of its streams. Bounded: past `cap` streams it starts
 /// a new epoch, which receivers take as a fresh start (no loss counted).
 #[derive(Debug)]
@@ -583,30 +569,6 @@ mod tests {
         }
         let body = bundle_message(full, 1, 1);
         assert!(body.len() <= MAX_BUNDLE && body.len() + 1004 > MAX_BUNDLE);
-    }
-
-    #[test]
-    fn the_first_envelope_id_is_read_from_either_kind_of_message() {
-        use crate::{Body, Envelope, Target};
-        let env = |id| {
-            let e = Envelope {
-                origin: node("a"),
-                id,
-                body: Body::Close {
-                    target: Target::user("u"),
-                    reason: String::new(),
-                },
-            };
-            e.encode()
-        };
-        let one = envelope_message(1, 1, Copy::Only, &env(7));
-        assert_eq!(first_envelope_id(&one), Some(("a", 7)));
-        let mut b = bundle();
-        b.push(&env(9));
-        b.push(&env(10));
-        assert_eq!(first_envelope_id(&bundle_message(b, 1, 1)), Some(("a", 9)));
-        assert_eq!(first_envelope_id(&Control::Hello(node("a")).encode()), None);
-        assert_eq!(first_envelope_id(b"\x02"), None);
     }
 
     #[test]

@@ -156,7 +156,7 @@ impl Shared {
     async fn send_control(&self, subject: &str, msg: &Control) {
         if let Err(e) = self
             .client
-            .publish(subject.to_owned(), Bytes::from(msg.encode()))
+            .publish(subject.to_owned(), subjects::framed(0, &msg.encode()))
             .await
         {
             tracing::debug!(error = %e, "could not publish a liveness message");

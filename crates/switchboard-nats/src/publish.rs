@@ -70,6 +70,7 @@ pub(crate) async fn run(
     let mut out = Publisher {
         seqs: Sequences::new(shared.epoch, STREAMS),
         shared,
+        order: 0,
     };
     let mut batch = Vec::with_capacity(BATCH);
     loop {
@@ -116,6 +117,8 @@ pub(crate) fn queue_subjects(shared: &Shared, route: &Route) -> Vec<String> {
 struct Publisher {
     shared: Arc<Shared>,
     seqs: Sequences,
+    /// Messages published on core subjects, for the receivers' ordering.
+    order: u64,
 }
 
 impl Publisher {
@@ -206,7 +209,7 @@ impl Publisher {
         }
     }
 
-    async fn publish(&self, subject: String, body: Vec<u8>, count: u64) {
+    async fn publish(&mut self, subject: String, body: Vec<u8>, count: u64) {
         if self.shared.cfg.mode == Mode::JetStream {
             return jetstream::publish(&self.shared, subject, Bytes::from(body), count).await;
         }
@@ -218,7 +221,9 @@ impl Publisher {
             StatCounters::add(&stats.publish_dropped, count);
             return;
         }
-        match self.shared.client.publish(subject, Bytes::from(body)).await {
+        self.order += 1;
+        let framed = crate::subjects::framed(self.order, &body);
+        match self.shared.client.publish(subject, framed).await {
             Ok(()) => StatCounters::add(&stats.published, count),
             Err(e) => {
                 tracing::debug!(error = %e, "publish failed");

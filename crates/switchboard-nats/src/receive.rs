@@ -210,20 +210,28 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: Option<Inbound>, stop: Can
                 subs.reading.push(sub.into_future());
                 // Everything that reached the socket before this message sits
                 // in its subscription's queue already: take it all, and put
-                // each sender's messages back in the order it published them.
+                // each sender's messages back in the order it published them
+                // (orders of different senders are unrelated, and their
+                // relative order does not matter).
                 ready.push(message);
-                while ready.len() < DRAIN {
-                    match subs.reading.next().now_or_never() {
-                        Some(Some((Some(m), sub))) => {
-                            subs.reading.push(sub.into_future());
-                            ready.push(m);
+                // Unconstrained: past tokio's cooperative budget a channel
+                // answers "not ready" although it holds messages, which would
+                // leave earlier ones behind.
+                tokio::task::unconstrained(async {
+                    while ready.len() < DRAIN {
+                        match subs.reading.next().now_or_never() {
+                            Some(Some((Some(m), sub))) => {
+                                subs.reading.push(sub.into_future());
+                                ready.push(m);
+                            }
+                            Some(Some((None, _))) => {}
+                            Some(None) | None => break,
                         }
-                        Some(Some((None, _))) => {}
-                        Some(None) | None => break,
                     }
-                }
+                })
+                .await;
                 if ready.len() > 1 {
-                    ready.sort_by_key(|m| relay::first_envelope_id(&m.payload).map(|(_, id)| id));
+                    ready.sort_by_key(|m| crate::subjects::order_of(&m.payload));
                 }
                 for message in ready.drain(..) {
                     if !handle(&shared, message, inbound.as_ref()).await {
@@ -264,7 +272,8 @@ pub(crate) async fn run(shared: Arc<Shared>, inbound: Option<Inbound>, stop: Can
 /// Handles one message; false when the node is gone.
 async fn handle(shared: &Shared, m: Message, inbound: Option<&Inbound>) -> bool {
     let subject = m.subject.as_str();
-    let Some(message) = relay::decode(m.payload) else {
+    let Some(message) = crate::subjects::unframed(m.payload).and_then(|(_, b)| relay::decode(b))
+    else {
         tracing::warn!(%subject, "malformed message dropped");
         return true;
     };

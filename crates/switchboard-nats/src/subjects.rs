@@ -11,6 +11,7 @@
 //! and whitespace) or that is long is replaced by a hash of it
 //! (`P.u.#<32 hex>`).
 
+use bytes::{Buf, Bytes};
 use switchboard_core::relay::short_key;
 
 use crate::config::is_token;
@@ -74,6 +75,32 @@ impl Subjects {
     }
 }
 
+/// A message on a core subject: the sender's publishing order (u64 BE; 0 for
+/// liveness messages, which need none), then the relay message. Each
+/// subscription has its own queue in the client, so the receiver needs the
+/// order to put one sender's messages back in it; envelope ids do not give
+/// it, since a node may publish an envelope after a later one (a push that
+/// waited for a look-up).
+pub(crate) fn framed(order: u64, message: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(8 + message.len());
+    b.extend_from_slice(&order.to_be_bytes());
+    b.extend_from_slice(message);
+    Bytes::from(b)
+}
+
+/// The order and the relay message of a core message; `None` if too short.
+pub(crate) fn unframed(mut payload: Bytes) -> Option<(u64, Bytes)> {
+    (payload.len() >= 8).then(|| (payload.get_u64(), payload))
+}
+
+/// The order of a core message, for sorting (malformed ones first).
+pub(crate) fn order_of(payload: &[u8]) -> u64 {
+    payload
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,5 +127,14 @@ mod tests {
         assert_ne!(s.user("a.b"), s.user("a b"));
         assert_eq!(s.stream("app.u.alice"), "u.alice");
         assert!(s.is_node("app.n.x") && !s.is_node("app.u.x"));
+    }
+
+    #[test]
+    fn a_core_message_carries_its_order() {
+        let m = framed(258, b"relay");
+        assert_eq!(order_of(&m), 258);
+        assert_eq!(unframed(m), Some((258, Bytes::from_static(b"relay"))));
+        assert_eq!(unframed(Bytes::from_static(b"short")), None);
+        assert_eq!(order_of(b"short"), 0);
     }
 }

@@ -48,6 +48,16 @@ mod amqp_routing {
     switchboard_test::hub_api_suite!(NodeSides::amqp("routing"));
 }
 
+mod nats_core {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::nats("core"));
+}
+
+mod nats_jetstream {
+    use switchboard_test::hub_api::NodeSides;
+    switchboard_test::hub_api_suite!(NodeSides::nats("jetstream"));
+}
+
 /// Register and gateways as processes, the acting hubs on in-process workers.
 mod gateway {
     use switchboard_test::hub_api::GatewaySides;

@@ -128,6 +128,11 @@ impl NodeSides {
         Self::on_broker(&crate::services::amqp_url()?, mode).await
     }
 
+    /// Two nodes on the shared NATS in `mode`; an error if NATS is missing.
+    pub async fn nats(mode: &str) -> Result<Box<dyn Sides>> {
+        Self::on_broker(&crate::services::nats_url()?, mode).await
+    }
+
     async fn on_broker(url: &str, mode: &str) -> Result<Box<dyn Sides>> {
         let c = InProcess::on_broker(url, mode, 2).await?;
         // The broker takes a request for a node nobody knows: only the
