@@ -50,8 +50,12 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
-    /// The server URL without switchboard's options (`redis://host:port/db`).
+    /// The server URL without switchboard's options (`redis://host:port/db`);
+    /// for a Redis Cluster, its first node's.
     pub url: String,
+    /// A Redis Cluster's nodes to start from (`redis://host:port` each), from
+    /// `redis-cluster://HOST:PORT,HOST:PORT`; empty for a single Redis.
+    pub cluster: Vec<String>,
     /// Pub/sub or queue.
     pub mode: Mode,
     /// Prefix of every key and channel, so several deployments share one Redis.
@@ -75,6 +79,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".into(),
+            cluster: Vec::new(),
             mode: Mode::PubSub,
             prefix: "sb".into(),
             node_ttl: Duration::from_secs(10),
@@ -111,7 +116,32 @@ impl RedisConfig {
     /// Parses `redis[s]://[user:pass@]host[:port][/db][?mode=pubsub|queue&prefix=P&ttl=S&queue_cap=N&queue_age=S&concurrency=N&backlog_grace=S]`.
     /// `rediss://` is TLS, the server's certificate checked against the
     /// system's trust store (which SSL_CERT_FILE or SSL_CERT_DIR replace).
+    ///
+    /// `redis-cluster://HOST:PORT[,HOST:PORT...][?...]` names a Redis Cluster
+    /// by some of its nodes (the client learns the rest), with the same options.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        if let Some(rest) = url.strip_prefix("redis-cluster://") {
+            let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let nodes: Vec<String> = hosts
+                .trim_end_matches('/')
+                .split(',')
+                .map(|h| format!("redis://{}", h.trim()))
+                .collect();
+            let first = nodes.first().cloned().unwrap_or_default();
+            let mut cfg = Self::from_url(&format!("{first}?{query}"))?;
+            for n in &nodes {
+                redis::Client::open(n.as_str()).map_err(ConfigError::Url)?;
+            }
+            if cfg.prefix.contains(['{', '}']) {
+                // The keys' hash tags are made from the prefix.
+                return Err(ConfigError::BadValue {
+                    name: "prefix",
+                    value: cfg.prefix,
+                });
+            }
+            cfg.cluster = nodes;
+            return Ok(cfg);
+        }
         // The client's own `#fragment` (`#insecure`) stays with the server URL.
         let (url, fragment) = url.split_once('#').unwrap_or((url, ""));
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
@@ -203,6 +233,27 @@ mod tests {
             Err(ConfigError::BadValue { .. })
         ));
         assert!(RedisConfig::from_url("http://x").is_err());
+    }
+
+    #[test]
+    fn a_cluster_is_named_by_some_of_its_nodes() {
+        let c = RedisConfig::from_url(
+            "redis-cluster://127.0.0.1:7000,127.0.0.1:7001?mode=queue&prefix=app",
+        )
+        .unwrap();
+        assert_eq!(
+            c.cluster,
+            vec!["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+        );
+        assert_eq!((c.mode, c.prefix.as_str()), (Mode::Queue, "app"));
+        assert!(
+            RedisConfig::from_url("redis://h")
+                .unwrap()
+                .cluster
+                .is_empty()
+        );
+        assert!(RedisConfig::from_url("redis-cluster://h:1?prefix=a{b}").is_err());
+        assert!(RedisConfig::from_url("redis-cluster://h:notaport").is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use redis::aio::MultiplexedConnection;
+use crate::link::Conn;
 use redis::{Pipeline, RedisError};
 use switchboard_core::backplane::LocalView;
 use switchboard_core::{MembershipChange, NodeId};
@@ -155,7 +155,7 @@ impl Directory {
     /// so reading them in several round trips sees no one else's changes.
     async fn rebuild(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         node: &NodeId,
         local: &dyn LocalView,
     ) -> Result<u64, RedisError> {
@@ -173,11 +173,7 @@ impl Directory {
     }
 
     /// The node's connections as Redis holds them.
-    async fn written(
-        &self,
-        conn: &mut MultiplexedConnection,
-        node: &NodeId,
-    ) -> Result<Vec<Written>, RedisError> {
+    async fn written(&self, conn: &mut Conn, node: &NodeId) -> Result<Vec<Written>, RedisError> {
         let k = &self.keys;
         let ids: Vec<String> = redis::cmd("SMEMBERS")
             .arg(k.node_conns(node))
@@ -266,7 +262,7 @@ impl Directory {
                 }
                 let rebuilt = match self.rebuild(&mut conn, &node, &*local).await {
                     // Routes other nodes kept may predate the rebuild.
-                    Ok(covered) => redis::cmd("PUBLISH")
+                    Ok(covered) => redis::cmd(self.keys.publish_command())
                         .arg(self.keys.routes())
                         .arg(crate::routes::encode_reset(node.as_str()))
                         .query_async::<()>(&mut conn)
@@ -321,7 +317,10 @@ impl Directory {
                 }
             }
             if !changed_routes.is_empty() {
-                pipe.publish(self.keys.routes(), changed_routes).ignore();
+                pipe.cmd(self.keys.publish_command())
+                    .arg(self.keys.routes())
+                    .arg(changed_routes)
+                    .ignore();
             }
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => {
@@ -362,7 +361,7 @@ fn route_change(out: &mut Vec<u8>, node: &str, change: &MembershipChange) {
 
 /// Writes `items` in atomic pipelines of [`BATCH`], each built by `each`.
 async fn in_batches<T>(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     items: &[T],
     mut each: impl FnMut(&mut Pipeline, &T),
 ) -> Result<(), RedisError> {
@@ -379,11 +378,12 @@ async fn in_batches<T>(
 
 /// Removes every directory entry of `node`.
 pub(crate) async fn clear_node(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     node: &str,
 ) -> Result<u64, RedisError> {
     scripts::CLEAR_NODE
+        .key(keys.nodes())
         .arg(&keys.prefix)
         .arg(node)
         .invoke_async(conn)

@@ -21,6 +21,14 @@
 //! Each node writes only its own entries; survivors remove a dead node's.
 //! History keys are written by whichever node records a push, and expire on
 //! their own (see `history`).
+//!
+//! On a Redis Cluster every script and transaction must touch one hash slot.
+//! The directory (the rows above from `P:nodes` to `P:gc:GROUP`, and the routes
+//! channel) is read and written together, so its keys share the hash tag of
+//! the prefix: `P` becomes `{P}` and the directory lives on one shard. What
+//! carries the traffic is spread by node instead: a node's channel is
+//! `P:ch:{NODE}` (a sharded channel) and its stream `P:q:{NODE}`; a history
+//! stream's keys are tagged by the stream (`P:hist:{STREAM}`).
 
 use std::fmt::Display;
 
@@ -28,13 +36,37 @@ use switchboard_core::NodeId;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
+    /// The directory's prefix: `{P}` on a Redis Cluster, `P` otherwise.
     pub(crate) prefix: String,
+    /// The prefix as configured.
+    base: String,
+    cluster: bool,
 }
 
 impl Keys {
     pub(crate) fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            base: prefix.to_owned(),
+            cluster: false,
+        }
+    }
+
+    /// Names for a Redis Cluster (see the module docs).
+    pub(crate) fn for_cluster(prefix: &str) -> Self {
+        Self {
+            prefix: format!("{{{prefix}}}"),
+            base: prefix.to_owned(),
+            cluster: true,
+        }
+    }
+
+    /// `BASE:kind:{id}` on a cluster (its own slot), `P:kind:id` otherwise.
+    fn spread(&self, kind: &str, id: impl Display) -> String {
+        if self.cluster {
+            format!("{}:{kind}:{{{id}}}", self.base)
+        } else {
+            self.k(kind, id)
         }
     }
     fn k(&self, kind: &str, id: impl Display) -> String {
@@ -50,11 +82,16 @@ impl Keys {
         format!("{}:routes", self.prefix)
     }
     pub(crate) fn channel(&self, node: impl Display) -> String {
-        self.k("ch", node)
+        self.spread("ch", node)
     }
     /// The node whose channel `channel` is, if it is one of this prefix's.
     pub(crate) fn channel_node<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        let node = channel.strip_prefix(&self.prefix)?.strip_prefix(":ch:")?;
+        let node = channel.strip_prefix(&self.base)?.strip_prefix(":ch:")?;
+        let node = if self.cluster {
+            node.strip_prefix('{')?.strip_suffix('}')?
+        } else {
+            node
+        };
         // `P:ch:X:ch:N` is node N's channel under prefix `P:ch:X`, another
         // deployment: node ids have no `:`.
         NodeId::new(node).is_ok().then_some(node)
@@ -72,7 +109,16 @@ impl Keys {
         pattern + ":ch:*"
     }
     pub(crate) fn queue(&self, node: impl Display) -> String {
-        self.k("q", node)
+        self.spread("q", node)
+    }
+    /// `SPUBLISH` on a Redis Cluster, where a sharded channel lives on its
+    /// slot's shard alone; `PUBLISH` otherwise.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
+    }
+    /// Whether the names are a Redis Cluster's.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster
     }
     pub(crate) fn node_conns(&self, node: impl Display) -> String {
         self.k("nc", node)
@@ -100,11 +146,11 @@ impl Keys {
     }
     /// The entries of a history stream (`user:U`, `group:G`).
     pub(crate) fn history(&self, stream: &str) -> String {
-        self.k("hist", stream)
+        self.spread("hist", stream)
     }
     /// The epoch and latest offset of a history stream.
     pub(crate) fn history_meta(&self, stream: &str) -> String {
-        self.k("histm", stream)
+        self.spread("histm", stream)
     }
 }
 
@@ -124,6 +170,22 @@ mod tests {
             None,
             "node n1 of the deployment with prefix app:ch:x"
         );
+    }
+
+    #[test]
+    fn on_a_cluster_the_directory_shares_a_slot_and_traffic_spreads() {
+        let k = Keys::for_cluster("app");
+        assert_eq!(k.nodes(), "{app}:nodes");
+        assert_eq!(k.user("u"), "{app}:user:u");
+        assert_eq!(k.user_nodes("u"), "{app}:uc:u");
+        assert_eq!(k.routes(), "{app}:routes");
+        assert_eq!(k.channel("n1"), "app:ch:{n1}");
+        assert_eq!(k.channel_node(&k.channel("n1")), Some("n1"));
+        assert_eq!(k.channel_node("app:ch:n1"), None);
+        assert_eq!(k.queue("n1"), "app:q:{n1}");
+        assert_eq!(k.history("user:a"), "app:hist:{user:a}");
+        assert_eq!(k.history_meta("user:a"), "app:histm:{user:a}");
+        assert!(k.is_cluster() && !Keys::new("app").is_cluster());
     }
 
     #[test]

@@ -140,10 +140,14 @@ impl RedisBackplane {
     /// Connects to Redis. Fails if Redis cannot be reached now; once joined,
     /// the backplane reconnects by itself.
     pub async fn connect(cfg: RedisConfig) -> Result<Self, JoinError> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(unreachable)?;
-        let link = Link::connect(client).await.map_err(unreachable)?;
+        let target = link::Target::from_config(&cfg).map_err(unreachable)?;
+        let link = Link::connect(target).await.map_err(unreachable)?;
         let (out, out_rx) = mpsc::channel(publish::QUEUE);
-        let keys = Keys::new(&cfg.prefix);
+        let keys = if cfg.cluster.is_empty() {
+            Keys::new(&cfg.prefix)
+        } else {
+            Keys::for_cluster(&cfg.prefix)
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 dir: Directory::new(keys.clone()),
@@ -206,11 +210,16 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         }
         let mut pipe = redis::pipe();
         // Proof of life for every node's routes listener (see `routes`).
-        pipe.publish(shared.keys.routes(), [routes::wire::PROBE].as_slice())
+        let publish = shared.keys.publish_command();
+        pipe.cmd(publish)
+            .arg(shared.keys.routes())
+            .arg([routes::wire::PROBE].as_slice())
             .ignore();
         match cfg.mode {
             Mode::PubSub => {
-                pipe.publish(shared.keys.channel(&me), [receive::PROBE].as_slice())
+                pipe.cmd(publish)
+                    .arg(shared.keys.channel(&me))
+                    .arg([receive::PROBE].as_slice())
                     .ignore();
             }
             Mode::Queue => {
@@ -218,7 +227,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                     .ignore();
             }
         }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        if let Err(e) = link::exec(&mut conn, &pipe).await {
             shared.link.failed(generation, &e);
             continue;
         }
@@ -349,6 +358,7 @@ impl Backplane for RedisBackplane {
             None => return Some(QueryOutcome::Unavailable),
         };
         let mut call = scripts::QUERY.prepare_invoke();
+        call.key(self.shared.keys.nodes());
         call.arg(&self.shared.keys.prefix).arg(kind).arg(&arg);
         let run = async {
             Ok::<_, RedisError>(match kind {

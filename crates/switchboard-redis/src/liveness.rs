@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::link::Conn;
 use redis::RedisError;
-use redis::aio::MultiplexedConnection;
 
 use crate::config::Mode;
 use crate::keys::Keys;
@@ -75,12 +75,13 @@ pub(crate) struct Beat {
 }
 
 pub(crate) async fn beat(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     node: &str,
     ttl: Duration,
 ) -> Result<Beat, RedisError> {
     let (now, prev, list): (u64, u64, Vec<(String, f64)>) = scripts::HEARTBEAT
+        .key(keys.nodes())
         .arg(&keys.prefix)
         .arg(node)
         .arg(ttl.as_millis() as u64)
@@ -96,7 +97,7 @@ pub(crate) async fn beat(
 /// pub/sub mode, the queue age in queue mode (their queue and directory
 /// entries are kept that long, so a node that returns finds its backlog).
 pub(crate) async fn collect_dead(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     keys: &Keys,
     me: &str,
     live: &Liveness,
@@ -114,13 +115,22 @@ pub(crate) async fn collect_dead(
         if node == me || *deadline > threshold {
             continue;
         }
+        // On a cluster the queue is on its own slot: deleted apart.
+        let drop_queue = mode == Mode::Queue && !keys.is_cluster();
         let collected: u64 = scripts::COLLECT_DEAD
+            .key(keys.nodes())
             .arg(&keys.prefix)
             .arg(node)
             .arg(threshold)
-            .arg(if mode == Mode::Queue { "1" } else { "0" })
+            .arg(if drop_queue { "1" } else { "0" })
             .invoke_async(conn)
             .await?;
+        if collected == 1 && mode == Mode::Queue && keys.is_cluster() {
+            redis::cmd("DEL")
+                .arg(keys.queue(node))
+                .query_async::<()>(conn)
+                .await?;
+        }
         if collected == 1 {
             tracing::info!(dead = %node, "collected the entries of a dead node");
         }

@@ -167,9 +167,10 @@ async fn send<'a>(
                 Kind::Group => keys.group_nodes(name),
             });
         }
+        call.key(keys.nodes());
         call.arg(if fresh_nodes { "1" } else { "0" })
             .arg(keys.nodes())
-            .arg(if discover {
+            .arg(if discover && !keys.is_cluster() {
                 keys.channel_pattern()
             } else {
                 String::new()
@@ -302,7 +303,7 @@ async fn send<'a>(
         return Ok(0);
     }
     let pipe = out.finish(shared, seqs);
-    match pipe.query_async::<()>(&mut conn).await {
+    match crate::link::exec(&mut conn, &pipe).await {
         Ok(()) => Ok(messages),
         Err(e) => {
             tracing::warn!(error = %e, "publishing to redis failed");
@@ -452,5 +453,8 @@ fn publish(
     header[0] = crate::receive::BUNDLED;
     header[1..9].copy_from_slice(&shared.epoch.to_be_bytes());
     header[9..17].copy_from_slice(&first.to_be_bytes());
-    pipe.publish(channel, bundle.into_bytes()).ignore();
+    pipe.cmd(shared.keys.publish_command())
+        .arg(channel)
+        .arg(bundle.into_bytes())
+        .ignore();
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::link::{Conn, Messages};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubStream};
 use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncCommands, RedisError};
 use switchboard_core::backplane::Inbound;
@@ -72,11 +72,9 @@ const GROUP: &str = "switchboard";
 const BLOCK: Duration = Duration::from_millis(500);
 
 /// Subscribes to the node's channel and the broadcast channel.
-pub(crate) async fn subscribe(shared: &Shared) -> Result<PubSubStream, RedisError> {
-    let mut ps = shared.link.client.get_async_pubsub().await?;
-    ps.subscribe(shared.keys.channel(shared.node())).await?;
-    ps.subscribe(shared.keys.broadcast()).await?;
-    Ok(ps.into_on_message())
+pub(crate) async fn subscribe(shared: &Shared) -> Result<Messages, RedisError> {
+    let channels = [shared.keys.channel(shared.node()), shared.keys.broadcast()];
+    shared.link.target.subscribe(&shared.keys, &channels).await
 }
 
 fn now_ms() -> u64 {
@@ -90,7 +88,7 @@ fn now_ms() -> u64 {
 /// half-open connection cannot leave the node connected but deaf.
 pub(crate) async fn subscriber(
     shared: Arc<Shared>,
-    first: PubSubStream,
+    first: Messages,
     inbound: Inbound,
     stop: CancellationToken,
 ) {
@@ -243,13 +241,21 @@ impl Seen {
     }
 }
 
-async fn consumer_connection(shared: &Shared) -> Result<MultiplexedConnection, RedisError> {
-    let cfg = link::connection_config().set_response_timeout(Some(BLOCK + link::RESPONSE_TIMEOUT));
-    let mut conn = shared
-        .link
-        .client
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?;
+async fn consumer_connection(shared: &Shared) -> Result<Conn, RedisError> {
+    let mut conn = match &shared.link.target {
+        link::Target::Single(client) => {
+            let cfg = link::connection_config()
+                .set_response_timeout(Some(BLOCK + link::RESPONSE_TIMEOUT));
+            Conn::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await?,
+            )
+        }
+        // Its own cluster connection: a blocking read holds the connection
+        // to its shard, and the response timeout (3 s) outlasts the block.
+        cluster => cluster.connect().await?,
+    };
     let created: Result<(), RedisError> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(shared.keys.queue(shared.node()))

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::RedisError;
-use redis::aio::PubSubStream;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -261,10 +261,9 @@ impl Routes {
 }
 
 /// Subscribes to the routes channel.
-async fn subscribe(shared: &Shared) -> Result<PubSubStream, RedisError> {
-    let mut ps = shared.link.client.get_async_pubsub().await?;
-    ps.subscribe(shared.keys.routes()).await?;
-    Ok(ps.into_on_message())
+async fn subscribe(shared: &Shared) -> Result<crate::link::Messages, RedisError> {
+    let channels = [shared.keys.routes()];
+    shared.link.target.subscribe(&shared.keys, &channels).await
 }
 
 /// Listens to the routes channel until `stop`, resubscribing when the

@@ -1,5 +1,9 @@
 //! Lua scripts: they read the clock of the Redis server (not of any node) and
 //! run atomically, so liveness and answers do not depend on node clocks.
+//!
+//! Every invocation names the nodes key among its KEYS, even where the script
+//! builds its key names from the prefix: a Redis Cluster routes a script by
+//! its keys, and every directory key shares the nodes key's slot there.
 
 use std::sync::LazyLock;
 
@@ -124,9 +128,10 @@ return redis.error_reply('unknown query ' .. kind)
     ))
 });
 
-/// KEYS: the user and group node hashes a batch of pushes needs. ARGV: "1" to
-/// also read the clock and the nodes, the nodes key, a pattern of channels or
-/// "". Returns the holders of every key as one string (nodes joined by `,`,
+/// KEYS: the user and group node hashes a batch of pushes needs, then the
+/// nodes key (always there, so that a Redis Cluster routes the script to the
+/// directory's shard). ARGV: "1" to also read the clock and the nodes, unused,
+/// a pattern of channels or "". Returns the holders of every key as one string (nodes joined by `,`,
 /// keys by ` `; node ids never contain either), then `TIME` and the nodes with
 /// their deadlines (nil unless asked), then, if a pattern was given, the
 /// channels matching it that have a subscriber.
@@ -137,12 +142,12 @@ pub(crate) static ROUTE_LOOKUP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 local out = {}
-for i, k in ipairs(KEYS) do out[i] = table.concat(redis.call('HKEYS', k), ',') end
+for i = 1, #KEYS - 1 do out[i] = table.concat(redis.call('HKEYS', KEYS[i]), ',') end
 local r = {table.concat(out, ' ')}
 r[2], r[3] = false, false
 if ARGV[1] == '1' then
   r[2] = redis.call('TIME')
-  r[3] = redis.call('ZRANGE', ARGV[2], 0, -1, 'WITHSCORES')
+  r[3] = redis.call('ZRANGE', KEYS[#KEYS], 0, -1, 'WITHSCORES')
 end
 if ARGV[3] ~= '' then r[4] = redis.call('PUBSUB', 'CHANNELS', ARGV[3]) end
 return r

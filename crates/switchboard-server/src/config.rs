@@ -97,7 +97,7 @@ options! {
     tls_key: PathBuf, "SWITCHBOARD_TLS_KEY",
         "The PEM private key of --tls-cert; read again on SIGHUP";
     cluster: String = "local", "SWITCHBOARD_CLUSTER",
-        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..` `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..` or `nats://[USER:PASS@]HOST:PORT[,HOST:PORT]?mode=core&prefix=..`; `rediss://`, `amqps://` and `tls://` (NATS) are over TLS, the broker checked against the system trust store (or SSL_CERT_FILE)";
+        "Cluster backplane: `local`, `memory:N` (N nodes in this process, on consecutive ports), `redis://HOST:PORT[/DB]?mode=pubsub|queue&prefix=..`, `redis-cluster://HOST:PORT,HOST:PORT?mode=pubsub|queue&prefix=..` (a Redis Cluster), `amqp://USER:PASS@HOST:PORT/VHOST?mode=fanout|routing&prefix=..` or `nats://[USER:PASS@]HOST:PORT[,HOST:PORT]?mode=core&prefix=..`; `rediss://`, `amqps://` and `tls://` (NATS) are over TLS, the broker checked against the system trust store (or SSL_CERT_FILE)";
     #[serde(deserialize_with = "text")]
     redis_prefix: String, "SWITCHBOARD_REDIS_PREFIX",
         "Redis: key and channel prefix (overrides the URL's `prefix`; default sb)";
@@ -185,7 +185,7 @@ options! {
     events_timeout: u64 = "5", "SWITCHBOARD_EVENTS_TIMEOUT",
         "Seconds the backend has to answer one batch of events before it is retried";
     history: String, "SWITCHBOARD_HISTORY",
-        "Where recorded pushes are kept for clients that reconnect: memory, off, or redis://HOST:PORT[?prefix=P] (default: memory for local and memory:N, the cluster's Redis for redis://, off for amqp:// and nats://)";
+        "Where recorded pushes are kept for clients that reconnect: memory, off, or redis://HOST:PORT[?prefix=P] (default: memory for local and memory:N, the cluster's Redis for redis://, off for redis-cluster://, amqp:// and nats://)";
     history_size: usize = "100", "SWITCHBOARD_HISTORY_SIZE",
         "Entries kept per stream; older ones are trimmed";
     history_ttl: u64 = "300", "SWITCHBOARD_HISTORY_TTL",
@@ -273,9 +273,14 @@ impl std::str::FromStr for ClusterUrl {
                 Ok(n) if (1..=64).contains(&n) => Ok(ClusterUrl::Memory(n)),
                 _ => Err(ConfigError::Cluster(m.to_owned())),
             },
-            url if url.starts_with("redis://") || url.starts_with("rediss://") => Ok(
-                ClusterUrl::Redis(switchboard_redis::RedisConfig::from_url(url)?),
-            ),
+            url if ["redis://", "rediss://", "redis-cluster://"]
+                .iter()
+                .any(|s| url.starts_with(s)) =>
+            {
+                Ok(ClusterUrl::Redis(switchboard_redis::RedisConfig::from_url(
+                    url,
+                )?))
+            }
             url if url.starts_with("amqp://") || url.starts_with("amqps://") => Ok(
                 ClusterUrl::Amqp(switchboard_amqp::AmqpConfig::from_url(url)?),
             ),
@@ -314,7 +319,7 @@ pub enum ConfigError {
     NodeId(#[from] switchboard::core::id::IdError),
     /// Unknown cluster URL.
     #[error(
-        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process), `redis://...`, `amqp://...` or `nats://...`"
+        "unsupported cluster {0:?}: use `local`, `memory:N` (1 to 64 nodes in this process), `redis://...`, `redis-cluster://...`, `amqp://...` or `nats://...`"
     )]
     Cluster(String),
     /// Bad Redis options.

@@ -77,6 +77,8 @@ impl HistoryConfig {
     ) -> Result<Self, ConfigError> {
         let default = match cluster {
             ClusterUrl::Local | ClusterUrl::Memory(_) => Store::Memory,
+            // The history store speaks to one Redis, not to a cluster.
+            ClusterUrl::Redis(c) if !c.cluster.is_empty() => Store::Off,
             ClusterUrl::Redis(c) => Store::Redis {
                 url: c.url.clone(),
                 prefix: c.prefix.clone(),

@@ -173,7 +173,27 @@ impl ProcessNode {
 
     /// Like [`ProcessNode::spawn`], with extra environment variables.
     pub async fn spawn_with_env(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let mut cmd = Command::new(bin);
+        Self::spawn_via(&[], bin, args, env).await
+    }
+
+    /// Like [`ProcessNode::spawn_with_env`], started through `prefix`, a
+    /// command that runs the rest of its arguments (`ip netns exec NAME`:
+    /// see [`crate::netns::NetNs::prefix`]). The prefix must exec the node
+    /// rather than fork it, so that the process id is the node's.
+    pub async fn spawn_via(
+        prefix: &[&str],
+        bin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         cmd.envs(env.iter().copied());
         cmd.arg("serve");
         if !args.contains(&"--ws") {
@@ -405,6 +425,26 @@ impl Process {
         Self::on(bin, n, &crate::services::nats_url()?, mode, extra).await
     }
 
+    /// `n` processes on a private Redis Cluster of their own (3 masters with
+    /// a replica each) in `mode`; an error if `redis-server` is missing.
+    /// `extra` is appended to the cluster URL's query.
+    pub async fn redis_cluster(
+        bin: &str,
+        n: usize,
+        mode: &str,
+        extra: &str,
+    ) -> Result<Box<dyn Cluster>> {
+        let broker =
+            tokio::task::spawn_blocking(crate::broker_clusters::RedisCluster::start).await??;
+        let url = format!(
+            "{}?mode={mode}&prefix={}{extra}",
+            broker.url(),
+            crate::services::unique_prefix(mode)
+        );
+        let nodes = Self::start_cluster(bin, n, &url).await?;
+        Ok(Box::new(OnBroker { nodes, broker }))
+    }
+
     /// `n` processes on the broker at `url`, under a prefix of their own.
     async fn on(
         bin: &str,
@@ -476,6 +516,33 @@ impl Process {
             nodes.push(ProcessNode::spawn(bin.as_ref(), &args).await?);
         }
         Ok(Process { nodes })
+    }
+}
+
+/// Nodes on a private broker that lives as long as they do.
+pub struct OnBroker<B> {
+    /// The nodes.
+    pub nodes: Process,
+    /// Their broker, stopped when this is dropped.
+    pub broker: B,
+}
+
+#[async_trait]
+impl<B: Send + Sync + 'static> Cluster for OnBroker<B> {
+    fn size(&self) -> usize {
+        self.nodes.size()
+    }
+    fn ws(&self, i: usize) -> SocketAddr {
+        self.nodes.ws(i)
+    }
+    fn tcp(&self, i: usize) -> SocketAddr {
+        self.nodes.tcp(i)
+    }
+    fn node_id(&self, i: usize) -> String {
+        self.nodes.node_id(i)
+    }
+    async fn shutdown(self: Box<Self>) {
+        Box::new(self.nodes).shutdown().await;
     }
 }
 
