@@ -34,6 +34,8 @@ start_nodes() { # mode
       two_nodes "redis://127.0.0.1:6379?mode=${mode#redis-}&prefix=$prefix" ;;
     amqp-fanout|amqp-routing)
       two_nodes "amqp://guest:guest@127.0.0.1:5672/%2f?mode=${mode#amqp-}&prefix=$prefix" ;;
+    redis-cluster-pubsub|redis-cluster-queue)
+      two_nodes "$(redis_cluster_url)?mode=${mode#redis-cluster-}&prefix=$prefix" ;;
     nats-core|nats-jetstream)
       two_nodes "nats://127.0.0.1:4222?mode=${mode#nats-}&prefix=$prefix" ;;
     gateway)
@@ -61,8 +63,40 @@ stop_nodes() {
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 }
 
+# A private Redis Cluster (3 masters with a replica each) on ports 7101-7106,
+# started on first use and stopped on exit (stop_redis_cluster).
+RC_PORTS=(7101 7102 7103 7104 7105 7106)
+RC_PIDS=()
+redis_cluster_url() {
+  if [ ${#RC_PIDS[@]} -eq 0 ]; then
+    local dir="$OUT/redis-cluster" p
+    mkdir -p "$dir"
+    for p in "${RC_PORTS[@]}"; do
+      mkdir -p "$dir/$p"
+      redis-server --port "$p" --dir "$dir/$p" --cluster-enabled yes --cluster-config-file nodes.conf \
+        --cluster-node-timeout 2000 --appendonly no --save '' --repl-diskless-sync-delay 0 \
+        >"$dir/$p.log" 2>&1 &
+      RC_PIDS+=($!)
+    done
+    sleep 0.5
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${RC_PORTS[@]}") --cluster-replicas 1 \
+      --cluster-yes >"$dir/create.log" 2>&1
+    for _ in $(seq 100); do
+      redis-cli -p "${RC_PORTS[0]}" cluster info | grep -q 'cluster_state:ok' && break
+      sleep 0.1
+    done
+    sleep 1
+  fi
+  echo "redis-cluster://127.0.0.1:${RC_PORTS[0]},127.0.0.1:${RC_PORTS[1]},127.0.0.1:${RC_PORTS[2]}"
+}
+stop_redis_cluster() {
+  for p in "${RC_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$OUT/redis-cluster"
+}
+
 broker_pids() { # mode
   case "$1" in
+    redis-cluster-*) (IFS=,; echo "${RC_PIDS[*]}") ;;
     redis-*) redis-cli info server | awk -F: '/^process_id/{print $2}' | tr -d '\r' ;;
     amqp-*) rabbitmqctl -q status 2>/dev/null | awk '/^OS PID/{print $3}' ;;
     # The NATS listening on 4222, not the private ones tests start.

@@ -9,13 +9,14 @@
 #   RUNS=5 scripts/bench-scale.sh nats-core redis-pubsub
 #
 # Needs Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 and NATS with
-# JetStream on 127.0.0.1:4222 for their modes. Prints one line per run and a
+# JetStream on 127.0.0.1:4222 for their modes; the redis-cluster modes start a
+# private Redis Cluster on ports 7101-7106. Prints one line per run and a
 # table of medians; the JSON lines go to artifacts/bench/scale-<UTC time>.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-3}"
 MODES=("$@")
-[ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-queue amqp-routing nats-core nats-jetstream)
+[ ${#MODES[@]} -eq 0 ] && MODES=(local-multi redis-pubsub redis-cluster-pubsub redis-queue amqp-routing nats-core nats-jetstream)
 SCENARIOS="${SCENARIOS:-fanout2k_r25 p2p1k_r5000 idle10k connect10k}"
 OUT=artifacts/bench
 mkdir -p "$OUT"
@@ -23,7 +24,7 @@ RESULTS="${RESULTS:-$OUT/scale-$(date -u +%Y%m%d-%H%M%S).jsonl}"
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 . scripts/bench-lib.sh
 BIN=$(release_bin)
-trap stop_nodes EXIT
+trap 'stop_nodes; stop_redis_cluster' EXIT
 
 args_for() {
   case "$1" in
