@@ -106,7 +106,7 @@ pub(crate) async fn retire(shared: &Shared) -> Result<(), String> {
 
 /// Publishes `body` on `subject` until JetStream acknowledges it, or `stop`.
 pub(crate) async fn publish(shared: &Shared, subject: String, body: Bytes, count: u64) {
-    let js = jetstream::new(shared.client.clone());
+    let js = &shared.js;
     let mut wait = Duration::from_millis(50);
     loop {
         let sent = async {

@@ -103,6 +103,8 @@ pub(crate) struct Shared {
     node: NodeId,
     subjects: Subjects,
     client: async_nats::Client,
+    /// The JetStream API over `client`.
+    js: async_nats::jetstream::Context,
     link: Arc<Link>,
     out: mpsc::Sender<Outgoing>,
     peers: Peers,
@@ -297,6 +299,7 @@ impl Backplane for NatsBackplane {
             recent: Peers::new(cfg.queue_age.max(cfg.node_ttl)),
             cfg,
             node: ctx.node.clone(),
+            js: async_nats::jetstream::new(client.clone()),
             client,
             link,
             out,
