@@ -46,8 +46,8 @@ pub enum ConfigError {
     Url(#[source] redis::RedisError),
 }
 
-/// Options of a Redis backplane.
-#[derive(Debug, Clone)]
+/// Options of a Redis backplane. `Debug` masks the password.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// The server URL without switchboard's options (`redis://host:port/db`);
@@ -73,6 +73,27 @@ pub struct RedisConfig {
     /// Queue mode: on start, how long a node waits before delivering a backlog
     /// left from its previous life, so that reconnecting clients receive it.
     pub backlog_grace: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.display_url())
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| mask_password(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("mode", &self.mode)
+            .field("prefix", &self.prefix)
+            .field("node_ttl", &self.node_ttl)
+            .field("queue_cap", &self.queue_cap)
+            .field("queue_age", &self.queue_age)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for RedisConfig {
@@ -122,10 +143,15 @@ impl RedisConfig {
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         if let Some(rest) = url.strip_prefix("redis-cluster://") {
             let (hosts, query) = rest.split_once('?').unwrap_or((rest, ""));
+            // `USER:PASS@` before the list is every node's.
+            let (auth, hosts) = match hosts.rsplit_once('@') {
+                Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                None => (String::new(), hosts),
+            };
             let nodes: Vec<String> = hosts
                 .trim_end_matches('/')
                 .split(',')
-                .map(|h| format!("redis://{}", h.trim()))
+                .map(|h| format!("redis://{auth}{}", h.trim()))
                 .collect();
             let first = nodes.first().cloned().unwrap_or_default();
             let mut cfg = Self::from_url(&format!("{first}?{query}"))?;
@@ -158,6 +184,11 @@ impl RedisConfig {
         }
         redis::Client::open(cfg.url.as_str()).map_err(ConfigError::Url)?;
         Ok(cfg)
+    }
+
+    /// The server URL with any password masked, for logs and errors.
+    pub fn display_url(&self) -> String {
+        mask_password(&self.url)
     }
 
     /// Sets one option by name, as in the URL query.
@@ -200,6 +231,20 @@ impl RedisConfig {
             other => return Err(ConfigError::UnknownOption(other.to_owned())),
         }
         Ok(())
+    }
+}
+
+/// `scheme://user:***@host...`: the password (or a lone `:password`) hidden.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
     }
 }
 

@@ -80,7 +80,7 @@ pub async fn backplane(cluster: &ClusterUrl) -> anyhow::Result<Arc<dyn Backplane
         ClusterUrl::Redis(cfg) => Arc::new(
             switchboard_redis::RedisBackplane::connect(cfg.clone())
                 .await
-                .with_context(|| format!("connecting to {}", cfg.url))?,
+                .with_context(|| format!("connecting to {}", cfg.display_url()))?,
         ),
         ClusterUrl::Amqp(cfg) => Arc::new(switchboard_amqp::AmqpBackplane::new(cfg.clone())),
         ClusterUrl::Nats(cfg) => Arc::new(switchboard_nats::NatsBackplane::new(cfg.clone())),
