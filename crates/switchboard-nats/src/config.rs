@@ -30,7 +30,9 @@ impl std::fmt::Display for Mode {
 #[non_exhaustive]
 pub enum ConfigError {
     /// Unknown option in the URL query.
-    #[error("unknown nats option {0:?}: use mode, prefix, ttl, queue_cap, queue_age or replicas")]
+    #[error(
+        "unknown nats option {0:?}: use mode, prefix, ttl, queue_cap, queue_age, replicas or backlog_grace"
+    )]
     UnknownOption(String),
     /// An option's value is invalid.
     #[error("invalid value {value:?} for nats option {name}")]
@@ -94,6 +96,9 @@ pub struct NatsConfig {
     /// JetStream: how long a message waits for its node; a node restarted
     /// within this gets what arrived while it was down.
     pub queue_age: Duration,
+    /// JetStream: on start, how long a node waits before delivering a backlog
+    /// left from its previous life, so that reconnecting clients receive it.
+    pub backlog_grace: Duration,
     /// JetStream: copies of the stream and the consumers the NATS cluster
     /// keeps (1 to 5); 3 survive the loss of one server of three.
     pub replicas: usize,
@@ -109,6 +114,7 @@ impl std::fmt::Debug for NatsConfig {
             .field("queue_cap", &self.queue_cap)
             .field("queue_age", &self.queue_age)
             .field("replicas", &self.replicas)
+            .field("backlog_grace", &self.backlog_grace)
             .finish()
     }
 }
@@ -159,7 +165,7 @@ fn unescape(s: &str) -> Result<String, ConfigError> {
 }
 
 impl NatsConfig {
-    /// Parses `nats://[USER:PASS@|TOKEN@]HOST:PORT[,HOST:PORT...][?mode=core|jetstream&prefix=P&ttl=S&queue_cap=N&queue_age=S&replicas=N]`;
+    /// Parses `nats://[USER:PASS@|TOKEN@]HOST:PORT[,HOST:PORT...][?mode=core|jetstream&prefix=P&ttl=S&queue_cap=N&queue_age=S&replicas=N&backlog_grace=S]`;
     /// `tls://` requires TLS.
     pub fn from_url(url: &str) -> Result<Self, ConfigError> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("nats://") {
@@ -213,6 +219,7 @@ impl NatsConfig {
             queue_cap: 100_000,
             queue_age: Duration::from_secs(60),
             replicas: 1,
+            backlog_grace: Duration::from_secs(5),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -242,6 +249,7 @@ impl NatsConfig {
             "prefix" => return Err(bad("prefix", v)),
             "ttl" => self.node_ttl = secs("ttl", 0.3)?,
             "queue_age" => self.queue_age = secs("queue_age", 1.0)?,
+            "backlog_grace" => self.backlog_grace = secs("backlog_grace", 0.0)?,
             "replicas" => {
                 self.replicas = v
                     .parse::<usize>()
@@ -285,7 +293,7 @@ mod tests {
     #[test]
     fn parses_servers_credentials_and_options() {
         let c = NatsConfig::from_url(
-            "nats://u%40x:p%3Aw@127.0.0.1:4222,h2?mode=jetstream&prefix=chat_1&ttl=3&queue_cap=5&queue_age=30&replicas=3",
+            "nats://u%40x:p%3Aw@127.0.0.1:4222,h2?mode=jetstream&prefix=chat_1&ttl=3&queue_cap=5&queue_age=30&replicas=3&backlog_grace=0.5",
         )
         .unwrap();
         assert_eq!(c.servers, vec!["127.0.0.1:4222", "h2:4222"]);
@@ -298,6 +306,7 @@ mod tests {
         assert_eq!(c.node_ttl, Duration::from_secs(3));
         assert_eq!((c.queue_cap, c.queue_age), (5, Duration::from_secs(30)));
         assert_eq!(c.replicas, 3);
+        assert_eq!(c.backlog_grace, Duration::from_millis(500));
         assert!(!c.tls);
         let shown = format!("{c:?}");
         assert!(

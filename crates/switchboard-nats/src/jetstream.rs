@@ -108,6 +108,7 @@ pub(crate) async fn retire(shared: &Shared) -> Result<(), String> {
 pub(crate) async fn publish(shared: &Shared, subject: String, body: Bytes, count: u64) {
     let js = &shared.js;
     let mut wait = Duration::from_millis(50);
+    let mut failing = false;
     loop {
         let sent = async {
             let ack = js
@@ -119,6 +120,9 @@ pub(crate) async fn publish(shared: &Shared, subject: String, body: Bytes, count
         match tokio::time::timeout(REQUEST_TIMEOUT, sent).await {
             Ok(Ok(())) => {
                 shared.stats.published.fetch_add(count, Ordering::Relaxed);
+                if failing {
+                    shared.publishing_since.store(0, Ordering::Relaxed);
+                }
                 return;
             }
             Ok(Err(e)) => {
@@ -126,9 +130,34 @@ pub(crate) async fn publish(shared: &Shared, subject: String, body: Bytes, count
             }
             Err(_) => tracing::debug!(%subject, "jetstream publish timed out; retrying"),
         }
+        if !failing {
+            // Retrying: the node's status says so once it lasts (a stream
+            // with no leader during a NATS server's failover).
+            failing = true;
+            let now = shared.started.elapsed().as_millis() as u64;
+            let _ = shared.publishing_since.compare_exchange(
+                0,
+                now.max(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         tokio::select! {
             () = shared.stop.cancelled() => return,
             () = switchboard_core::backplane::backoff(&mut wait, BACKOFF_MAX) => {}
+        }
+    }
+}
+
+/// Whether the node's consumer holds envelopes from before the node started
+/// (a node restarted under its id): they wait for `backlog_grace`, so that
+/// the clients reconnecting to the node are there to receive them.
+pub(crate) async fn has_backlog(consumer: &mut consumer::PullConsumer) -> bool {
+    match consumer.info().await {
+        Ok(info) => info.num_pending > 0 || info.num_ack_pending > 0,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read the consumer's backlog");
+            false
         }
     }
 }
@@ -146,8 +175,27 @@ pub(crate) async fn consume(
     // the node has handled as many.
     let mut sent: u64 = *handled.borrow();
     let mut wait = Duration::from_millis(50);
+    if has_backlog(&mut consumer).await && !shared.cfg.backlog_grace.is_zero() {
+        tracing::info!(grace = ?shared.cfg.backlog_grace, "a backlog waits for reconnecting clients");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(shared.cfg.backlog_grace) => {}
+        }
+    }
+    // The link generation the message stream was made on: a reconnect
+    // makes a new one at once, rather than after the client's request
+    // timeout (a consumer whose leader moved answers nothing meanwhile).
+    let mut made_on = shared.link.generation.load(Ordering::Acquire);
+    let mut generation = shared.link.generation_changes();
     loop {
-        let messages = match consumer.messages().await {
+        made_on = shared.link.generation.load(Ordering::Acquire).max(made_on);
+        let heartbeat = (shared.cfg.node_ttl / 3).max(Duration::from_millis(500));
+        let messages = consumer
+            .stream()
+            .heartbeat(heartbeat)
+            .expires(heartbeat * 4)
+            .messages();
+        let messages = match messages.await {
             Ok(m) => m,
             Err(e) => {
                 shared.receiving.store(false, Ordering::Release);
@@ -182,6 +230,13 @@ pub(crate) async fn consume(
             }
             let next = tokio::select! {
                 () = stop.cancelled() => return,
+                _ = generation.changed() => {
+                    if shared.link.generation.load(Ordering::Acquire) != made_on {
+                        tracing::info!("nats reconnected: pulling from the consumer afresh");
+                        break;
+                    }
+                    continue;
+                }
                 r = handled.changed(), if unacked.is_some() => {
                     if r.is_err() { return; }
                     continue;

@@ -61,6 +61,8 @@ struct Link {
     connected: AtomicBool,
     /// Bumped on every (re)connection.
     generation: AtomicU64,
+    /// Told of every new generation.
+    changes: tokio::sync::watch::Sender<u64>,
     reconnects: AtomicU64,
     error: Mutex<Option<String>>,
 }
@@ -70,14 +72,24 @@ impl Link {
         self.connected.load(Ordering::Acquire)
     }
 
+    /// Wakes at every new link generation.
+    fn generation_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     fn event(&self, event: Event) {
         match event {
             Event::Connected => {
-                if self.generation.fetch_add(1, Ordering::AcqRel) > 0 {
+                if self.connected.swap(true, Ordering::AcqRel) {
+                    // The first connection, already counted by the join.
+                    return;
+                }
+                let before = self.generation.fetch_add(1, Ordering::AcqRel);
+                if before > 0 {
                     self.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!("nats connection re-established");
                 }
-                self.connected.store(true, Ordering::Release);
+                self.changes.send_replace(before + 1);
             }
             Event::Disconnected | Event::Closed => {
                 if self.connected.swap(false, Ordering::AcqRel) {
@@ -116,6 +128,9 @@ pub(crate) struct Shared {
     stats: StatCounters,
     /// JetStream: the node's consumer is reading.
     receiving: AtomicBool,
+    /// JetStream: since when (ms since `started`, 0 none) a write has been
+    /// retrying.
+    publishing_since: AtomicU64,
     /// The receiving task is waiting for room in the node's inbound queue.
     blocked: AtomicBool,
     /// When the node last heard itself (ms since `started`): its own
@@ -142,6 +157,14 @@ impl Shared {
             self.link.generation.load(Ordering::Acquire),
             Ordering::Relaxed,
         );
+    }
+
+    /// How long JetStream writes have been retrying, once past a TTL.
+    fn publishing_stuck(&self) -> Option<Duration> {
+        let since = self.publishing_since.load(Ordering::Relaxed);
+        let now = self.started.elapsed().as_millis() as u64;
+        let stuck = Duration::from_millis(now.saturating_sub(since));
+        (since != 0 && stuck > self.cfg.node_ttl).then_some(stuck)
     }
 
     /// How long the node has shown no sign of hearing its subscriptions.
@@ -266,6 +289,9 @@ async fn connect(
             Duration::from_millis(ms + rand::random::<u64>() % (ms / 4 + 1))
         })
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        // JetStream requests (a pull stream's consumer info after a
+        // reconnect among them) wait this long for a leader, not 10 s.
+        .request_timeout(Some(Duration::from_secs(2)))
         .require_tls(cfg.tls)
         .event_callback(move |event| {
             let link = link.clone();
@@ -287,9 +313,13 @@ impl Backplane for NatsBackplane {
         let client = connect(&cfg, &ctx.node, link.clone())
             .await
             .map_err(|e| JoinError::Unreachable(Box::new(e)))?;
-        // The Connected event may come after connect returns.
-        if link.generation.load(Ordering::Acquire) == 0 {
-            link.generation.store(1, Ordering::Release);
+        // The Connected event may come after connect returns: whichever of
+        // the two comes first counts the first connection.
+        if link
+            .generation
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             link.connected.store(true, Ordering::Release);
         }
         let (out, out_rx) = mpsc::channel(publish::QUEUE);
@@ -307,6 +337,7 @@ impl Backplane for NatsBackplane {
             interest: Interest::default(),
             stats: StatCounters::default(),
             receiving: AtomicBool::new(false),
+            publishing_since: AtomicU64::new(0),
             blocked: AtomicBool::new(false),
             last_heard: AtomicU64::new(0),
             heard_on: AtomicU64::new(0),
@@ -414,6 +445,8 @@ impl Backplane for NatsBackplane {
             ))
         } else if !s.receiving.load(Ordering::Acquire) {
             Some("nats jetstream consumer down".to_owned())
+        } else if let Some(stuck) = s.publishing_stuck() {
+            Some(format!("nats jetstream writes failing for {stuck:?}"))
         } else if !s.interest.synced() {
             Some("nats subscriptions being made".to_owned())
         } else {
