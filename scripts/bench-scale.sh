@@ -64,16 +64,22 @@ def fmt(x, d=1):
 def lost(mode):
     return sum(r["result"].get("lost", 0) + r["result"].get("duplicates", 0)
                for r in rows if r["mode"] == mode and "lost" in r["result"])
-print("| mode | fanout2k_r25 CPU µs per delivery | p2p1k_r5000 CPU µs per message | p2p1k_r5000 p99 ms | idle10k KiB per connection | connect10k CPU µs per connection | lost + duplicated |")
+print("| mode | fanout2k_r25: CPU µs per delivery (broker) | p2p1k_r5000: CPU µs per message (broker) | p2p1k_r5000 p99 ms | idle10k: KiB per connection, nodes (broker) | connect10k: CPU µs per connection (broker) | lost + duplicated |")
 print("|---|---|---|---|---|---|---|")
+def pair(m, name, total, broker, d=1, scale=1.0):
+    t = med(m, name, lambda x: x.get(total))
+    b = med(m, name, lambda x: x.get(broker))
+    t = None if t is None else t * scale
+    b = None if b is None else b * scale
+    return fmt(t, d) + ("" if b is None else f" ({fmt(b, d)})")
 for m in modes:
     print("| " + " | ".join([
         m,
-        fmt(med(m, "fanout2k_r25", lambda x: x.get("cpu_us_per_delivery")), 2),
-        fmt(med(m, "p2p1k_r5000", lambda x: x.get("cpu_us_per_delivery"))),
+        pair(m, "fanout2k_r25", "cpu_us_per_delivery", "broker_cpu_us_per_delivery", 2),
+        pair(m, "p2p1k_r5000", "cpu_us_per_delivery", "broker_cpu_us_per_delivery"),
         fmt(med(m, "p2p1k_r5000", lambda x: x.get("latency_us", {}).get("p99", 0) / 1000), 2),
-        fmt(med(m, "idle10k", lambda x: x.get("rss_bytes_per_conn", 0) / 1024), 2),
-        fmt(med(m, "connect10k", lambda x: x.get("cpu_us_per_conn"))),
+        pair(m, "idle10k", "rss_bytes_per_conn", "broker_rss_bytes_per_conn", 2, 1 / 1024),
+        pair(m, "connect10k", "cpu_us_per_conn", "broker_cpu_us_per_conn"),
         str(lost(m)),
     ]) + " |")
 PY

@@ -201,6 +201,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         .copied()
         .collect();
     let rss0 = procfs::total(&a.server_pids, procfs::rss_bytes);
+    let broker_rss0 = procfs::total(&a.broker_pids, procfs::rss_bytes);
 
     let mut workers = Vec::new();
     for _ in 0..procs {
@@ -212,6 +213,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         _ => 0.0,
     };
     let cpu_before_open = cpu(&all_pids);
+    let broker_before_open = cpu(&a.broker_pids);
     let t_open = Instant::now();
     for (w, worker) in workers.iter_mut().enumerate() {
         let first = w * per;
@@ -285,11 +287,26 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 out["rss_bytes_per_conn"] =
                     json!((r1.saturating_sub(r0)) as f64 / opened.max(1) as f64);
             }
+            // What the broker keeps per connection (directory entries,
+            // subscriptions): a lower bound, as allocators keep freed memory.
+            let broker_rss1 = procfs::total(&a.broker_pids, procfs::rss_bytes);
+            if let (Some(r0), Some(r1)) = (broker_rss0, broker_rss1)
+                && !a.broker_pids.is_empty()
+            {
+                out["broker_rss_bytes_per_conn"] =
+                    json!((r1.saturating_sub(r0)) as f64 / opened.max(1) as f64);
+            }
         }
         Scenario::Connect => {
             out["open_s"] = json!(open_time.as_secs_f64());
             out["conns_per_s"] = json!(opened as f64 / open_time.as_secs_f64());
             out["connect_us"] = percentiles(&connect_hist);
+            if let (Some(b0), Some(b1)) = (broker_before_open, cpu(&a.broker_pids))
+                && !a.broker_pids.is_empty()
+            {
+                out["broker_cpu_us_per_conn"] =
+                    json!((b1 - b0) as f64 / 1000.0 / opened.max(1) as f64);
+            }
             if let (Some(c0), Some(c1)) = (cpu_before_open, cpu_after_open) {
                 out["server_cpu_us"] = json!((c1 - c0) as f64 / 1000.0);
                 out["cpu_us_per_conn"] = json!((c1 - c0) as f64 / 1000.0 / opened.max(1) as f64);
@@ -300,6 +317,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
         }
         Scenario::Fanout | Scenario::P2p => {
             let cpu0 = cpu(&all_pids);
+            let broker0 = cpu(&a.broker_pids);
             let t0 = client::now_ns();
             if a.scenario == Scenario::Fanout {
                 let mut sender = client::connect(
@@ -393,6 +411,7 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let cpu1 = cpu(&all_pids);
+            let broker1 = cpu(&a.broker_pids);
             let secs = (last_ns.saturating_sub(t0)) as f64 / 1e9;
             out["messages"] = json!(messages);
             out["rate"] = json!(a.rate);
@@ -411,6 +430,13 @@ pub async fn run(a: BenchArgs) -> Result<()> {
                 out["server_cpu_us"] = json!((c1 - c0) as f64 / 1000.0);
                 out["cpu_us_per_delivery"] =
                     json!((c1 - c0) as f64 / 1000.0 / received.max(1) as f64);
+            }
+            // The broker's part of it: what outgrowing one broker is about.
+            if let (Some(b0), Some(b1)) = (broker0, broker1)
+                && !a.broker_pids.is_empty()
+            {
+                out["broker_cpu_us_per_delivery"] =
+                    json!((b1 - b0) as f64 / 1000.0 / received.max(1) as f64);
             }
         }
     }
