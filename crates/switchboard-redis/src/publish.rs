@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use redis::Pipeline;
-use switchboard_core::backplane::{Outgoing, Route};
+use switchboard_core::backplane::{Outgoing, Route, StatCounters};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -230,8 +230,13 @@ async fn send<'a>(
     // Round trip 2: every envelope to every interested node, bundled per
     // channel (pub/sub) or one entry each, with one expiry renewal per stream
     // (queue).
+    // How long past its liveness deadline a holder still gets envelopes:
+    // in pub/sub, until its entries are collected (one TTL), so that a node
+    // whose heartbeat was merely late loses nothing, and one that was cut off
+    // counts the gap when it is back; in queue mode, as long as its stream
+    // keeps them.
     let keep = match shared.cfg.mode {
-        Mode::PubSub => std::time::Duration::ZERO,
+        Mode::PubSub => shared.cfg.node_ttl,
         Mode::Queue => shared.cfg.queue_age,
     };
     let mut out = Out::default();
@@ -348,7 +353,13 @@ impl Out {
                 }
             }
             (mode, Dests::Nodes(nodes)) => {
-                for &node in nodes.iter().filter(|n| **n != me && live.routable(n, keep)) {
+                for &node in nodes.iter().filter(|n| **n != me) {
+                    if !live.routable(node, keep) {
+                        // A holder dead past its grace: not sent, but not
+                        // silently either.
+                        StatCounters::add(&shared.stats.publish_dropped, 1);
+                        continue;
+                    }
                     match mode {
                         Mode::PubSub => self.publish(shared, seqs, Some(node), env),
                         Mode::Queue => self.xadd(shared, node, env),
