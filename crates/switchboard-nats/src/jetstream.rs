@@ -45,7 +45,45 @@ pub(crate) fn queue_subject(prefix: &str, node: &str) -> String {
 /// Creates the deployment's stream if it is missing (every node asks the
 /// same), then the node's durable consumer.
 pub(crate) async fn prepare(shared: &Shared) -> Result<consumer::PullConsumer, String> {
-    let js = jetstream::new(shared.client.clone());
+    prepare_from(shared, consumer::DeliverPolicy::All).await
+}
+
+/// After a lost link: what was in flight to the node when it broke counts,
+/// for JetStream, as delivered and waits out the acknowledgement timeout,
+/// and an acknowledgement of a later message (`AckPolicy::All`) would cover
+/// it. So the consumer is made again from just past what the node
+/// acknowledged: everything after is delivered again, in order, and what the
+/// node had already (a redelivery) is recognised by its number and dropped.
+pub(crate) async fn rewind(
+    shared: &Shared,
+    consumer: &mut consumer::PullConsumer,
+) -> Result<consumer::PullConsumer, String> {
+    let floor = consumer
+        .info()
+        .await
+        .map_err(|e| format!("reading the consumer: {e}"))?
+        .ack_floor
+        .stream_sequence;
+    let js = &shared.js;
+    let stream = js
+        .get_stream(&shared.cfg.prefix)
+        .await
+        .map_err(|e| format!("reading the stream: {e}"))?;
+    stream
+        .delete_consumer(shared.node.as_str())
+        .await
+        .map_err(|e| format!("removing the consumer: {e}"))?;
+    let from = consumer::DeliverPolicy::ByStartSequence {
+        start_sequence: floor + 1,
+    };
+    prepare_from(shared, from).await
+}
+
+async fn prepare_from(
+    shared: &Shared,
+    deliver_policy: consumer::DeliverPolicy,
+) -> Result<consumer::PullConsumer, String> {
+    let js = &shared.js;
     let cfg = &shared.cfg;
     let stream = js
         .get_or_create_stream(stream::Config {
@@ -68,7 +106,7 @@ pub(crate) async fn prepare(shared: &Shared) -> Result<consumer::PullConsumer, S
             consumer::pull::Config {
                 durable_name: Some(node.to_owned()),
                 filter_subject: queue_subject(&cfg.prefix, node),
-                deliver_policy: consumer::DeliverPolicy::All,
+                deliver_policy,
                 ack_policy: consumer::AckPolicy::All,
                 ack_wait: Duration::from_secs(30),
                 max_ack_pending: 100_000,
@@ -187,7 +225,27 @@ pub(crate) async fn consume(
     // timeout (a consumer whose leader moved answers nothing meanwhile).
     let mut made_on = shared.link.generation.load(Ordering::Acquire);
     let mut generation = shared.link.generation_changes();
+    // Whether the last message stream ended (a lost link, an error): what
+    // was in flight on it must be delivered again (see `rewind`).
+    let mut broken = false;
     loop {
+        if broken {
+            match rewind(&shared, &mut consumer).await {
+                Ok(c) => {
+                    consumer = c;
+                    broken = false;
+                }
+                Err(e) => {
+                    shared.receiving.store(false, Ordering::Release);
+                    tracing::warn!(error = %e, "could not rewind the jetstream consumer");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = switchboard_core::backplane::backoff(&mut wait, BACKOFF_MAX) => {}
+                    }
+                    continue;
+                }
+            }
+        }
         made_on = shared.link.generation.load(Ordering::Acquire).max(made_on);
         let heartbeat = (shared.cfg.node_ttl / 3).max(Duration::from_millis(500));
         let messages = consumer
@@ -259,6 +317,7 @@ pub(crate) async fn consume(
             }
             unacked = Some((sent, m));
         }
+        broken = true;
         tokio::select! {
             () = stop.cancelled() => return,
             () = switchboard_core::backplane::backoff(&mut wait, BACKOFF_MAX) => {}

@@ -213,6 +213,11 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
         let generation = shared.link.generation.load(Ordering::Acquire);
         if generation != greeted {
             greeted = generation;
+            // Silence before the reconnect says nothing of the new link.
+            shared.last_heard.store(
+                shared.started.elapsed().as_millis() as u64,
+                Ordering::Relaxed,
+            );
             let hello = Control::Hello(shared.node.clone());
             shared
                 .send_control(&shared.subjects.broadcast(), &hello)
