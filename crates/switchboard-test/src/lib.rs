@@ -14,6 +14,8 @@
 //! - [`broker_clusters`]: private broker clusters whose members a test kills
 //!   and restarts: a Redis Cluster (three masters with a replica each) and
 //!   NATS servers with JetStream.
+//! - [`netns`]: a network namespace whose link to the brokers a test cuts or
+//!   degrades while a node inside keeps its clients.
 
 #![allow(missing_docs, unreachable_pub, clippy::unwrap_used)]
 
@@ -26,6 +28,7 @@ pub mod faults;
 pub mod gateway;
 pub mod http;
 pub mod hub_api;
+pub mod netns;
 pub mod probe;
 pub mod programs;
 pub mod services;
