@@ -107,6 +107,20 @@ impl Shared {
         self.cfg.node_ttl / 3
     }
 
+    /// Pub/sub: how long the node's own probes (every heartbeat) have not
+    /// come back, once past two heartbeats: the subscription is deaf.
+    fn probe_silence(&self) -> Option<Duration> {
+        if self.cfg.mode != Mode::PubSub {
+            return None;
+        }
+        let last = self.last_probe.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let silent = Duration::from_millis(now.saturating_sub(last));
+        (last != 0 && silent > self.heartbeat_interval() * 2).then_some(silent)
+    }
+
     fn redis_now_ms(&self) -> u64 {
         self.live.read().unwrap_or_else(|p| p.into_inner()).now_ms()
     }
@@ -178,8 +192,14 @@ impl RedisBackplane {
 /// Renews liveness, refreshes the view of live nodes, collects dead nodes,
 /// probes the node's own subscription, until `stop`.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(shared.heartbeat_interval());
+    let interval = shared.heartbeat_interval();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let me = shared.node().to_string();
+    // No collecting of dead peers until then: after an outage of the
+    // directory nobody could renew, and a peer's lapsed deadline says nothing
+    // about the peer.
+    let mut collect_after = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -196,6 +216,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                     // could not renew its deadline: rebuild them.
                     tracing::warn!(node = %me, "liveness had lapsed; rebuilding directory entries");
                     shared.dir.force_rebuild();
+                    collect_after = tokio::time::Instant::now() + cfg.node_ttl;
                 }
                 shared
                     .live
@@ -205,6 +226,7 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
             }
             Err(e) => {
                 shared.link.failed(generation, &e);
+                collect_after = tokio::time::Instant::now() + cfg.node_ttl;
                 continue;
             }
         }
@@ -227,8 +249,21 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                     .ignore();
             }
         }
-        if let Err(e) = link::exec(&mut conn, &pipe).await {
-            shared.link.failed(generation, &e);
+        // Bounded by the interval: on a Redis Cluster the probe goes to the
+        // node's channel's shard, and a dead shard must not hold up the next
+        // renewal of liveness on the directory's shard.
+        match tokio::time::timeout(interval, link::exec(&mut conn, &pipe)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shared.link.failed(generation, &e);
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!("redis probes timed out");
+                continue;
+            }
+        }
+        if tokio::time::Instant::now() < collect_after {
             continue;
         }
         let live = shared
@@ -407,7 +442,8 @@ impl Backplane for RedisBackplane {
                 Mode::Queue => "redis stream consumer down".to_owned(),
             })
         } else {
-            None
+            s.probe_silence()
+                .map(|t| format!("redis subscription heard nothing of this node for {t:?}"))
         };
         Status::unless(reason)
     }

@@ -185,7 +185,11 @@ pub(crate) async fn subscriber(
                 },
                 _ = ticker.tick() => {
                     let silent = now_ms().saturating_sub(shared.last_probe.load(Ordering::Relaxed));
-                    if silent > 3 * check.as_millis() as u64 {
+                    // On a cluster, sooner: a failover moves the channel's
+                    // slot, and the client moves a subscription only when a
+                    // request of its own fails, which an idle one never makes.
+                    let deaf = if shared.keys.is_cluster() { 2 } else { 3 };
+                    if silent > deaf * check.as_millis() as u64 {
                         tracing::warn!(silent_ms = silent, "redis subscription delivers nothing; resubscribing");
                         break;
                     }
