@@ -75,44 +75,59 @@ impl Target {
             }
             Target::Cluster { seeds, .. } => {
                 debug_assert!(keys.is_cluster());
-                let (tx, rx) = tokio::sync::broadcast::channel(PUSH_BUFFER);
-                let client = ClusterClient::builder(seeds.iter().map(String::as_str))
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .use_protocol(redis::ProtocolVersion::RESP3)
-                    .push_sender(tx)
-                    .build()?;
-                let mut conn = client.get_async_connection().await?;
-                for ch in channels {
-                    conn.ssubscribe(ch).await?;
-                }
-                // The connection lives as long as the stream: dropping it
-                // ends the subscription.
-                Ok(Box::pin(futures_util::stream::unfold(
-                    (rx, conn),
-                    |(mut rx, conn)| async move {
-                        loop {
-                            match rx.recv().await {
-                                Ok(push) => {
-                                    if let Some(m) = redis::Msg::from_push_info(push) {
-                                        return Some((m, (rx, conn)));
-                                    }
-                                }
-                                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                                    tracing::warn!(
-                                        lost = n,
-                                        "redis cluster subscriber fell behind"
-                                    );
-                                }
-                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                    return None;
-                                }
-                            }
-                        }
-                    },
-                )))
+                // Bounded: a cluster client that cannot reach the nodes it
+                // learned of retries on its own, and a subscriber waiting on
+                // it across a partition would stay deaf after the heal.
+                let made = Self::subscribe_cluster(seeds, channels);
+                tokio::time::timeout(CONNECT_TIMEOUT + RESPONSE_TIMEOUT, made)
+                    .await
+                    .map_err(|_| {
+                        RedisError::from((
+                            redis::ErrorKind::Io,
+                            "redis cluster subscription timed out",
+                        ))
+                    })?
             }
         }
+    }
+
+    async fn subscribe_cluster(
+        seeds: &[String],
+        channels: &[String],
+    ) -> Result<Messages, RedisError> {
+        let (tx, rx) = tokio::sync::broadcast::channel(PUSH_BUFFER);
+        let client = ClusterClient::builder(seeds.iter().map(String::as_str))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .build()?;
+        let mut conn = client.get_async_connection().await?;
+        for ch in channels {
+            conn.ssubscribe(ch).await?;
+        }
+        // The connection lives as long as the stream: dropping it
+        // ends the subscription.
+        Ok(Box::pin(futures_util::stream::unfold(
+            (rx, conn),
+            |(mut rx, conn)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(push) => {
+                            if let Some(m) = redis::Msg::from_push_info(push) {
+                                return Some((m, (rx, conn)));
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(lost = n, "redis cluster subscriber fell behind");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            return None;
+                        }
+                    }
+                }
+            },
+        )))
     }
 
     /// A new connection: multiplexed, or a cluster connection that follows
