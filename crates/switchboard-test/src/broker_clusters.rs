@@ -9,7 +9,7 @@
 //! A missing binary is a failure, never a silent pass.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -309,7 +309,8 @@ fn info_fields(text: &str) -> HashMap<&str, &str> {
         .collect()
 }
 
-/// A real Redis Cluster on loopback: three masters, each with one replica,
+/// A real Redis Cluster on loopback (and on an address it announces, see
+/// [`RedisCluster::start_announcing`]): three masters, each with one replica,
 /// six `redis-server` processes on free ports, each in its own directory
 /// (with its `nodes.conf`, which a restart keeps). Nothing is persisted: a
 /// killed node comes back empty, and gets its data from its master.
@@ -321,6 +322,9 @@ pub struct RedisCluster {
     /// The directory of the nodes' directories.
     root: PathBuf,
     node_timeout_ms: u64,
+    /// The address the nodes announce to each other and to clients
+    /// (`CLUSTER SLOTS`, `MOVED`), where every node is reached.
+    announce: IpAddr,
     /// The masters as the cluster was created.
     created_masters: Vec<usize>,
 }
@@ -356,6 +360,20 @@ impl RedisCluster {
     /// with every node's output if that does not happen within 30 s, and if
     /// `redis-server` or `redis-cli` is missing.
     pub fn start_with(node_timeout_ms: u64) -> Result<Self> {
+        Self::start_on(node_timeout_ms, Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// Starts one ([`RedisCluster::start`]) whose nodes listen on `ip` as
+    /// well as on loopback, and announce `ip`: clients that cannot reach the
+    /// loopback of this machine (a process in a network namespace of its
+    /// own) reach every node at the addresses the cluster gives out, and so
+    /// do clients on this machine. Loopback stays for the fixture's own
+    /// `redis-cli`. `ip` must be an address of this machine.
+    pub fn start_announcing(ip: IpAddr) -> Result<Self> {
+        Self::start_on(2000, ip)
+    }
+
+    fn start_on(node_timeout_ms: u64, announce: IpAddr) -> Result<Self> {
         for binary in ["redis-server", "redis-cli"] {
             let found = Command::new(binary)
                 .arg("--version")
@@ -364,10 +382,12 @@ impl RedisCluster {
                 .is_ok_and(|s| s.success());
             require(&format!("{binary} (the binary)"), found)?;
         }
-        with_fresh_ports("a Redis Cluster", || Self::start_once(node_timeout_ms))
+        with_fresh_ports("a Redis Cluster", || {
+            Self::start_once(node_timeout_ms, announce)
+        })
     }
 
-    fn start_once(node_timeout_ms: u64) -> Result<Self> {
+    fn start_once(node_timeout_ms: u64, announce: IpAddr) -> Result<Self> {
         let root = std::env::temp_dir().join(unique_prefix("redis-cluster"));
         let ports = free_ports(2 * REDIS_NODES)?;
         let mut nodes = Vec::with_capacity(REDIS_NODES);
@@ -389,16 +409,14 @@ impl RedisCluster {
             nodes,
             root,
             node_timeout_ms,
+            announce,
             created_masters: Vec::new(),
         };
         for i in 0..REDIS_NODES {
             c.spawn(i)?;
         }
-        let addrs: Vec<String> = c
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
+        // The announced addresses: the nodes meet each other at these.
+        let addrs: Vec<String> = (0..REDIS_NODES).map(|i| c.addr(i)).collect();
         let mut create = Command::new("redis-cli");
         create
             .arg("--cluster")
@@ -436,6 +454,11 @@ impl RedisCluster {
         Ok(c)
     }
 
+    /// `IP:PORT` of node `i`, at the address it announces.
+    fn addr(&self, i: usize) -> String {
+        SocketAddr::new(self.announce, self.nodes[i].port).to_string()
+    }
+
     fn name(&self, i: usize) -> String {
         format!(
             "redis-server {i} of a cluster, on port {}",
@@ -446,11 +469,20 @@ impl RedisCluster {
     fn spawn(&mut self, i: usize) -> Result<()> {
         let timeout = self.node_timeout_ms.to_string();
         let name = self.name(i);
+        let announce = self.announce;
         let n = &mut self.nodes[i];
         let out = n.log.next_start()?;
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &n.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--cluster-port", &n.bus_port.to_string()])
+        cmd.args(["--port", &n.port.to_string(), "--bind", "127.0.0.1"]);
+        if !announce.is_loopback() {
+            // Listening there too, bus included, and giving that address
+            // out; protected mode would turn away every client that does
+            // not come from loopback (there is no password).
+            cmd.arg(announce.to_string())
+                .args(["--cluster-announce-ip", &announce.to_string()])
+                .args(["--protected-mode", "no"]);
+        }
+        cmd.args(["--cluster-port", &n.bus_port.to_string()])
             .args(["--cluster-enabled", "yes"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--cluster-node-timeout", &timeout])
@@ -587,22 +619,19 @@ impl RedisCluster {
         Ok(())
     }
 
-    /// `redis-cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`: the three
-    /// masters as the cluster was created (a client finds the rest).
+    /// `redis-cluster://IP:P1,IP:P2,IP:P3`: the three masters as the cluster
+    /// was created (a client finds the rest), at the address they announce
+    /// (127.0.0.1 unless started with [`RedisCluster::start_announcing`]).
     pub fn url(&self) -> String {
-        let seeds: Vec<String> = self
-            .created_masters
-            .iter()
-            .map(|&i| format!("127.0.0.1:{}", self.nodes[i].port))
-            .collect();
+        let seeds: Vec<String> = self.created_masters.iter().map(|&i| self.addr(i)).collect();
         format!("redis-cluster://{}", seeds.join(","))
     }
 
-    /// `redis://127.0.0.1:P` of every node, masters and replicas, by index.
+    /// `redis://IP:P` of every node, masters and replicas, by index, at the
+    /// address they announce.
     pub fn seeds(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        (0..self.nodes.len())
+            .map(|i| format!("redis://{}", self.addr(i)))
             .collect()
     }
 
