@@ -66,9 +66,10 @@ stop_nodes() {
 # A private Redis Cluster (3 masters with a replica each) on ports 7101-7106,
 # started on first use and stopped on exit (stop_redis_cluster).
 RC_PORTS=(7101 7102 7103 7104 7105 7106)
-RC_PIDS=()
 redis_cluster_url() {
-  if [ ${#RC_PIDS[@]} -eq 0 ]; then
+  # Started once: called in a subshell, so the running cluster is told by its
+  # first port answering, not by a variable.
+  if ! redis-cli -p "${RC_PORTS[0]}" ping >/dev/null 2>&1; then
     local dir="$OUT/redis-cluster" p
     mkdir -p "$dir"
     for p in "${RC_PORTS[@]}"; do
@@ -76,7 +77,6 @@ redis_cluster_url() {
       redis-server --port "$p" --dir "$dir/$p" --cluster-enabled yes --cluster-config-file nodes.conf \
         --cluster-node-timeout 2000 --appendonly no --save '' --repl-diskless-sync-delay 0 \
         >"$dir/$p.log" 2>&1 &
-      RC_PIDS+=($!)
     done
     sleep 0.5
     redis-cli --cluster create $(printf '127.0.0.1:%s ' "${RC_PORTS[@]}") --cluster-replicas 1 \
@@ -90,13 +90,22 @@ redis_cluster_url() {
   echo "redis-cluster://127.0.0.1:${RC_PORTS[0]},127.0.0.1:${RC_PORTS[1]},127.0.0.1:${RC_PORTS[2]}"
 }
 stop_redis_cluster() {
-  for p in "${RC_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  local p pid
+  for p in "${RC_PORTS[@]}"; do
+    for pid in $(ss -Hltnp "sport = :$p" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u); do
+      kill "$pid" 2>/dev/null || true
+    done
+  done
   rm -rf "$OUT/redis-cluster"
 }
 
 broker_pids() { # mode
   case "$1" in
-    redis-cluster-*) (IFS=,; echo "${RC_PIDS[*]}") ;;
+    # By port: the cluster may have been started in a subshell.
+    redis-cluster-*)
+      for p in "${RC_PORTS[@]}"; do
+        ss -Hltnp "sport = :$p" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2
+      done | sort -u | paste -sd, ;;
     redis-*) redis-cli info server | awk -F: '/^process_id/{print $2}' | tr -d '\r' ;;
     amqp-*) rabbitmqctl -q status 2>/dev/null | awk '/^OS PID/{print $3}' ;;
     # The NATS listening on 4222, not the private ones tests start.
