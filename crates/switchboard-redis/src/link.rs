@@ -291,6 +291,12 @@ impl Link {
         at != 0 && now_ms().saturating_sub(at) < window.as_millis() as u64
     }
 
+    /// How long ago the connection was last re-established (`None`: never).
+    pub(crate) fn since_reconnect(&self) -> Option<Duration> {
+        let at = self.reconnected_at.load(Ordering::Relaxed);
+        (at != 0).then(|| Duration::from_millis(now_ms().saturating_sub(at)))
+    }
+
     /// The connection, if up, with its generation.
     pub(crate) fn current(&self) -> Option<(Conn, u64)> {
         let s = self.state.borrow();

@@ -26,6 +26,14 @@ impl Liveness {
         self.now_ms + self.read_at.map_or(0, |t| t.elapsed().as_millis() as u64)
     }
 
+    /// Whether this view was read longer ago than `ago` (`None`: never).
+    pub(crate) fn read_before(&self, ago: Option<Duration>) -> bool {
+        match (self.read_at, ago) {
+            (Some(t), Some(ago)) => t.elapsed() > ago,
+            _ => false,
+        }
+    }
+
     /// Nodes whose deadline has not passed.
     pub(crate) fn live(&self) -> impl Iterator<Item = &str> {
         let now = self.now_ms();

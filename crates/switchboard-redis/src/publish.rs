@@ -242,6 +242,13 @@ async fn send<'a>(
     let mut out = Out::default();
     {
         let cached = shared.live.read().unwrap_or_else(|p| p.into_inner());
+        // A view read before the last reconnect (no heartbeat has read the
+        // node set on the new connection yet, or none could: the directory's
+        // shard may still be down) says nothing about who died: extrapolated
+        // across the outage, every peer's deadline looks long past, and
+        // judging by it would drop pushes to peers that kept renewing all
+        // along. Until a heartbeat reads the set again, nobody is judged dead.
+        let judge = fresh.is_some() || !cached.read_before(shared.link.since_reconnect());
         let live = fresh.as_ref().unwrap_or(&cached);
         // The nodes that may hold a user or group while unsure (see above).
         let mut maybe_holders: BTreeSet<String> = BTreeSet::new();
@@ -300,7 +307,7 @@ async fn send<'a>(
             } else {
                 Dests::Nodes(&nodes)
             };
-            out.add(shared, seqs, live, keep, me, dests, &o.envelope);
+            out.add(shared, seqs, live, judge, keep, me, dests, &o.envelope);
         }
     }
     let messages = out.messages;
@@ -338,6 +345,8 @@ impl Out {
         shared: &Shared,
         seqs: &mut Sequences,
         live: &crate::liveness::Liveness,
+        // Whether `live` may judge a holder dead (see `send`).
+        judge: bool,
         keep: std::time::Duration,
         me: &str,
         dests: Dests<'_>,
@@ -354,7 +363,7 @@ impl Out {
             }
             (mode, Dests::Nodes(nodes)) => {
                 for &node in nodes.iter().filter(|n| **n != me) {
-                    if !live.routable(node, keep) {
+                    if judge && !live.routable(node, keep) {
                         // A holder dead past its grace: not sent, but not
                         // silently either.
                         StatCounters::add(&shared.stats.publish_dropped, 1);
