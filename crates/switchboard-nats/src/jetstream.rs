@@ -54,29 +54,40 @@ pub(crate) async fn prepare(shared: &Shared) -> Result<consumer::PullConsumer, S
 /// it. So the consumer is made again from just past what the node
 /// acknowledged: everything after is delivered again, in order, and what the
 /// node had already (a redelivery) is recognised by its number and dropped.
+///
+/// `floor` keeps the last floor read across attempts: an attempt cut off by a
+/// failover may have removed the consumer already, and the next one must
+/// still make it again from there.
 pub(crate) async fn rewind(
     shared: &Shared,
     consumer: &mut consumer::PullConsumer,
+    floor: &mut Option<u64>,
 ) -> Result<consumer::PullConsumer, String> {
-    let floor = consumer
-        .info()
-        .await
-        .map_err(|e| format!("reading the consumer: {e}"))?
-        .ack_floor
-        .stream_sequence;
+    match consumer.info().await {
+        Ok(info) => *floor = Some(info.ack_floor.stream_sequence),
+        Err(e) if floor.is_none() => return Err(format!("reading the consumer: {e}")),
+        Err(e) => {
+            tracing::debug!(error = %e, "the consumer is gone: made again from the last floor read")
+        }
+    }
+    let start_sequence = floor.map_or(1, |f| f + 1);
     let js = &shared.js;
     let stream = js
         .get_stream(&shared.cfg.prefix)
         .await
         .map_err(|e| format!("reading the stream: {e}"))?;
-    stream
-        .delete_consumer(shared.node.as_str())
-        .await
-        .map_err(|e| format!("removing the consumer: {e}"))?;
-    let from = consumer::DeliverPolicy::ByStartSequence {
-        start_sequence: floor + 1,
-    };
-    prepare_from(shared, from).await
+    match stream.delete_consumer(shared.node.as_str()).await {
+        Ok(_) => {}
+        // Gone already: an earlier attempt removed it.
+        Err(e) if e.to_string().contains("not found") => {}
+        // Still there, maybe: made again it would keep its old position.
+        Err(e) => return Err(format!("removing the consumer: {e}")),
+    }
+    prepare_from(
+        shared,
+        consumer::DeliverPolicy::ByStartSequence { start_sequence },
+    )
+    .await
 }
 
 async fn prepare_from(
@@ -228,12 +239,14 @@ pub(crate) async fn consume(
     // Whether the last message stream ended (a lost link, an error): what
     // was in flight on it must be delivered again (see `rewind`).
     let mut broken = false;
+    let mut floor: Option<u64> = None;
     loop {
         if broken {
-            match rewind(&shared, &mut consumer).await {
+            match rewind(&shared, &mut consumer, &mut floor).await {
                 Ok(c) => {
                     consumer = c;
                     broken = false;
+                    floor = None;
                 }
                 Err(e) => {
                     shared.receiving.store(false, Ordering::Release);

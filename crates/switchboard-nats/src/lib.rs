@@ -241,6 +241,24 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
+/// Whether a live node already uses `node`: a hello asked of the node's own
+/// subject (before this one subscribes to it) gets an answer only from a
+/// process holding that id. The servers answer "no responders" at once when
+/// nobody does; a slow link counts as free after a moment.
+async fn id_taken(client: &async_nats::Client, cfg: &NatsConfig, node: &NodeId) -> bool {
+    let subject = Subjects::new(&cfg.prefix).node(node.as_str());
+    let hello = subjects::framed(0, &Control::Hello(node.clone()).encode());
+    let asked = client.request(subject, hello);
+    match tokio::time::timeout(Duration::from_millis(500), asked).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "nobody answers for this node id");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
 /// A node's attachment to a NATS-backed cluster. See the crate docs.
 pub struct NatsBackplane {
     cfg: NatsConfig,
@@ -326,6 +344,9 @@ impl Backplane for NatsBackplane {
             .is_ok()
         {
             link.connected.store(true, Ordering::Release);
+        }
+        if id_taken(&client, &cfg, &ctx.node).await {
+            return Err(JoinError::DuplicateNode(ctx.node));
         }
         let (out, out_rx) = mpsc::channel(publish::QUEUE);
         let s = Arc::new(Shared {

@@ -278,6 +278,17 @@ async fn handle(shared: &Shared, m: Message, inbound: Option<&Inbound>) -> bool 
         return true;
     };
     let inbound = match (message, inbound) {
+        (relay::Message::Control(Control::Hello(n)), _) if m.reply.is_some() => {
+            // A node starting under an id asks whether it is taken
+            // (`id_taken`): this one answers for its own.
+            if n == shared.node
+                && let Some(reply) = &m.reply
+            {
+                let here = Control::Welcome(shared.node.clone(), Vec::new());
+                shared.send_control(reply.as_str(), &here).await;
+            }
+            return true;
+        }
         (relay::Message::Control(c), _) => {
             control(shared, c, subject).await;
             return true;

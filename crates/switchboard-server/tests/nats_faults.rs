@@ -470,3 +470,39 @@ async fn jetstream_a_client_back_on_a_restarted_node_gets_the_backlog() {
     p.nodes[1] = restarted;
     p.stop().await;
 }
+
+/// A second process under a live node's id is refused at start, in both
+/// modes (it would take the node's subscriptions or its consumer), and the
+/// live node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_with_the_same_id_is_refused() {
+    let url = nats_url().unwrap();
+    for mode in ["core", "jetstream"] {
+        let cluster = format!("{url}?mode={mode}&prefix={}", unique_prefix("dup"));
+        let p = Process::start_cluster(BIN, 1, &cluster).await.unwrap();
+        let out = tokio::process::Command::new(BIN)
+            .args([
+                "serve",
+                "--node-id",
+                "n0",
+                "--ws",
+                "127.0.0.1:0",
+                "--tcp",
+                "off",
+            ])
+            .args(["--cluster", &cluster])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{mode}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("already in use"), "{mode}: {err}");
+        faults::wait_ready(&p.nodes[0], STEP).await.unwrap();
+        // Another id is welcome.
+        let other = ProcessNode::spawn(BIN.as_ref(), &["--node-id", "n1", "--cluster", &cluster])
+            .await
+            .unwrap();
+        let _ = other.terminate().await;
+        p.stop().await;
+    }
+}
