@@ -382,14 +382,5 @@ async fn deliver(shared: &Shared, payload: Bytes, inbound: &Inbound) -> Option<u
             Seen::New { .. } => {}
         }
     }
-    for envelope in envelopes {
-        stats.received.fetch_add(1, Ordering::Relaxed);
-        shared.blocked.store(true, Ordering::Relaxed);
-        let taken = inbound.send(envelope).await.is_ok();
-        shared.blocked.store(false, Ordering::Relaxed);
-        if !taken {
-            return None;
-        }
-    }
-    Some(count)
+    shared.hand_over(envelopes, inbound).await.then_some(count)
 }

@@ -159,6 +159,26 @@ impl Shared {
         );
     }
 
+    /// Hands envelopes to the node, counting them; while the node's inbound
+    /// queue is full the receiver waits, and is not taken for deaf. False
+    /// when the node is gone.
+    async fn hand_over(
+        &self,
+        envelopes: impl IntoIterator<Item = Bytes>,
+        inbound: &switchboard_core::backplane::Inbound,
+    ) -> bool {
+        for envelope in envelopes {
+            self.stats.received.fetch_add(1, Ordering::Relaxed);
+            self.blocked.store(true, Ordering::Relaxed);
+            let taken = inbound.send(envelope).await.is_ok();
+            self.blocked.store(false, Ordering::Relaxed);
+            if !taken {
+                return false;
+            }
+        }
+        true
+    }
+
     /// How long JetStream writes have been retrying, once past a TTL.
     fn publishing_stuck(&self) -> Option<Duration> {
         let since = self.publishing_since.load(Ordering::Relaxed);

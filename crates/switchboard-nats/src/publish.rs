@@ -88,12 +88,26 @@ pub(crate) async fn run(
     }
 }
 
-/// JetStream: the queue subjects of the nodes an envelope is for. Anything
-/// not for one node goes to every node heard from lately (`recent`).
-pub(crate) fn queue_subjects(shared: &Shared, route: &Route) -> Vec<String> {
-    let prefix = &shared.cfg.prefix;
+/// JetStream: the queue subjects of every node heard from lately (`recent`),
+/// and of the live peers, which include those named in welcomes and not
+/// heard yet: where envelopes not for one node go. Read once per batch.
+fn everyone(shared: &Shared) -> Vec<String> {
     let me = &shared.node;
-    let one = |n: &NodeId| jetstream::queue_subject(prefix, n.as_str());
+    let mut nodes = shared.peers.live(Some(me));
+    nodes.extend(shared.recent.live(Some(me)));
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+        .iter()
+        .map(|n| jetstream::queue_subject(&shared.cfg.prefix, n.as_str()))
+        .collect()
+}
+
+/// JetStream: the queue subjects of the nodes an envelope is for; anything
+/// not for one node or a few connections' goes to `everyone`.
+fn queue_subjects(shared: &Shared, route: &Route, everyone: &[String]) -> Vec<String> {
+    let me = &shared.node;
+    let one = |n: &NodeId| jetstream::queue_subject(&shared.cfg.prefix, n.as_str());
     match route {
         Route::Node(n) => vec![one(n)],
         Route::Interested(t) if t.conn_nodes().is_some() => {
@@ -103,14 +117,7 @@ pub(crate) fn queue_subjects(shared: &Shared, route: &Route) -> Vec<String> {
             nodes.dedup();
             nodes.into_iter().map(one).collect()
         }
-        Route::All | Route::Interested(_) => {
-            // Live peers include those named in welcomes, not heard yet.
-            let mut nodes = shared.peers.live(Some(me));
-            nodes.extend(shared.recent.live(Some(me)));
-            nodes.sort_unstable();
-            nodes.dedup();
-            nodes.iter().map(one).collect()
-        }
+        Route::All | Route::Interested(_) => everyone.to_vec(),
     }
 }
 
@@ -162,8 +169,9 @@ impl Publisher {
     /// node; one node's subject never waits for another's.
     async fn batch_queued(&mut self, batch: &mut Vec<Outgoing>) {
         let mut open: Vec<Open> = Vec::new();
+        let everyone = everyone(&self.shared);
         for o in batch.drain(..) {
-            for subject in queue_subjects(&self.shared, &o.route) {
+            for subject in queue_subjects(&self.shared, &o.route, &everyone) {
                 let i = match open.iter().position(|b| b.subject == subject) {
                     Some(i) if open[i].bundle.fits(o.envelope.len()) => i,
                     found => {

@@ -363,14 +363,8 @@ async fn deliver(
             return true;
         }
     }
-    for envelope in envelopes {
-        stats.received.fetch_add(1, Ordering::Relaxed);
-        shared.blocked.store(true, Ordering::Relaxed);
-        let taken = inbound.send(envelope).await.is_ok();
-        shared.blocked.store(false, Ordering::Relaxed);
-        if !taken {
-            return false;
-        }
+    if !shared.hand_over(envelopes, inbound).await {
+        return false;
     }
     shared.heard_self();
     true
